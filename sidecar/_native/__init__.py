@@ -1,2 +1,22 @@
 """Compiled hot paths (Cython, built from native/). Private: each module here is imported
-by exactly one public module of ``sidecar``, which owns its names and validation."""
+by exactly one public module of ``sidecar``, which owns its names and validation.
+
+There is no pure-Python fallback: a missing build is an error that says how to fix it.
+"""
+import importlib
+from types import ModuleType
+
+#: Every compiled module the build produces (kept in step with setup.py).
+MODULES = ("normalize",)
+
+
+def load(name: str) -> ModuleType:
+    """Import ``sidecar._native.<name>`` or fail with the fix."""
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError as exc:
+        raise ImportError(
+            f"llm-sidecar's compiled module {__name__}.{name} could not be loaded ({exc}). "
+            "Build it with `pip install .` (or `pip install -e .` in a checkout); running from "
+            "a source tree that was never built imports the uncompiled package."
+        ) from exc

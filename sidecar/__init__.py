@@ -1,0 +1,11 @@
+"""llm-sidecar: a host-local guard for every LLM API call an application makes.
+
+Applications talk to the daemon over a Unix socket through ``Client`` (blocking) or
+``AsyncClient`` (asyncio); every exception they raise derives from
+``sidecar.errors.SidecarError``.
+"""
+__version__ = "0.1.0"
+
+from .client import AsyncClient, Client  # noqa: E402
+
+__all__ = ["AsyncClient", "Client", "__version__"]

@@ -1,0 +1,167 @@
+"""Command line: ``llm-sidecar serve | ping | stats | fingerprint | config check | version``.
+
+Wiring only. Exit codes: 0 ok, 1 daemon unreachable, 2 usage or config error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+import msgspec
+
+from . import __version__
+from . import config as config_mod
+from .errors import ConfigError, DaemonStartError, SidecarError, SidecarTimeout, SidecarUnavailable
+
+EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(entry).decode()
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm-sidecar", description="Host-local LLM traffic guard.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def client_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--socket", help="daemon socket (default: $LLM_SIDECAR_SOCKET, "
+                        "else /run/llm.sock, $XDG_RUNTIME_DIR/llm.sock, /tmp/llm-sidecar-<uid>)")
+        sp.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+
+    sp = sub.add_parser("serve", help="run the daemon in the foreground")
+    sp.add_argument("--socket", help="socket path (overrides config and LLM_SIDECAR_SOCKET)")
+    sp.add_argument("--config", help="TOML config file (default: $LLM_SIDECAR_CONFIG, else "
+                    "embedded defaults)")
+    sp.add_argument("--log-format", choices=("text", "json"), help="overrides log.format")
+    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    sp = sub.add_parser("ping", help="round trip to the daemon; prints microseconds")
+    client_args(sp)
+    sp.add_argument("-n", "--count", type=int, default=1, help="pings to send (default 1)")
+
+    sp = sub.add_parser("stats", help="daemon statistics")
+    client_args(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser("fingerprint", help="normalised form and 128-bit key of TEXT")
+    client_args(sp)
+    sp.add_argument("text", metavar="TEXT")
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("config", help="configuration tools")
+    csub = sp.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cp = csub.add_parser("check", help="validate FILE (with the environment) and print it")
+    cp.add_argument("file", metavar="FILE")
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from . import daemon
+
+    cfg = config_mod.load(args.config)
+    setup_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
+    path = config_mod.server_socket_path(cfg, args.socket)
+    return daemon.run(cfg, path, args.config)
+
+
+def _print_stats(stats: object) -> None:
+    from .protocol import StatsReply
+
+    assert isinstance(stats, StatsReply)
+    print(f"llm-sidecar {stats.build.version}  pid {stats.pid}  socket {stats.socket}")
+    print(f"uptime {stats.uptime_s:.1f} s  connections {stats.connections_now} now / "
+          f"{stats.connections_total} total  requests {stats.requests_total}  "
+          f"errors {stats.errors_total}  config epoch {stats.config_epoch}")
+    print()
+    print(f"{'op':<14}{'requests':>10}{'errors':>8}{'p50 us':>10}{'p99 us':>10}  error codes")
+    for name, op in stats.ops.items():
+        codes = ", ".join(f"{c}={n}" for c, n in op.errors.items())
+        print(f"{name:<14}{op.requests:>10}{sum(op.errors.values()):>8}"
+              f"{op.p50_us:>10.1f}{op.p99_us:>10.1f}  {codes}")
+    print()
+    print(f"build: {stats.build.python}; protocol {stats.build.protocol}; "
+          + ", ".join(f"{k} {v}" for k, v in stats.build.libraries.items()))
+    for name, path in stats.build.native.items():
+        print(f"native {name}: {path}")
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    with Client(args.socket, timeout=args.timeout) as client:
+        if args.command == "ping":
+            for _ in range(max(1, args.count)):
+                print(f"{client.ping() * 1e6:.1f} us")
+        elif args.command == "stats":
+            stats = client.stats()
+            if args.json:
+                print(json.dumps(msgspec.to_builtins(stats), indent=2))
+            else:
+                _print_stats(stats)
+        elif args.command == "fingerprint":
+            fp = client.fingerprint(args.text)
+            if args.json:
+                print(json.dumps({"normalized": fp.normalized, "key": fp.key.hex(),
+                                  "spec": fp.spec}))
+            else:
+                print(f"{fp.key.hex()}  {fp.normalized}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "version":
+            print(f"llm-sidecar {__version__}")
+            return EXIT_OK
+        if args.command == "config":
+            cfg = config_mod.load(args.file)
+            print(f"{args.file}: ok")
+            print(json.dumps(config_mod.dump(cfg), indent=2))
+            return EXIT_OK
+        if args.command == "serve":
+            return _serve(args)
+        return _client_command(args)
+    except (ConfigError, DaemonStartError) as exc:
+        print(f"llm-sidecar: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SidecarUnavailable, SidecarTimeout) as exc:
+        print(f"llm-sidecar: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except SidecarError as exc:
+        print(f"llm-sidecar: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+

@@ -1,0 +1,452 @@
+"""Clients of the daemon: ``Client`` (blocking, thread-safe) and ``AsyncClient`` (asyncio).
+
+Both speak the framing of ``sidecar.framing``, assign request ids, check that replies come
+back in order, raise ``sidecar.errors`` exceptions, and reconnect after a daemon restart:
+a call that finds its connection dead before any reply arrived is sent once more on a
+fresh connection when every request in it is idempotent. Each new connection starts with
+``hello``, which checks the protocol version and learns the daemon's max frame size, so an
+oversize request fails locally instead of costing the connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import threading
+import time
+from collections import deque
+from typing import Sequence, TypeVar
+
+import msgspec
+
+from . import __version__
+from .config import client_socket_path
+from .errors import (
+    FrameTooLarge, ProtocolError, SidecarTimeout, SidecarUnavailable, error_from_reply,
+)
+from .framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
+from .protocol import (
+    PROTOCOL_VERSION, REPLY_DECODER, Error, Fingerprint, FingerprintReply, Hello, HelloReply,
+    Ping, Pong, Reply, Request, Stats, StatsReply,
+)
+
+R = TypeVar("R", bound=Reply)
+
+DEFAULT_TIMEOUT = 5.0
+_CLIENT_NAME = f"sidecar-python/{__version__}"
+_RECV_SIZE = 256 * 1024
+
+
+class _Dead(Exception):
+    """The connection died before any reply of the call arrived (safe to resend)."""
+
+
+def _check_reply(reply: Reply, expected_id: int) -> Reply:
+    if type(reply) is Error:
+        raise error_from_reply(reply.code, reply.message, reply.id)
+    if reply.id != expected_id:
+        raise ProtocolError(f"reply id {reply.id} does not match request id {expected_id}")
+    return reply
+
+
+def _encode_requests(encoder: msgspec.msgpack.Encoder, requests: Sequence[Request],
+                     first_id: int, max_frame: int) -> tuple[bytearray, list[int]]:
+    out = bytearray()
+    ids = []
+    for offset, request in enumerate(requests):
+        request_id = first_id + offset
+        mark = len(out)
+        length = append_frame(encoder, msgspec.structs.replace(request, id=request_id), out)
+        if length > max_frame:
+            del out[mark:]
+            raise FrameTooLarge(f"request of {length} bytes exceeds the daemon's max frame "
+                                f"size of {max_frame} bytes")
+        ids.append(request_id)
+    return out, ids
+
+
+def _unwrap(replies: list[Reply | BaseException], return_exceptions: bool) -> list:
+    if not return_exceptions:
+        for item in replies:
+            if isinstance(item, BaseException):
+                raise item
+    return replies
+
+
+# --- blocking client ------------------------------------------------------------------
+
+
+class _SyncConnection:
+    __slots__ = ("sock", "reader", "encoder", "ids", "max_frame", "path")
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.reader = FrameReader(DEFAULT_MAX_FRAME)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.ids = itertools.count(1)
+        self.max_frame = DEFAULT_MAX_FRAME
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self.sock.close()
+            raise SidecarUnavailable(path, exc.strerror or str(exc)) from None
+        except socket.timeout:
+            self.sock.close()
+            raise SidecarTimeout(f"connecting to {path} timed out after {timeout:g} s") from None
+        except OSError as exc:
+            self.sock.close()
+            raise SidecarUnavailable(path, exc.strerror or str(exc)) from None
+        try:
+            hello = self.exchange([Hello(client=_CLIENT_NAME)], timeout)[0]
+        except _Dead:
+            self.close()
+            raise SidecarUnavailable(path, "connection closed during hello") from None
+        except BaseException:
+            self.close()
+            raise
+        assert isinstance(hello, HelloReply)
+        if hello.protocol != PROTOCOL_VERSION:
+            self.close()
+            raise ProtocolError(f"daemon speaks protocol {hello.protocol}, this client "
+                                f"{PROTOCOL_VERSION}; upgrade the older side")
+        self.max_frame = hello.max_frame
+        self.reader.max_frame = max(hello.max_frame, DEFAULT_MAX_FRAME)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def exchange(self, requests: Sequence[Request], timeout: float | None,
+                 return_exceptions: bool = False) -> list[Reply | BaseException]:
+        frames, ids = _encode_requests(self.encoder, requests, next(self.ids), self.max_frame)
+        self.ids = itertools.count(ids[-1] + 1)
+        sock = self.sock
+        sock.settimeout(timeout)
+        try:
+            sock.sendall(frames)
+        except (BrokenPipeError, ConnectionResetError):
+            raise _Dead() from None
+        replies: list[Reply | BaseException] = []
+        pending: list[memoryview] = []
+        try:
+            while len(replies) < len(ids):
+                if not pending:
+                    data = sock.recv(_RECV_SIZE)
+                    if not data:
+                        if not replies:
+                            raise _Dead()
+                        raise SidecarUnavailable(self.path, "daemon closed the connection")
+                    pending = self.reader.feed(data)
+                    pending.reverse()
+                    continue
+                reply = REPLY_DECODER.decode(pending.pop())
+                expected = ids[len(replies)]
+                if type(reply) is Error and reply.id is None:
+                    # The daemon gave up on this connection (oversize, stall, overload).
+                    raise error_from_reply(reply.code, reply.message, None)
+                try:
+                    replies.append(_check_reply(reply, expected))
+                except ProtocolError:
+                    raise
+                except Exception as exc:
+                    replies.append(exc)
+        except ConnectionResetError:
+            if not replies:
+                raise _Dead() from None
+            raise SidecarUnavailable(self.path, "connection reset by the daemon") from None
+        except (msgspec.DecodeError, msgspec.ValidationError, OversizeFrame) as exc:
+            raise ProtocolError(f"undecodable reply from the daemon: {exc}") from None
+        return replies
+
+
+class Client:
+    """Blocking client; safe to share between threads (each call holds one pooled
+    connection, so calls from different threads run concurrently).
+
+    ``socket`` defaults to ``LLM_SIDECAR_SOCKET``, else the first default path that
+    exists. ``timeout`` (seconds) bounds every call unless the call gives its own.
+    """
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT, max_idle: int = 8) -> None:
+        self.path = str(client_socket_path(socket))
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._idle: list[_SyncConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _acquire(self, timeout: float) -> _SyncConnection:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("client is closed")
+            if self._idle:
+                return self._idle.pop()
+        return _SyncConnection(self.path, timeout)
+
+    def _release(self, conn: _SyncConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _exchange(self, requests: Sequence[Request], timeout: float | None,
+                  return_exceptions: bool) -> list[Reply | BaseException]:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        retried = False
+        while True:
+            conn = self._acquire(timeout)
+            try:
+                replies = conn.exchange(requests, max(deadline - time.monotonic(), 1e-3))
+            except _Dead:
+                conn.close()
+                if retried or not all(r.idempotent for r in requests):
+                    raise SidecarUnavailable(self.path, "connection lost before a reply") from None
+                retried = True
+                continue
+            except socket.timeout:
+                conn.close()  # a late reply would desynchronise it
+                raise SidecarTimeout(f"no reply from the daemon within {timeout:g} s") from None
+            except FrameTooLarge:
+                self._release(conn)  # nothing was sent
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            self._release(conn)
+            return _unwrap(replies, return_exceptions)
+
+    def call(self, request: Request, *, timeout: float | None = None) -> Reply:
+        """Send one request and return its reply (an Error reply raises)."""
+        return self._exchange([request], timeout, False)[0]  # type: ignore[return-value]
+
+    def batch(self, requests: Sequence[Request], *, timeout: float | None = None,
+              return_exceptions: bool = False) -> list:
+        """Pipeline ``requests`` on one connection; replies in the same order. With
+        ``return_exceptions`` a failed request's slot holds its exception instead of
+        the first failure being raised (after all replies were read)."""
+        if not requests:
+            return []
+        return self._exchange(requests, timeout, return_exceptions)
+
+    def hello(self, *, timeout: float | None = None) -> HelloReply:
+        return self.call(Hello(client=_CLIENT_NAME), timeout=timeout)  # type: ignore[return-value]
+
+    def ping(self, *, timeout: float | None = None) -> float:
+        """Round trip to the daemon; returns its duration in seconds."""
+        start = time.perf_counter()
+        reply = self.call(Ping(), timeout=timeout)
+        assert type(reply) is Pong
+        return time.perf_counter() - start
+
+    def fingerprint(self, text: str, *, timeout: float | None = None) -> FingerprintReply:
+        """Normalised form and 128-bit key of ``text`` under the daemon's spec."""
+        return self.call(Fingerprint(text=text), timeout=timeout)  # type: ignore[return-value]
+
+    def stats(self, *, timeout: float | None = None) -> StatsReply:
+        return self.call(Stats(), timeout=timeout)  # type: ignore[return-value]
+
+
+# --- asyncio client -------------------------------------------------------------------
+
+
+class _AsyncProtocol(asyncio.Protocol):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader(DEFAULT_MAX_FRAME)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.waiting: deque[tuple[int, asyncio.Future[Reply]]] = deque()
+        self.ids = itertools.count(1)
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+            for body in frames:
+                reply = REPLY_DECODER.decode(body)
+                if type(reply) is Error and reply.id is None:
+                    self._fail(error_from_reply(reply.code, reply.message, None))
+                    return
+                if not self.waiting:
+                    raise ProtocolError(f"unexpected reply id {reply.id}")
+                expected, fut = self.waiting.popleft()
+                if reply.id != expected:
+                    raise ProtocolError(f"reply id {reply.id} does not match {expected}")
+                if not fut.done():
+                    fut.set_result(reply)
+        except (msgspec.DecodeError, msgspec.ValidationError, OversizeFrame) as exc:
+            self._fail(ProtocolError(f"undecodable reply from the daemon: {exc}"))
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(_Dead())
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.lost is None:
+            self.lost = exc
+        while self.waiting:
+            _, fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def send(self, requests: Sequence[Request]) -> list[asyncio.Future[Reply]]:
+        if self.lost is not None or self.transport is None or self.transport.is_closing():
+            raise _Dead()
+        frames, ids = _encode_requests(self.encoder, requests, next(self.ids), self.max_frame)
+        self.ids = itertools.count(ids[-1] + 1)
+        loop = asyncio.get_running_loop()
+        futures = []
+        for request_id in ids:
+            fut: asyncio.Future[Reply] = loop.create_future()
+            self.waiting.append((request_id, fut))
+            futures.append(fut)
+        self.transport.write(frames)
+        return futures
+
+
+class AsyncClient:
+    """asyncio client: one connection, any number of concurrent calls pipelined on it.
+
+    Use as ``async with AsyncClient() as c:`` or call ``close()``. Works on any asyncio
+    event loop, uvloop included.
+    """
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.path = str(client_socket_path(socket))
+        self.timeout = timeout
+        self._proto: _AsyncProtocol | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        await self._connection(self.timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+
+    async def _connection(self, timeout: float) -> _AsyncProtocol:
+        proto = self._proto
+        if proto is not None and proto.lost is None:
+            return proto
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            proto = self._proto
+            if proto is not None and proto.lost is None:
+                return proto
+            loop = asyncio.get_running_loop()
+            try:
+                _, proto = await asyncio.wait_for(
+                    loop.create_unix_connection(lambda: _AsyncProtocol(self.path), self.path),
+                    timeout)
+            except asyncio.TimeoutError:
+                raise SidecarTimeout(f"connecting to {self.path} timed out") from None
+            except OSError as exc:
+                raise SidecarUnavailable(self.path, exc.strerror or str(exc)) from None
+            (fut,) = proto.send([Hello(client=_CLIENT_NAME)])
+            try:
+                hello = await asyncio.wait_for(fut, timeout)
+            except _Dead:
+                raise SidecarUnavailable(self.path, "connection closed during hello") from None
+            except asyncio.TimeoutError:
+                proto.transport.close()
+                raise SidecarTimeout("no hello from the daemon") from None
+            if type(hello) is Error:
+                raise error_from_reply(hello.code, hello.message, hello.id)
+            assert isinstance(hello, HelloReply)
+            if hello.protocol != PROTOCOL_VERSION:
+                proto.transport.close()
+                raise ProtocolError(f"daemon speaks protocol {hello.protocol}, this client "
+                                    f"{PROTOCOL_VERSION}; upgrade the older side")
+            proto.max_frame = hello.max_frame
+            proto.reader.max_frame = max(hello.max_frame, DEFAULT_MAX_FRAME)
+            self._proto = proto
+            return proto
+
+    async def _exchange(self, requests: Sequence[Request], timeout: float | None,
+                        return_exceptions: bool) -> list:
+        timeout = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        retried = False
+        while True:
+            proto = await self._connection(timeout)
+            try:
+                futures = proto.send(requests)
+                done = await asyncio.wait_for(
+                    asyncio.gather(*futures, return_exceptions=True),
+                    max(deadline - loop.time(), 1e-3))
+            except asyncio.TimeoutError:
+                raise SidecarTimeout(f"no reply from the daemon within {timeout:g} s") from None
+            except _Dead:
+                done = [_Dead()]
+            if any(isinstance(r, _Dead) for r in done):
+                got_any = any(isinstance(r, Reply) for r in done)
+                if retried or got_any or not all(r.idempotent for r in requests):
+                    raise SidecarUnavailable(self.path, "connection lost before a reply")
+                retried = True
+                continue
+            replies: list[Reply | BaseException] = []
+            for reply in done:
+                if isinstance(reply, BaseException):
+                    replies.append(reply)
+                elif type(reply) is Error:
+                    replies.append(error_from_reply(reply.code, reply.message, reply.id))
+                else:
+                    replies.append(reply)
+            return _unwrap(replies, return_exceptions)
+
+    async def call(self, request: Request, *, timeout: float | None = None) -> Reply:
+        return (await self._exchange([request], timeout, False))[0]
+
+    async def batch(self, requests: Sequence[Request], *, timeout: float | None = None,
+                    return_exceptions: bool = False) -> list:
+        if not requests:
+            return []
+        return await self._exchange(requests, timeout, return_exceptions)
+
+    async def hello(self, *, timeout: float | None = None) -> HelloReply:
+        return await self.call(Hello(client=_CLIENT_NAME), timeout=timeout)  # type: ignore
+
+    async def ping(self, *, timeout: float | None = None) -> float:
+        start = time.perf_counter()
+        reply = await self.call(Ping(), timeout=timeout)
+        assert type(reply) is Pong
+        return time.perf_counter() - start
+
+    async def fingerprint(self, text: str, *, timeout: float | None = None) -> FingerprintReply:
+        return await self.call(Fingerprint(text=text), timeout=timeout)  # type: ignore
+
+    async def stats(self, *, timeout: float | None = None) -> StatsReply:
+        return await self.call(Stats(), timeout=timeout)  # type: ignore

@@ -1,0 +1,236 @@
+"""One typed, frozen configuration: embedded defaults, a TOML file, then environment.
+
+Every setting has a default, so no file is needed. A file (``--config``, else
+``LLM_SIDECAR_CONFIG``) overrides defaults; ``LLM_SIDECAR_<SECTION>_<KEY>`` environment
+variables override the file. Everything is validated at load; each error names its source
+(file or variable), the key and a hint. This is the only module that reads the
+environment, including the socket-path resolution shared by the daemon and the clients.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import msgspec
+
+from .errors import ConfigError
+from .framing import DEFAULT_MAX_FRAME
+from .normalize import DEFAULT_FILLER_WORDS, canonical_filler_words
+
+ENV_PREFIX = "LLM_SIDECAR_"
+ENV_SOCKET = "LLM_SIDECAR_SOCKET"
+ENV_CONFIG = "LLM_SIDECAR_CONFIG"
+SYSTEM_SOCKET = Path("/run/llm.sock")
+SOCKET_NAME = "llm.sock"
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    socket: str = ""
+    socket_mode: str = "0660"
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = DEFAULT_MAX_FRAME
+    frame_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    drain_timeout: Annotated[float, msgspec.Meta(ge=0, le=600)] = 5.0
+
+
+class NormalizeConfig(_Section):
+    filler_words: tuple[str, ...] = DEFAULT_FILLER_WORDS
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    normalize: NormalizeConfig = NormalizeConfig()
+    log: LogConfig = LogConfig()
+    #: Where the settings came from (file path or "defaults"); not a setting itself.
+    source: str = "defaults"
+
+    @property
+    def socket_mode(self) -> int:
+        return int(self.server.socket_mode, 8)
+
+
+#: Hints shown with a validation error, by dotted key.
+HINTS: dict[str, str] = {
+    "server.socket": "an absolute path such as /run/llm.sock; empty picks the default",
+    "server.socket_mode": 'an octal string such as "0660" (owner and group may connect)',
+    "server.max_frame_bytes": "bytes, from 1024 to 1073741824; the default is 4194304 (4 MiB)",
+    "server.frame_timeout": "seconds a partial frame may stall before its connection is closed",
+    "server.max_connections": "connections served at once, from 1 to 1000000",
+    "server.drain_timeout": "seconds to answer in-flight requests on SIGTERM",
+    "normalize.filler_words": 'a list of single words, e.g. ["please", "just"]',
+    "log.level": "one of debug, info, warning, error",
+    "log.format": "text for people, json for log collectors",
+}
+
+# Settings that a SIGHUP reload cannot change (the socket is bound once).
+RESTART_ONLY = ("server.socket", "server.socket_mode")
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "server": ServerConfig, "normalize": NormalizeConfig, "log": LogConfig,
+}
+_MODE_RE = re.compile(r"0?[0-7]{3}")
+_PATH_RE = re.compile(r"`\$((?:\.[A-Za-z_]\w*)+)")
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         env: Mapping[str, str] | None = None) -> Config:
+    """Build the config: defaults, then the TOML file, then the environment."""
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_CONFIG):
+        path = env[ENV_CONFIG]
+    raw: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file: {exc.strerror}", source=source,
+                              hint="check the path given to --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}", source=source) from None
+        for section, values in raw.items():
+            if isinstance(values, dict):
+                for key in values:
+                    origin[f"{section}.{key}"] = source
+    _apply_env(raw, origin, env)
+    raw["source"] = source
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, origin, source) from None
+    return _check(config, origin)
+
+
+def _apply_env(raw: dict[str, Any], origin: dict[str, str], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in (ENV_SOCKET, ENV_CONFIG):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        fields = _SECTIONS[section].__struct_fields__ if section in _SECTIONS else ()
+        if key not in fields:
+            known = ", ".join(
+                f"{ENV_PREFIX}{s.upper()}_{k.upper()}"
+                for s, cls in _SECTIONS.items() for k in cls.__struct_fields__)
+            raise ConfigError(f"unknown setting {name}", source="environment",
+                              hint=f"known variables: {ENV_SOCKET}, {ENV_CONFIG}, {known}")
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"[{section}] must be a table", source=origin.get(section, ""))
+        field_type = _SECTIONS[section].__annotations__.get(key, "")
+        target[key] = ([w.strip() for w in value.split(",") if w.strip()]
+                       if "tuple" in str(field_type) else value)
+        origin[f"{section}.{key}"] = name
+    if env.get(ENV_SOCKET):
+        raw.setdefault("server", {})["socket"] = env[ENV_SOCKET]
+        origin["server.socket"] = ENV_SOCKET
+
+
+def _explain(exc: msgspec.ValidationError, origin: dict[str, str], source: str) -> ConfigError:
+    message = str(exc)
+    match = _PATH_RE.search(message)
+    key = match.group(1)[1:] if match else ""
+    unknown = re.search(r"unknown field `(\w+)`", message)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        section = _SECTIONS.get(key.partition(".")[0])
+        known = ", ".join(section.__struct_fields__) if section and "." in key else ", ".join(_SECTIONS)
+        return ConfigError("unknown key", source=origin.get(key, source), key=key,
+                           hint=f"known keys here: {known}")
+    message = message.split(" - at ")[0]
+    return ConfigError(message, source=origin.get(key, source), key=key, hint=HINTS.get(key, ""))
+
+
+def _check(config: Config, origin: dict[str, str]) -> Config:
+    """Cross-field and format checks msgspec's constraints cannot express."""
+    server = config.server
+    if not _MODE_RE.fullmatch(server.socket_mode):
+        key = "server.socket_mode"
+        raise ConfigError(f"invalid mode {server.socket_mode!r}", source=origin.get(key, ""),
+                          key=key, hint=HINTS[key])
+    if server.socket and not os.path.isabs(server.socket):
+        key = "server.socket"
+        raise ConfigError(f"socket path {server.socket!r} is not absolute",
+                          source=origin.get(key, ""), key=key, hint=HINTS[key])
+    try:
+        words = canonical_filler_words(config.normalize.filler_words)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), source=origin.get("normalize.filler_words", "")) from None
+    return msgspec.structs.replace(
+        config, normalize=msgspec.structs.replace(config.normalize, filler_words=words))
+
+
+def dump(config: Config) -> dict[str, Any]:
+    """The effective settings as plain data (for ``config check`` and logs)."""
+    data = msgspec.to_builtins(config)
+    data.pop("source", None)
+    return data
+
+
+# --- socket path ----------------------------------------------------------------------
+
+
+def default_socket_candidates(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Default socket paths, most preferred first."""
+    env = os.environ if env is None else env
+    paths = [SYSTEM_SOCKET]
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        paths.append(Path(runtime) / SOCKET_NAME)
+    paths.append(Path(f"/tmp/llm-sidecar-{os.getuid()}") / SOCKET_NAME)
+    return paths
+
+
+def server_socket_path(config: Config, explicit: str | None = None,
+                       env: Mapping[str, str] | None = None) -> Path:
+    """Where the daemon listens: ``--socket``, config/env, else the first default it may
+    create (``/run/llm.sock``, ``$XDG_RUNTIME_DIR/llm.sock``, ``/tmp/llm-sidecar-<uid>``)."""
+    if explicit:
+        return Path(explicit)
+    if config.server.socket:
+        return Path(config.server.socket)
+    for path in default_socket_candidates(env):
+        parent = path.parent
+        if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+            return path
+        if not parent.exists() and os.access(parent.parent, os.W_OK | os.X_OK):
+            return path
+    raise ConfigError("no writable directory for the socket",
+                      hint="pass --socket PATH or set LLM_SIDECAR_SOCKET")
+
+
+def client_socket_path(explicit: str | os.PathLike[str] | None = None,
+                       env: Mapping[str, str] | None = None) -> Path:
+    """Where a client connects: explicit, ``LLM_SIDECAR_SOCKET``, else the first default
+    path that exists (else the last one, so the error names where a daemon would be)."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if env.get(ENV_SOCKET):
+        return Path(env[ENV_SOCKET])
+    candidates = default_socket_candidates(env)
+    for path in candidates:
+        if path.exists():
+            return path
+    return candidates[-1]
+
+
+def notify_socket(env: Mapping[str, str] | None = None) -> str | None:
+    """systemd's notification socket (``NOTIFY_SOCKET``), if started with Type=notify."""
+    env = os.environ if env is None else env
+    return env.get("NOTIFY_SOCKET") or None

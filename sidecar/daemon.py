@@ -1,0 +1,184 @@
+"""Composition root: config -> components -> server; socket ownership, signals, sd_notify.
+
+``run`` owns the process-level concerns: it claims the socket path (lock file, stale
+socket probe), binds with the configured mode, reloads on SIGHUP (validate first, keep the
+old config on error), and on SIGTERM/SIGINT stops accepting, answers what has arrived,
+removes the socket and returns 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+import uvloop
+
+from . import config as config_mod
+from .config import Config
+from .errors import ConfigError, DaemonStartError
+from .handlers import Handlers
+from .metrics import Metrics
+from .protocol import OPS
+from .server import Server
+
+log = logging.getLogger("sidecar.daemon")
+
+
+def _prepare_directory(path: Path) -> None:
+    parent = path.parent
+    private = parent.name.startswith("llm-sidecar-")
+    if not parent.exists():
+        parent.mkdir(mode=0o700 if private else 0o755, parents=True)
+    if private:
+        # A per-user directory in /tmp must be ours and closed to others, or another user
+        # could swap the socket underneath the clients.
+        st = parent.lstat()
+        if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
+                or st.st_mode & 0o077):
+            raise DaemonStartError(
+                f"{parent} must be a directory owned by uid {os.getuid()} with mode 0700; "
+                "remove it or pass --socket PATH")
+
+
+def _claim(path: Path) -> int:
+    """Lock ``<socket>.lock`` for the daemon's lifetime and clear a stale socket."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DaemonStartError(
+            f"another llm-sidecar daemon (pid {owner}) owns {path}; stop it first "
+            "or pass --socket PATH") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            os.close(fd)
+            raise DaemonStartError(f"{path} exists and is not a socket; remove it or pass "
+                                   "--socket PATH")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                os.close(fd)
+                raise DaemonStartError(f"cannot probe existing socket {path}: {exc}") from None
+            log.info("removing stale socket %s", path)
+            path.unlink()
+        else:
+            os.close(fd)
+            raise DaemonStartError(f"a live daemon already answers on {path}; stop it first "
+                                   "or pass --socket PATH")
+        finally:
+            probe.close()
+    return fd
+
+
+def _bind(path: Path, mode: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, mode)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise DaemonStartError(f"cannot listen on {path}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _notify(message: str) -> None:
+    """Tell systemd (Type=notify) about state changes; a no-op elsewhere."""
+    target = config_mod.notify_socket()
+    if not target:
+        return
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), target)
+        except OSError as exc:
+            log.warning("sd_notify %r failed: %s", message, exc)
+
+
+class Daemon:
+    def __init__(self, config: Config, path: Path, config_path: str | None) -> None:
+        self.config = config
+        self.path = path
+        self.config_path = config_path
+        self.metrics = Metrics(OPS)
+        self.handlers = Handlers(config, self.metrics, str(path))
+        self.server = Server(config, self.handlers, self.metrics)
+        self._stop = asyncio.Event()
+
+    def reload(self) -> None:
+        """SIGHUP: validate the new config fully before anything changes."""
+        _notify("RELOADING=1")
+        try:
+            new = config_mod.load(self.config_path)
+            if new.server.socket and Path(new.server.socket) != self.path:
+                log.warning("server.socket changed in %s: takes effect after a restart",
+                            new.source)
+            if new.server.socket_mode != self.config.server.socket_mode:
+                log.warning("server.socket_mode changed: takes effect after a restart")
+            self.handlers.reload(new)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+        else:
+            self.config = new
+            self.server.apply(new)
+            logging.getLogger().setLevel(new.log.level.upper())
+            log.info("reloaded config from %s (epoch %d)", new.source, self.handlers.epoch)
+        finally:
+            _notify("READY=1")
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        lock_fd = _claim(self.path)
+        try:
+            sock = _bind(self.path, self.config.socket_mode)
+            await self.server.start(sock)
+            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            log.info("llm-sidecar serving on %s (pid %d, config %s)",
+                     self.path, os.getpid(), self.config.source)
+            _notify(f"READY=1\nMAINPID={os.getpid()}")
+            await self._stop.wait()
+            _notify("STOPPING=1")
+            log.info("stopping: answering in-flight requests (up to %.1f s)",
+                     self.config.server.drain_timeout)
+            self.server.stop_accepting()
+            self._unlink()
+            busy = await self.server.drain(self.config.server.drain_timeout)
+            if busy:
+                log.warning("closed %d connections still busy after the drain timeout", busy)
+            log.info("stopped")
+        finally:
+            self._unlink()
+            os.close(lock_fd)
+
+    def _unlink(self) -> None:
+        try:
+            if stat.S_ISSOCK(self.path.lstat().st_mode):
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def run(config: Config, path: Path, config_path: str | None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    _prepare_directory(path)
+    daemon = Daemon(config, path, config_path)
+    uvloop.run(daemon.serve())
+    return 0

@@ -1,0 +1,114 @@
+"""The one exception hierarchy of llm-sidecar.
+
+Exceptions are for broken backends, misuse and bad input; decisions (over a limit, cache
+miss) are values. Wire errors arrive as ``protocol.Error`` replies and are turned into
+``RequestError`` subclasses at one place, ``error_from_reply``.
+"""
+from __future__ import annotations
+
+from .protocol import ErrorCode
+
+
+class SidecarError(Exception):
+    """Base of every exception raised by llm-sidecar."""
+
+
+class SidecarUnavailable(SidecarError, ConnectionError):
+    """No daemon answers on the socket (not started, stopped, or wrong path)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"llm-sidecar daemon unreachable at {path}: {reason}. "
+            "Start it with `llm-sidecar serve` (or `systemctl start llm-sidecar`), "
+            "or point the client at its socket with socket=... or LLM_SIDECAR_SOCKET."
+        )
+
+
+class SidecarTimeout(SidecarError, TimeoutError):
+    """The daemon did not answer within the call's timeout."""
+
+
+class ProtocolError(SidecarError):
+    """The peer broke the wire protocol (bad frame, out-of-order reply, bad version)."""
+
+
+class ConfigError(SidecarError, ValueError):
+    """Invalid configuration: names the file, the key and how to fix it."""
+
+    def __init__(self, message: str, *, source: str = "", key: str = "", hint: str = "") -> None:
+        self.source = source
+        self.key = key
+        self.hint = hint
+        where = ": ".join(p for p in (source, key) if p)
+        text = f"{where}: {message}" if where else message
+        if hint:
+            text = f"{text} (hint: {hint})"
+        super().__init__(text)
+
+
+class RequestError(SidecarError):
+    """The daemon answered a request with an error reply."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None,
+                 request_id: int | None = None) -> None:
+        if code is not None:
+            self.code = code
+        self.request_id = request_id
+        super().__init__(f"[{self.code.name}] {message}")
+
+
+class BadRequest(RequestError):
+    """The request was malformed, of an unknown op, or had a missing or mistyped field."""
+
+
+class FrameTooLarge(RequestError):
+    """A frame exceeded the daemon's max frame size; the connection was closed."""
+
+    code = ErrorCode.TOO_LARGE
+
+
+class Overloaded(RequestError):
+    """The daemon refused the connection or request because it is at a configured bound."""
+
+    code = ErrorCode.OVERLOADED
+
+
+class ShuttingDown(RequestError):
+    """The daemon is stopping and no longer takes new work."""
+
+    code = ErrorCode.SHUTTING_DOWN
+
+
+class InternalError(RequestError):
+    """A bug or backend failure inside the daemon; the daemon logged the details."""
+
+    code = ErrorCode.INTERNAL
+
+
+_BY_CODE: dict[ErrorCode, type[RequestError]] = {
+    ErrorCode.MALFORMED: BadRequest,
+    ErrorCode.UNKNOWN_OP: BadRequest,
+    ErrorCode.MISSING_FIELD: BadRequest,
+    ErrorCode.WRONG_TYPE: BadRequest,
+    ErrorCode.TOO_LARGE: FrameTooLarge,
+    ErrorCode.OVERLOADED: Overloaded,
+    ErrorCode.SHUTTING_DOWN: ShuttingDown,
+    ErrorCode.INTERNAL: InternalError,
+}
+
+
+def error_from_reply(code: int, message: str, request_id: int | None) -> RequestError:
+    """Build the exception for an ``Error`` reply (unknown codes map to InternalError)."""
+    try:
+        ecode = ErrorCode(code)
+    except ValueError:
+        return InternalError(f"unknown error code {code}: {message}", request_id=request_id)
+    return _BY_CODE[ecode](message, code=ecode, request_id=request_id)
+
+
+class DaemonStartError(SidecarError):
+    """The daemon cannot start: socket owned by a live daemon, unsafe directory, ..."""

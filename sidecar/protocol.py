@@ -1,0 +1,138 @@
+"""Wire protocol: every request and reply as a frozen msgspec Struct; no I/O.
+
+A frame body is a msgpack map tagged by ``op``. Requests form one tagged union decoded by
+one typed decoder (``REQUEST_DECODER``); replies form another (``REPLY_DECODER``). Every
+request carries an ``id`` (0 to 2**63 - 1) that its reply echoes; an ``Error`` reply to a
+frame whose id could not be read has ``id = None``. Unknown map keys are ignored, so a newer
+client can talk to an older daemon that lacks a field it only adds.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Annotated, ClassVar, Union
+
+import msgspec
+
+#: Bumped on any incompatible change of framing or of an existing message.
+PROTOCOL_VERSION = 1
+
+RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class ErrorCode(enum.IntEnum):
+    """Integer codes carried by ``Error`` replies."""
+
+    MALFORMED = 1  # not msgpack, or trailing bytes
+    UNKNOWN_OP = 2  # no such op
+    MISSING_FIELD = 3  # a required field is absent
+    WRONG_TYPE = 4  # a field has the wrong type or an out-of-range value
+    TOO_LARGE = 5  # the frame exceeds the max frame size; the connection is closed
+    OVERLOADED = 6  # a configured bound (connections) is reached
+    SHUTTING_DOWN = 7  # the daemon is stopping
+    INTERNAL = 8  # a bug or backend failure inside the daemon
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+class Request(msgspec.Struct, tag_field="op", frozen=True, kw_only=True):
+    """Base of all requests. ``id`` may be left 0 when a client assigns ids."""
+
+    id: RequestId = 0
+    #: Safe to send again on a fresh connection when the first one died mid-call.
+    idempotent: ClassVar[bool] = True
+
+
+class Hello(Request, tag="hello"):
+    client: str = ""
+
+
+class Ping(Request, tag="ping"):
+    pass
+
+
+class Fingerprint(Request, tag="fingerprint"):
+    text: str
+
+
+class Stats(Request, tag="stats"):
+    pass
+
+
+REQUEST_TYPES: tuple[type[Request], ...] = (Hello, Ping, Fingerprint, Stats)
+OPS: tuple[str, ...] = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
+
+
+# --- replies --------------------------------------------------------------------------
+
+
+class Reply(msgspec.Struct, tag_field="op", frozen=True, kw_only=True):
+    id: RequestId = 0
+
+
+class HelloReply(Reply, tag="hello"):
+    protocol: int
+    server: str
+    features: list[str]
+    max_frame: int
+    pid: int
+
+
+class Pong(Reply, tag="ping"):
+    pass
+
+
+class FingerprintReply(Reply, tag="fingerprint"):
+    normalized: str
+    key: bytes  # 16 bytes, big-endian XXH3-128
+    spec: str  # spec id: keys are comparable only under the same spec
+
+
+class OpStats(msgspec.Struct, frozen=True):
+    requests: int
+    errors: dict[str, int]  # ErrorCode name -> count
+    p50_us: float
+    p99_us: float
+
+
+class BuildInfo(msgspec.Struct, frozen=True):
+    version: str
+    protocol: int
+    python: str
+    native: dict[str, str]  # compiled module -> file it was loaded from
+    libraries: dict[str, str]  # dependency -> version
+
+
+class StatsReply(Reply, tag="stats"):
+    uptime_s: float
+    pid: int
+    socket: str
+    config_epoch: int
+    connections_now: int
+    connections_total: int
+    requests_total: int
+    errors_total: int
+    ops: dict[str, OpStats]  # op name ("invalid" for frames with no readable op)
+    build: BuildInfo
+
+
+class Error(Reply, tag="error", kw_only=True):
+    id: RequestId | None = None
+    code: ErrorCode
+    message: str
+
+
+REPLY_TYPES: tuple[type[Reply], ...] = (HelloReply, Pong, FingerprintReply, StatsReply, Error)
+
+REQUEST_DECODER = msgspec.msgpack.Decoder(Union[REQUEST_TYPES])  # type: ignore[valid-type]
+REPLY_DECODER = msgspec.msgpack.Decoder(Union[REPLY_TYPES])  # type: ignore[valid-type]
+
+
+class Envelope(msgspec.Struct):
+    """What can still be read of a frame that failed typed decoding: its id and op."""
+
+    id: object = None
+    op: object = None
+
+
+ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)

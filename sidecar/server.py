@@ -1,0 +1,257 @@
+"""The Unix-socket server: accept loop, one protocol object per connection, backpressure.
+
+Frames are decoded, handled and answered in arrival order within one ``data_received``
+call, and the replies of a burst go out in one write, so a pipelining client gets its
+answers in order with one syscall per burst. A connection's trouble stays its own: a bad
+frame gets an ``Error`` reply, an oversize length prefix or a stalled partial frame
+closes that connection only. Memory per connection is bounded by the max frame size
+(input) and by pausing reads while the peer does not drain its replies (output).
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import fcntl
+import logging
+import socket
+import termios
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from .framing import FrameReader, OversizeFrame, append_frame
+from .handlers import Handlers
+from .metrics import Metrics
+from .protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode, Reply
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger("sidecar.server")
+
+_WRITE_HIGH_WATER = 1 << 20
+
+
+def _classify(body: memoryview, exc: Exception) -> tuple[Error, str]:
+    """Turn a frame that failed typed decoding into an Error reply and the op to blame."""
+    try:
+        env = ENVELOPE_DECODER.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        env = None
+    request_id = None
+    op = Metrics.INVALID
+    if env is not None:
+        if type(env.id) is int and 0 <= env.id < 2**63:
+            request_id = env.id
+        if isinstance(env.op, str) and env.op in OPS:
+            op = env.op
+    message = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):
+        code = ErrorCode.MALFORMED
+    elif env is not None and env.op is not None and op == Metrics.INVALID:
+        code = ErrorCode.UNKNOWN_OP
+        message = f"unknown op {env.op!r}; this daemon knows: {', '.join(OPS)}"
+    elif message.startswith("Object missing required field"):
+        code = ErrorCode.MISSING_FIELD
+    else:
+        code = ErrorCode.WRONG_TYPE
+    return Error(id=request_id, code=code, message=message), op
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = ("server", "transport", "reader", "partial_since", "closing")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader(server.config.server.max_frame_bytes)
+        self.partial_since: float | None = None
+        self.closing = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        server = self.server
+        metrics = server.metrics
+        if len(server.connections) >= server.config.server.max_connections:
+            self.abort(ErrorCode.OVERLOADED,
+                       f"connection limit of {server.config.server.max_connections} reached")
+            return
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        server.connections.add(self)
+        metrics.connections_now += 1
+        metrics.connections_total += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.server.connections:
+            self.server.connections.discard(self)
+            self.server.metrics.connections_now -= 1
+        self.closing = True
+
+    def pause_writing(self) -> None:
+        # The peer is not reading its replies: stop reading its requests.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            frames = self.reader.feed(data)
+        except OversizeFrame as exc:
+            self.server.metrics.op(Metrics.INVALID).observe(0, ErrorCode.TOO_LARGE)
+            self.abort(ErrorCode.TOO_LARGE, str(exc))
+            return
+        if frames:
+            out = bytearray()
+            process = self.server.process
+            for body in frames:
+                process(body, out)
+            frames.clear()
+            self.transport.write(out)  # type: ignore[union-attr]
+        if self.reader.pending:
+            if self.partial_since is None:
+                self.partial_since = time.monotonic()
+        else:
+            self.partial_since = None
+
+    def eof_received(self) -> bool:
+        return False  # close our side too once the replies are written
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def abort(self, code: ErrorCode, message: str) -> None:
+        """Send a final Error (id None) and close after it is written."""
+        self.closing = True
+        out = bytearray()
+        append_frame(self.server.encoder, Error(id=None, code=code, message=message), out)
+        assert self.transport is not None
+        self.transport.write(out)
+        self.transport.close()
+
+    def idle(self) -> bool:
+        """Nothing buffered either way and no unread bytes in the kernel."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return True
+        if self.reader.pending or transport.get_write_buffer_size():
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        unread = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, unread, True)
+        except OSError:
+            return True
+        return unread[0] == 0
+
+
+class Server:
+    """Listens on one Unix socket and serves every connection through ``Handlers``."""
+
+    def __init__(self, config: Config, handlers: Handlers, metrics: Metrics) -> None:
+        self.config = config
+        self.handlers = handlers
+        self.metrics = metrics
+        self.encoder = msgspec.msgpack.Encoder()
+        self.connections: set[Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._dispatch = {
+            cls: (fn, metrics.op(cls.__struct_config__.tag))
+            for cls, fn in handlers.table.items()
+        }
+
+    def apply(self, config: Config) -> None:
+        """Take the reloadable parts of a new config (frame limits)."""
+        self.config = config
+        for conn in self.connections:
+            conn.reader.max_frame = config.server.max_frame_bytes
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: Connection(self), sock=sock, backlog=1024)
+        self._sweeper = loop.create_task(self._sweep())
+
+    def process(self, body: memoryview, out: bytearray) -> None:
+        """Decode one frame, run its op, append the reply frame to ``out``."""
+        start = time.perf_counter_ns()
+        try:
+            request = REQUEST_DECODER.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            reply, op = _classify(body, exc)
+            metrics = self.metrics.op(op)
+        else:
+            handler, metrics = self._dispatch[type(request)]
+            try:
+                reply = handler(request)
+            except Exception:
+                log.exception("op %s (id %d) failed", type(request).__name__, request.id)
+                reply = Error(id=request.id, code=ErrorCode.INTERNAL,
+                              message="internal error; the daemon log has the details")
+        self._append(reply, out)
+        metrics.observe(time.perf_counter_ns() - start,
+                        reply.code if type(reply) is Error else None)
+
+    def _append(self, reply: Reply, out: bytearray) -> None:
+        mark = len(out)
+        try:
+            append_frame(self.encoder, reply, out)
+        except Exception:
+            del out[mark:]
+            log.exception("encoding a %s reply failed", type(reply).__name__)
+            append_frame(self.encoder, Error(id=reply.id, code=ErrorCode.INTERNAL,
+                                             message="reply could not be encoded"), out)
+
+    async def _sweep(self) -> None:
+        """Close connections whose partial frame stalled past ``frame_timeout``."""
+        while True:
+            timeout = self.config.server.frame_timeout
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.partial_since is not None and now - conn.partial_since > timeout:
+                    log.info("closing a connection whose partial frame stalled for %.1f s",
+                             now - conn.partial_since)
+                    self.metrics.op(Metrics.INVALID).observe(0, ErrorCode.MALFORMED)
+                    conn.abort(ErrorCode.MALFORMED,
+                               f"incomplete frame stalled for more than {timeout:g} s")
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, timeout: float) -> int:
+        """Answer what has arrived, then close each connection; returns how many were
+        still busy when ``timeout`` ran out (those are closed anyway)."""
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            for conn in list(self.connections):
+                if conn.idle():
+                    conn.closing = True
+                    if conn.transport is not None:
+                        conn.transport.close()
+                    self.connections.discard(conn)
+                    self.metrics.connections_now -= 1
+            if self.connections:
+                await asyncio.sleep(0.005)
+        busy = len(self.connections)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+        return busy
+
+
+__all__ = ["Connection", "Server"]
