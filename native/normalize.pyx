@@ -9,8 +9,9 @@ Spec version 1, applied to a Python ``str``:
    - non-printable code points that are not white space or private use
      (controls, format characters such as U+200B, lone surrogates, unassigned) are removed;
    - punctuation (categories Pd, Ps, Pe, Pi, Pf and Po, except the meaning-bearing
-     ``# % & * @ / \\ § ¶ † ‡ ‰ ‱ ′ ″ ‴``) is kept when the code point before or after it is
-     a digit (so ``-5``, ``3.14``, ``1,000`` survive), removed when it is an apostrophe
+     ``# % & * @ / \\ § ¶ † ‡ ‰ ‱ ′ ″ ‴``) is kept when a digit follows it, or a digit
+     precedes it and an alphanumeric follows (so ``-5``, ``3.14``, ``1,000``, ``5-a``
+     survive while the ``?`` of ``is it 5?`` folds), removed when it is an apostrophe
      (U+0027, U+2019) between two alphanumerics (``don't`` -> ``dont``), and otherwise
      separates words;
    - everything else is kept.
@@ -142,7 +143,7 @@ cdef Py_ssize_t _fold(const char_t* s, Py_ssize_t n, char_t* out, const Word* fi
         if f & F_PUNCT:
             before = s[i - 1] if i > 0 else 0
             after = s[i + 1] if i + 1 < n else 0
-            if (_flags(before) | _flags(after)) & F_DIGIT:
+            if _flags(after) & F_DIGIT or (_flags(before) & F_DIGIT and _flags(after) & F_ALNUM):
                 f = 0
             elif f & F_APOS and _flags(before) & _flags(after) & F_ALNUM:
                 continue

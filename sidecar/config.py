@@ -170,7 +170,8 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
     try:
         words = canonical_filler_words(config.normalize.filler_words)
     except ConfigError as exc:
-        raise ConfigError(str(exc), source=origin.get("normalize.filler_words", "")) from None
+        raise ConfigError(exc.detail, source=origin.get(exc.key, ""), key=exc.key,
+                          hint=exc.hint) from None
     return msgspec.structs.replace(
         config, normalize=msgspec.structs.replace(config.normalize, filler_words=words))
 

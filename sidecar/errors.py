@@ -38,6 +38,7 @@ class ConfigError(SidecarError, ValueError):
     """Invalid configuration: names the file, the key and how to fix it."""
 
     def __init__(self, message: str, *, source: str = "", key: str = "", hint: str = "") -> None:
+        self.detail = message
         self.source = source
         self.key = key
         self.hint = hint

@@ -23,10 +23,17 @@ class OversizeFrame(Exception):
 
 
 def append_frame(encoder: msgspec.msgpack.Encoder, message: object, out: bytearray) -> int:
-    """Encode ``message`` as one frame at the end of ``out``; returns the body length."""
+    """Encode ``message`` as one frame at the end of ``out``; returns the body length.
+
+    If encoding fails, ``out`` is left as it was and the error propagates.
+    """
     start = len(out)
     out += _HEADER_PAD
-    encoder.encode_into(message, out, -1)
+    try:
+        encoder.encode_into(message, out, -1)
+    except BaseException:
+        del out[start:]
+        raise
     length = len(out) - start - HEADER_SIZE
     out[start:start + HEADER_SIZE] = length.to_bytes(HEADER_SIZE, "big")
     return length

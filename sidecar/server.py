@@ -202,11 +202,9 @@ class Server:
                         reply.code if type(reply) is Error else None)
 
     def _append(self, reply: Reply, out: bytearray) -> None:
-        mark = len(out)
         try:
             append_frame(self.encoder, reply, out)
         except Exception:
-            del out[mark:]
             log.exception("encoding a %s reply failed", type(reply).__name__)
             append_frame(self.encoder, Error(id=reply.id, code=ErrorCode.INTERNAL,
                                              message="reply could not be encoded"), out)

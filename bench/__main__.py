@@ -1,0 +1,39 @@
+"""Command line of the benchmark package: ``python -m bench roundtrip [--quick] [--json]``.
+
+Dispatches on a subcommand name with argparse; each subcommand lives in its own module and
+exposes ``run(args) -> int``. Only wiring here. The ``__main__`` guard matters: the
+``roundtrip`` workloads start client processes with the multiprocessing 'spawn' context,
+which re-imports this module in each child.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description="llm-sidecar benchmarks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sp = sub.add_parser("roundtrip", help="ping round trips: daemon vs. bare floor server, "
+                        "same-cpu and cross-cpu placements")
+    sp.add_argument("--quick", action="store_true", help="short run (fewer requests)")
+    sp.add_argument("--json", action="store_true", help="print all rows as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "roundtrip":
+            from . import roundtrip
+
+            return roundtrip.run(args)
+    except KeyboardInterrupt:
+        print("interrupted (servers stopped, temporary files removed)", file=sys.stderr)
+        return 130
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
