@@ -37,7 +37,7 @@ def _classify(body: memoryview, exc: Exception) -> tuple[Error, str]:
     """Turn a frame that failed typed decoding into an Error reply and the op to blame."""
     try:
         env = ENVELOPE_DECODER.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         env = None
     request_id = None
     op = Metrics.INVALID
@@ -47,7 +47,10 @@ def _classify(body: memoryview, exc: Exception) -> tuple[Error, str]:
         if isinstance(env.op, str) and env.op in OPS:
             op = env.op
     message = str(exc)
-    if not isinstance(exc, msgspec.ValidationError):
+    if isinstance(exc, RecursionError):
+        code = ErrorCode.MALFORMED
+        message = "values nested too deeply"
+    elif not isinstance(exc, msgspec.ValidationError):
         code = ErrorCode.MALFORMED
     elif env is not None and env.op is not None and op == Metrics.INVALID:
         code = ErrorCode.UNKNOWN_OP
@@ -111,8 +114,14 @@ class Connection(asyncio.Protocol):
         if frames:
             out = bytearray()
             process = self.server.process
-            for body in frames:
-                process(body, out)
+            try:
+                for body in frames:
+                    process(body, out)
+            except Exception:  # a bug of ours: this connection's stream is lost, not others'
+                log.exception("closing a connection after an internal error")
+                self.transport.write(out)  # type: ignore[union-attr]
+                self.abort(ErrorCode.INTERNAL, "internal error; the daemon log has details")
+                return
             frames.clear()
             self.transport.write(out)  # type: ignore[union-attr]
         if self.reader.pending:
@@ -186,7 +195,7 @@ class Server:
         start = time.perf_counter_ns()
         try:
             request = REQUEST_DECODER.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             reply, op = _classify(body, exc)
             metrics = self.metrics.op(op)
         else:

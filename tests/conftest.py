@@ -20,12 +20,15 @@ class Daemon:
     """A ``llm-sidecar serve`` subprocess; ``stop()`` sends SIGTERM and returns the code."""
 
     def __init__(self, workdir: Path, socket_path: Path, config: Path | None = None,
-                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                 pass_socket: bool = True) -> None:
         self.workdir = workdir
         self.path = socket_path
         self.config = config
         self.log_path = workdir / f"daemon-{socket_path.name}.log"
-        cmd = [sys.executable, "-m", "sidecar", "serve", "--socket", str(socket_path), *args]
+        cmd = [sys.executable, "-m", "sidecar", "serve", *args]
+        if pass_socket:
+            cmd += ["--socket", str(socket_path)]
         if config is not None:
             cmd += ["--config", str(config)]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
@@ -53,7 +56,8 @@ class Daemon:
         return self.proc.pid
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
@@ -79,12 +83,13 @@ def start_daemon(tmp_path):
 
     def start(config_text: str | None = None, *, socket_path: Path | None = None,
               env: dict[str, str] | None = None, wait: bool = True,
-              args: tuple[str, ...] = ()) -> Daemon:
+              args: tuple[str, ...] = (), pass_socket: bool = True) -> Daemon:
         config = None
         if config_text is not None:
             config = tmp_path / f"config{len(started)}.toml"
             config.write_text(config_text)
-        d = Daemon(tmp_path, socket_path or tmp_path / "llm.sock", config, env, args)
+        d = Daemon(tmp_path, socket_path or tmp_path / "llm.sock", config, env, args,
+                   pass_socket)
         started.append(d)
         return d.wait_ready() if wait else d
 

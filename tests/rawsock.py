@@ -12,8 +12,12 @@ from sidecar.protocol import REPLY_DECODER, Reply
 class Raw:
     def __init__(self, path, timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(path))
+        except OSError:
+            self.sock.close()
+            raise
         self.reader = FrameReader(64 * 1024 * 1024)
         self.frames: list[bytes] = []
 

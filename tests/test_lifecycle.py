@@ -1,0 +1,200 @@
+"""Start, reload and stop: socket ownership, SIGHUP, SIGTERM, systemd-style notify, CLI."""
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import msgspec
+import pytest
+
+from rawsock import Raw
+from sidecar import Client
+from sidecar.protocol import Pong
+
+
+def cli(*args, env=None, timeout=60):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True,
+                          text=True, env=full, timeout=timeout, cwd="/")
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_default_socket_mode_and_clean_exit(daemon):
+    assert stat.S_IMODE(os.stat(daemon.path).st_mode) == 0o660
+    assert daemon.stop() == 0
+    assert not daemon.path.exists()
+    assert "stopped" in daemon.log()
+
+
+def test_configured_socket_mode(start_daemon):
+    d = start_daemon('[server]\nsocket_mode = "0600"\n')
+    assert stat.S_IMODE(os.stat(d.path).st_mode) == 0o600
+
+
+def test_stale_socket_is_replaced(tmp_path, start_daemon):
+    path = tmp_path / "llm.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()  # a socket file nobody listens on, as a crashed daemon leaves it
+    d = start_daemon(socket_path=path)
+    assert "removing stale socket" in d.log()
+    with Client(path) as c:
+        assert c.ping() > 0
+
+
+def test_live_socket_is_refused(daemon, start_daemon):
+    second = start_daemon(socket_path=daemon.path, wait=False)
+    assert second.proc.wait(30) == 2
+    assert f"pid {daemon.pid}" in second.log() and str(daemon.path) in second.log()
+    with Client(daemon.path) as c:  # the first one is untouched
+        assert c.stats().pid == daemon.pid
+
+
+def test_live_socket_without_lock_is_refused(tmp_path, start_daemon):
+    # Another program answers on the path (no lock file of ours): probe, then refuse.
+    path = tmp_path / "other.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    try:
+        d = start_daemon(socket_path=path, wait=False)
+        assert d.proc.wait(30) == 2
+        assert "live daemon already answers" in d.log()
+        assert path.exists()
+    finally:
+        srv.close()
+
+
+def test_non_socket_file_is_refused(tmp_path, start_daemon):
+    path = tmp_path / "file.sock"
+    path.write_text("not a socket")
+    d = start_daemon(socket_path=path, wait=False)
+    assert d.proc.wait(30) == 2
+    assert "not a socket" in d.log()
+    assert path.read_text() == "not a socket"
+
+
+def test_private_directory_is_created_0700_and_checked(tmp_path, start_daemon):
+    private = tmp_path / f"llm-sidecar-{os.getuid()}"
+    d = start_daemon(socket_path=private / "llm.sock")
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+    assert d.stop() == 0
+    os.chmod(private, 0o777)
+    d = start_daemon(socket_path=private / "llm.sock", wait=False)
+    assert d.proc.wait(30) == 2
+    assert "mode 0700" in d.log()
+
+
+def test_socket_from_environment(tmp_path, start_daemon):
+    # No --socket: daemon and CLI both find the path in LLM_SIDECAR_SOCKET.
+    path = tmp_path / "env.sock"
+    d = start_daemon(socket_path=path, env={"LLM_SIDECAR_SOCKET": str(path)},
+                     pass_socket=False)
+    r = cli("ping", env={"LLM_SIDECAR_SOCKET": str(path)})
+    assert r.returncode == 0 and r.stdout.strip().endswith("us")
+    assert d.stop() == 0
+
+
+def test_sighup_with_broken_config_keeps_the_old_one(start_daemon):
+    d = start_daemon('[normalize]\nfiller_words = ["please"]\n')
+    with Client(d.path) as c:
+        assert c.fingerprint("please go").normalized == "go"
+        d.config.write_text('[normalize]\nfiller_words = "not a list\n')
+        d.signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload failed" in d.log())
+        assert c.fingerprint("please go").normalized == "go"
+        assert c.stats().config_epoch == 0
+        d.config.write_text('[normalize]\nfiller_words = ["go"]\n')
+        d.signal(signal.SIGHUP)
+        assert wait_for(lambda: c.stats().config_epoch == 1)
+        assert c.fingerprint("please go").normalized == "please"
+        d.config.write_text('[server]\nmax_frame_bytes = 10\n')  # invalid value
+        d.signal(signal.SIGHUP)
+        assert wait_for(lambda: d.log().count("reload failed") == 2)
+        assert c.hello().max_frame == 4 * 1024 * 1024
+        assert c.stats().config_epoch == 1
+    assert d.stop() == 0
+
+
+def test_sigterm_answers_requests_in_flight(daemon):
+    # Freeze the daemon, queue requests it has not read yet, ask it to stop, let it run:
+    # every queued request is answered before the connection closes and the process exits.
+    n = 5000
+    idle = Raw(daemon.path)
+    with Raw(daemon.path) as r:
+        r.send({"op": "ping", "id": 0})
+        assert r.recv() == Pong(id=0)
+        daemon.signal(signal.SIGSTOP)
+        body = b"".join(
+            len(b).to_bytes(4, "big") + b
+            for b in (msgspec.msgpack.encode({"op": "ping", "id": i}) for i in range(1, n + 1)))
+        r.send_bytes(body)
+        daemon.signal(signal.SIGTERM)
+        daemon.signal(signal.SIGCONT)
+        got = []
+        while (reply := r.recv()) is not None:
+            got.append(reply.id)
+    idle.sock.close()
+    assert got == list(range(1, n + 1))
+    assert daemon.proc.wait(30) == 0
+    assert not daemon.path.exists()
+    with pytest.raises(OSError):
+        Raw(daemon.path)
+
+
+def test_sd_notify_ready_and_stopping(tmp_path, start_daemon):
+    notify_path = tmp_path / "notify"
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(notify_path))
+    sink.settimeout(15)
+    try:
+        d = start_daemon(env={"NOTIFY_SOCKET": str(notify_path)})
+        assert sink.recv(4096).startswith(b"READY=1")
+        assert d.stop() == 0
+        assert sink.recv(4096) == b"STOPPING=1"
+    finally:
+        sink.close()
+
+
+def test_cli_against_a_daemon(daemon):
+    sock = str(daemon.path)
+    r = cli("ping", "--socket", sock, "-n", "3")
+    assert r.returncode == 0
+    assert len([line for line in r.stdout.splitlines() if line.endswith(" us")]) == 3
+    r = cli("fingerprint", "--socket", sock, "--json", "Could you just say hi?")
+    data = json.loads(r.stdout)
+    assert data["normalized"] == "say hi" and len(data["key"]) == 32
+    r = cli("stats", "--socket", sock)
+    assert r.returncode == 0
+    assert "p50 us" in r.stdout and "fingerprint" in r.stdout and "native normalize" in r.stdout
+    r = cli("stats", "--socket", sock, "--json")
+    stats = json.loads(r.stdout)
+    assert stats["ops"]["ping"]["requests"] == 3 and stats["pid"] == daemon.pid
+
+
+def test_cli_unreachable_exits_1(tmp_path):
+    r = cli("ping", "--socket", str(tmp_path / "none.sock"))
+    assert r.returncode == 1
+    assert "llm-sidecar serve" in r.stderr
+    assert cli("stats", "--socket", str(tmp_path / "none.sock")).returncode == 1
+
+
+def test_json_logs(start_daemon):
+    d = start_daemon(args=("--log-format", "json"))
+    assert d.stop() == 0
+    lines = [json.loads(line) for line in d.log().splitlines() if line.strip()]
+    assert any("serving on" in e["msg"] for e in lines)
+    assert all({"ts", "level", "logger", "msg"} <= e.keys() for e in lines)
