@@ -10,9 +10,9 @@ oversize request fails locally instead of costing the connection.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -78,18 +78,22 @@ def _unwrap(replies: list[Reply | BaseException], return_exceptions: bool) -> li
 
 
 class _SyncConnection:
-    __slots__ = ("sock", "reader", "encoder", "ids", "max_frame", "path")
+    __slots__ = ("sock", "reader", "encoder", "next_id", "max_frame", "path", "kernel_timeout")
 
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.reader = FrameReader(DEFAULT_MAX_FRAME)
         self.encoder = msgspec.msgpack.Encoder()
-        self.ids = itertools.count(1)
+        self.next_id = 1
         self.max_frame = DEFAULT_MAX_FRAME
+        self.kernel_timeout = -1.0
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
+            # Blocking mode with kernel timeouts: Python's own timeout mode would poll()
+            # before every send and recv, a syscall per call on the hot path.
+            self.sock.settimeout(None)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self.sock.close()
             raise SidecarUnavailable(path, exc.strerror or str(exc)) from None
@@ -104,6 +108,9 @@ class _SyncConnection:
         except _Dead:
             self.close()
             raise SidecarUnavailable(path, "connection closed during hello") from None
+        except TimeoutError:
+            self.close()
+            raise SidecarTimeout(f"no hello from the daemon within {timeout:g} s") from None
         except BaseException:
             self.close()
             raise
@@ -118,22 +125,40 @@ class _SyncConnection:
     def close(self) -> None:
         self.sock.close()
 
-    def exchange(self, requests: Sequence[Request], timeout: float | None,
-                 return_exceptions: bool = False) -> list[Reply | BaseException]:
-        frames, ids = _encode_requests(self.encoder, requests, next(self.ids), self.max_frame)
-        self.ids = itertools.count(ids[-1] + 1)
+    def _set_timeout(self, timeout: float) -> None:
+        if timeout != self.kernel_timeout:
+            seconds = int(timeout)
+            value = struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+            self.kernel_timeout = timeout
+
+    def exchange(self, requests: Sequence[Request],
+                 timeout: float) -> list[Reply | BaseException]:
+        """Send ``requests`` and read their replies; a reply that is an error is returned
+        as its exception. Raises ``TimeoutError`` past ``timeout`` seconds."""
+        frames, ids = _encode_requests(self.encoder, requests, self.next_id, self.max_frame)
+        self.next_id = ids[-1] + 1
+        deadline = time.monotonic() + timeout
+        self._set_timeout(timeout)
         sock = self.sock
-        sock.settimeout(timeout)
         try:
             sock.sendall(frames)
         except (BrokenPipeError, ConnectionResetError):
             raise _Dead() from None
+        except BlockingIOError:
+            raise TimeoutError() from None
         replies: list[Reply | BaseException] = []
         pending: list[memoryview] = []
         try:
             while len(replies) < len(ids):
                 if not pending:
-                    data = sock.recv(_RECV_SIZE)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError()
+                    try:
+                        data = sock.recv(_RECV_SIZE)
+                    except BlockingIOError:
+                        raise TimeoutError() from None
                     if not data:
                         if not replies:
                             raise _Dead()
@@ -221,7 +246,7 @@ class Client:
                     raise SidecarUnavailable(self.path, "connection lost before a reply") from None
                 retried = True
                 continue
-            except socket.timeout:
+            except TimeoutError:
                 conn.close()  # a late reply would desynchronise it
                 raise SidecarTimeout(f"no reply from the daemon within {timeout:g} s") from None
             except FrameTooLarge:
@@ -274,7 +299,7 @@ class _AsyncProtocol(asyncio.Protocol):
         self.reader = FrameReader(DEFAULT_MAX_FRAME)
         self.encoder = msgspec.msgpack.Encoder()
         self.waiting: deque[tuple[int, asyncio.Future[Reply]]] = deque()
-        self.ids = itertools.count(1)
+        self.next_id = 1
         self.max_frame = DEFAULT_MAX_FRAME
         self.lost: BaseException | None = None
 
@@ -317,8 +342,8 @@ class _AsyncProtocol(asyncio.Protocol):
     def send(self, requests: Sequence[Request]) -> list[asyncio.Future[Reply]]:
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             raise _Dead()
-        frames, ids = _encode_requests(self.encoder, requests, next(self.ids), self.max_frame)
-        self.ids = itertools.count(ids[-1] + 1)
+        frames, ids = _encode_requests(self.encoder, requests, self.next_id, self.max_frame)
+        self.next_id = ids[-1] + 1
         loop = asyncio.get_running_loop()
         futures = []
         for request_id in ids:

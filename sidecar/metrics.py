@@ -1,83 +1,51 @@
-"""In-daemon counters and latency histograms, and the ``stats`` snapshot built from them.
+"""In-daemon counters and latency samples, and the ``stats`` snapshot built from them.
 
-Recording is a few integer operations on the event loop's thread (no locks); percentiles
-are computed only when ``stats`` asks.
+Recording happens on the event loop's thread for every request, so it is kept to a store
+into a preallocated ring of the most recent ``WINDOW`` latencies per op plus a counter;
+percentiles are computed only when ``stats`` asks, over that window.
 """
 from __future__ import annotations
 
 from .protocol import ErrorCode, OpStats
 
-_SUB_BITS = 4  # 16 sub-buckets per power of two: a bucket is at most 1/16 wide
-_SUB = 1 << _SUB_BITS
-_LINEAR = 2 * _SUB  # values below this get a bucket each
-_BUCKETS = 64 * _SUB
+#: Latency samples kept per op (a power of two: the ring index is ``count & MASK``).
+WINDOW = 4096
+MASK = WINDOW - 1
 
 
-def bucket_of(ns: int) -> int:
-    """Bucket index of a duration in nanoseconds (log-linear, monotone in ``ns``)."""
-    bits = ns.bit_length()
-    if bits <= _SUB_BITS + 1:
-        return ns
-    shift = bits - _SUB_BITS - 1
-    return (shift << _SUB_BITS) + (ns >> shift)
-
-
-def bucket_bounds(index: int) -> tuple[int, int]:
-    """``[low, high)`` nanoseconds covered by bucket ``index``."""
-    if index < _LINEAR:
-        return index, index + 1
-    shift = (index >> _SUB_BITS) - 1
-    mantissa = _SUB + (index & (_SUB - 1))
-    return mantissa << shift, (mantissa + 1) << shift
-
-
-class Histogram:
-    """Latency histogram with at most 1/16 relative bucket width."""
-
-    __slots__ = ("counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * _BUCKETS
-        self.total = 0
-
-    def record(self, ns: int) -> None:
-        self.counts[min(bucket_of(ns), _BUCKETS - 1)] += 1
-        self.total += 1
-
-    def quantile(self, q: float) -> float:
-        """Midpoint (ns) of the bucket holding the ``q`` quantile; 0.0 when empty."""
-        if not self.total:
-            return 0.0
-        rank = max(1, round(q * self.total))
-        seen = 0
-        for index, count in enumerate(self.counts):
-            seen += count
-            if seen >= rank:
-                low, high = bucket_bounds(index)
-                return (low + high) / 2
-        raise AssertionError("unreachable: counts sum to total")
+def percentile(samples: list[int], q: float) -> int:
+    """Nearest-rank ``q`` quantile of a non-empty list."""
+    ordered = sorted(samples)
+    rank = max(1, -(-len(ordered) * q // 1))
+    return ordered[int(rank) - 1]
 
 
 class OpMetrics:
-    __slots__ = ("requests", "errors", "latency")
+    """Counters of one op. The server updates ``requests`` and ``latency_ns`` inline."""
+
+    __slots__ = ("requests", "errors", "latency_ns")
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors: dict[ErrorCode, int] = {}
-        self.latency = Histogram()
+        self.latency_ns = [0] * WINDOW
 
-    def observe(self, ns: int, error: ErrorCode | None) -> None:
-        self.requests += 1
-        self.latency.record(ns)
+    def observe(self, ns: int, error: ErrorCode | None = None) -> None:
+        count = self.requests
+        self.latency_ns[count & MASK] = ns
+        self.requests = count + 1
         if error is not None:
             self.errors[error] = self.errors.get(error, 0) + 1
 
     def snapshot(self) -> OpStats:
+        recent = self.latency_ns[:min(self.requests, WINDOW)]
+        p50 = percentile(recent, 0.50) if recent else 0
+        p99 = percentile(recent, 0.99) if recent else 0
         return OpStats(
             requests=self.requests,
             errors={code.name: n for code, n in sorted(self.errors.items())},
-            p50_us=round(self.latency.quantile(0.50) / 1000, 3),
-            p99_us=round(self.latency.quantile(0.99) / 1000, 3),
+            p50_us=round(p50 / 1000, 3),
+            p99_us=round(p99 / 1000, 3),
         )
 
 

@@ -22,8 +22,8 @@ import msgspec
 
 from .framing import FrameReader, OversizeFrame, append_frame
 from .handlers import Handlers
-from .metrics import Metrics
-from .protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode, Reply
+from .metrics import MASK, Metrics
+from .protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
 
 if TYPE_CHECKING:
     from .config import Config
@@ -113,10 +113,8 @@ class Connection(asyncio.Protocol):
             return
         if frames:
             out = bytearray()
-            process = self.server.process
             try:
-                for body in frames:
-                    process(body, out)
+                self.server.process(frames, out)
             except Exception:  # a bug of ours: this connection's stream is lost, not others'
                 log.exception("closing a connection after an internal error")
                 self.transport.write(out)  # type: ignore[union-attr]
@@ -190,33 +188,45 @@ class Server:
             lambda: Connection(self), sock=sock, backlog=1024)
         self._sweeper = loop.create_task(self._sweep())
 
-    def process(self, body: memoryview, out: bytearray) -> None:
-        """Decode one frame, run its op, append the reply frame to ``out``."""
-        start = time.perf_counter_ns()
-        try:
-            request = REQUEST_DECODER.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-            reply, op = _classify(body, exc)
-            metrics = self.metrics.op(op)
-        else:
-            handler, metrics = self._dispatch[type(request)]
-            try:
-                reply = handler(request)
-            except Exception:
-                log.exception("op %s (id %d) failed", type(request).__name__, request.id)
-                reply = Error(id=request.id, code=ErrorCode.INTERNAL,
-                              message="internal error; the daemon log has the details")
-        self._append(reply, out)
-        metrics.observe(time.perf_counter_ns() - start,
-                        reply.code if type(reply) is Error else None)
+    def process(self, frames: list[memoryview], out: bytearray) -> None:
+        """Decode each frame, run its op, append the reply frames to ``out`` in order.
 
-    def _append(self, reply: Reply, out: bytearray) -> None:
-        try:
-            append_frame(self.encoder, reply, out)
-        except Exception:
-            log.exception("encoding a %s reply failed", type(reply).__name__)
-            append_frame(self.encoder, Error(id=reply.id, code=ErrorCode.INTERNAL,
-                                             message="reply could not be encoded"), out)
+        The hot path of the daemon: one clock read per frame (a frame's latency runs from
+        the end of the previous one), the ring store of ``OpMetrics.observe`` inlined.
+        """
+        clock = time.perf_counter_ns
+        decode = REQUEST_DECODER.decode
+        dispatch = self._dispatch
+        encoder = self.encoder
+        start = clock()
+        for body in frames:
+            try:
+                request = decode(body)
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+                reply, op = _classify(body, exc)
+                metrics = self.metrics.op(op)
+            else:
+                handler, metrics = dispatch[type(request)]
+                try:
+                    reply = handler(request)
+                except Exception:
+                    log.exception("op %s (id %d) failed", type(request).__name__, request.id)
+                    reply = Error(id=request.id, code=ErrorCode.INTERNAL,
+                                  message="internal error; the daemon log has the details")
+            try:
+                append_frame(encoder, reply, out)
+            except Exception:
+                log.exception("encoding a %s reply failed", type(reply).__name__)
+                reply = Error(id=reply.id, code=ErrorCode.INTERNAL,
+                              message="reply could not be encoded")
+                append_frame(encoder, reply, out)
+            end = clock()
+            count = metrics.requests
+            metrics.latency_ns[count & MASK] = end - start
+            metrics.requests = count + 1
+            if type(reply) is Error:
+                metrics.errors[reply.code] = metrics.errors.get(reply.code, 0) + 1
+            start = end
 
     async def _sweep(self) -> None:
         """Close connections whose partial frame stalled past ``frame_timeout``."""
