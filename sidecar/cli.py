@@ -86,7 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = config_mod.load(args.config)
     setup_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
-    path = config_mod.server_socket_path(cfg, args.socket)
+    inherited = None if args.socket else config_mod.inherited_listen_fd()
+    path = None if inherited is not None else config_mod.server_socket_path(cfg, args.socket)
     return daemon.run(cfg, path, args.config)
 
 

@@ -231,6 +231,19 @@ def client_socket_path(explicit: str | os.PathLike[str] | None = None,
     return candidates[-1]
 
 
+def inherited_listen_fd(env: Mapping[str, str] | None = None) -> int | None:
+    """The listening socket systemd passed by socket activation (fd 3), if it passed
+    exactly one to this process (``LISTEN_PID`` is ours, ``LISTEN_FDS=1``)."""
+    env = os.environ if env is None else env
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if env.get("LISTEN_FDS") != "1":
+        raise ConfigError(f"socket activation passed {env.get('LISTEN_FDS')!r} sockets",
+                          source="environment", key="LISTEN_FDS",
+                          hint="the .socket unit must have exactly one ListenStream=")
+    return 3
+
+
 def notify_socket(env: Mapping[str, str] | None = None) -> str | None:
     """systemd's notification socket (``NOTIFY_SOCKET``), if started with Type=notify."""
     env = os.environ if env is None else env

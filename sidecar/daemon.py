@@ -1,7 +1,8 @@
 """Composition root: config -> components -> server; socket ownership, signals, sd_notify.
 
 ``run`` owns the process-level concerns: it claims the socket path (lock file, stale
-socket probe), binds with the configured mode, reloads on SIGHUP (validate first, keep the
+socket probe) and binds it with the configured mode, or adopts the socket systemd passed
+by socket activation, reloads on SIGHUP (validate first, keep the
 old config on error), and on SIGTERM/SIGINT stops accepting, answers what has arrived,
 removes the socket and returns 0.
 """
@@ -111,11 +112,25 @@ def _notify(message: str) -> None:
             log.warning("sd_notify %r failed: %s", message, exc)
 
 
+def _adopt(fd: int) -> socket.socket:
+    """Take over a listening Unix socket passed by systemd socket activation."""
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise DaemonStartError(f"inherited fd {fd} is not a Unix stream socket; "
+                               "use ListenStream=/run/llm.sock in the .socket unit")
+    sock.setblocking(False)
+    return sock
+
+
 class Daemon:
-    def __init__(self, config: Config, path: Path, config_path: str | None) -> None:
+    def __init__(self, config: Config, path: Path, config_path: str | None,
+                 inherited: socket.socket | None = None) -> None:
         self.config = config
         self.path = path
         self.config_path = config_path
+        #: A socket systemd owns: never claimed, bound or unlinked by us.
+        self.inherited = inherited
         self.metrics = Metrics(OPS)
         self.handlers = Handlers(config, self.metrics, str(path))
         self.server = Server(config, self.handlers, self.metrics)
@@ -144,9 +159,9 @@ class Daemon:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        lock_fd = _claim(self.path)
+        lock_fd = None if self.inherited else _claim(self.path)
         try:
-            sock = _bind(self.path, self.config.socket_mode)
+            sock = self.inherited or _bind(self.path, self.config.socket_mode)
             await self.server.start(sock)
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -166,9 +181,12 @@ class Daemon:
             log.info("stopped")
         finally:
             self._unlink()
-            os.close(lock_fd)
+            if lock_fd is not None:
+                os.close(lock_fd)
 
     def _unlink(self) -> None:
+        if self.inherited:
+            return
         try:
             if stat.S_ISSOCK(self.path.lstat().st_mode):
                 self.path.unlink()
@@ -176,9 +194,18 @@ class Daemon:
             pass
 
 
-def run(config: Config, path: Path, config_path: str | None) -> int:
-    """Serve until SIGTERM/SIGINT; returns the process exit code."""
-    _prepare_directory(path)
-    daemon = Daemon(config, path, config_path)
+def run(config: Config, path: Path | None, config_path: str | None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code.
+
+    ``path`` None means: use the socket systemd passed (socket activation)."""
+    inherited = None
+    if path is None:
+        fd = config_mod.inherited_listen_fd()
+        assert fd is not None
+        inherited = _adopt(fd)
+        path = Path(inherited.getsockname())
+    else:
+        _prepare_directory(path)
+    daemon = Daemon(config, path, config_path, inherited)
     uvloop.run(daemon.serve())
     return 0

@@ -78,12 +78,6 @@ class Overloaded(RequestError):
     code = ErrorCode.OVERLOADED
 
 
-class ShuttingDown(RequestError):
-    """The daemon is stopping and no longer takes new work."""
-
-    code = ErrorCode.SHUTTING_DOWN
-
-
 class InternalError(RequestError):
     """A bug or backend failure inside the daemon; the daemon logged the details."""
 
@@ -97,7 +91,6 @@ _BY_CODE: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.WRONG_TYPE: BadRequest,
     ErrorCode.TOO_LARGE: FrameTooLarge,
     ErrorCode.OVERLOADED: Overloaded,
-    ErrorCode.SHUTTING_DOWN: ShuttingDown,
     ErrorCode.INTERNAL: InternalError,
 }
 

@@ -28,8 +28,7 @@ class ErrorCode(enum.IntEnum):
     WRONG_TYPE = 4  # a field has the wrong type or an out-of-range value
     TOO_LARGE = 5  # the frame exceeds the max frame size; the connection is closed
     OVERLOADED = 6  # a configured bound (connections) is reached
-    SHUTTING_DOWN = 7  # the daemon is stopping
-    INTERNAL = 8  # a bug or backend failure inside the daemon
+    INTERNAL = 7  # a bug or backend failure inside the daemon
 
 
 # --- requests -------------------------------------------------------------------------

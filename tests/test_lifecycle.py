@@ -1,12 +1,14 @@
 """Start, reload and stop: socket ownership, SIGHUP, SIGTERM, systemd-style notify, CLI."""
 import json
 import os
+import re
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -205,3 +207,53 @@ def test_json_logs(start_daemon):
     lines = [json.loads(line) for line in d.log().splitlines() if line.strip()]
     assert any("serving on" in e["msg"] for e in lines)
     assert all({"ts", "level", "logger", "msg"} <= e.keys() for e in lines)
+
+
+def test_systemd_socket_activation(tmp_path):
+    # As systemd does: the listening socket arrives as fd 3 with LISTEN_PID/LISTEN_FDS;
+    # the daemon serves on it and leaves the socket file to its owner on exit.
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    launcher = (
+        "import os, sys\n"
+        "os.dup2(int(sys.argv[1]), 3)\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'sidecar', 'serve'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
+    log = tmp_path / "activated.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", launcher, str(listener.fileno())],
+                                pass_fds=(listener.fileno(),), env=env, cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT)
+    listener.close()
+    try:
+        with Client(path) as c:
+            stats = c.stats()
+        assert stats.pid == proc.pid and stats.socket == str(path)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    assert path.exists()  # systemd's socket, not ours to remove
+
+
+def test_readme_python_example_runs(daemon):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
+    env["LLM_SIDECAR_SOCKET"] = str(daemon.path)
+    r = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                       env=env, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert "round trip" in r.stdout
+
+
+def test_readme_quick_start_has_two_commands():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("##", 1)[0]
+    (block,) = re.findall(r"```sh\n(.*?)```", section, flags=re.S)[:1]
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert commands == ["pip install . && llm-sidecar serve",
+                        "pip install -e '.[test]' && pytest"]
