@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import deque
 
 import msgspec
 
@@ -95,4 +96,41 @@ class RawClient:
             latencies[b] = clock() - t0
             request_id = end
         self.next_id = request_id
+        return latencies
+
+    def streamed(self, batches: int, size: int, depth: int) -> list[int]:
+        """``batches`` batches of ``size`` pings with ``depth`` batches in flight: the next
+        batch goes out as soon as a whole batch of replies is in, so the client's work
+        overlaps the server's. Returns each batch's time from send to its last reply."""
+        sock, encoder, decode = self.sock, self.encoder, REPLY_DECODER.decode
+        recv, clock = self._recv, time.perf_counter_ns
+        latencies = []
+        sent_at: deque[int] = deque()
+        next_send = self.next_id
+        end = next_send + batches * size
+        out = bytearray()
+
+        def send_batch() -> None:
+            nonlocal next_send
+            out.clear()
+            for offset in range(size):
+                append_frame(encoder, Ping(id=next_send + offset), out)
+            sent_at.append(clock())
+            sock.sendall(out)
+            next_send += size
+
+        for _ in range(min(depth, batches)):
+            send_batch()
+        expected = self.next_id
+        while expected < end:
+            for body in recv():
+                reply = decode(body)
+                if type(reply) is not Pong or reply.id != expected:
+                    raise RuntimeError(f"unexpected reply {reply!r}, wanted pong {expected}")
+                expected += 1
+                if (expected - self.next_id) % size == 0:
+                    latencies.append(clock() - sent_at.popleft())
+                    if next_send < end:
+                        send_batch()
+        self.next_id = end
         return latencies
