@@ -120,10 +120,11 @@ class Connection(asyncio.Protocol):
                 self.transport.write(out)  # type: ignore[union-attr]
                 self.abort(ErrorCode.INTERNAL, "internal error; the daemon log has details")
                 return
-            frames.clear()
             self.transport.write(out)  # type: ignore[union-attr]
         if self.reader.pending:
-            if self.partial_since is None:
+            # The stall clock runs for the frame now incomplete, from when the previous
+            # one completed: a busy pipeline whose reads end mid-frame is never "stalled".
+            if frames or self.partial_since is None:
                 self.partial_since = time.monotonic()
         else:
             self.partial_since = None

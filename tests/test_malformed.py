@@ -203,3 +203,21 @@ def test_rss_stays_flat_under_10000_bad_frames(daemon):
     print(f"RSS grew by {grown / 1e6:.2f} MB over 10,000 bad frames")
     assert grown < 10 * 1024 * 1024
     still_serving(daemon)
+
+
+def test_busy_pipeline_ending_reads_mid_frame_is_not_a_stall(start_daemon):
+    # Every write ends in the middle of a frame, for longer than frame_timeout in total.
+    d = start_daemon("[server]\nframe_timeout = 0.3\n")
+    frames = b"".join(frame(msgspec.msgpack.encode({"op": "ping", "id": i})) for i in range(2))
+    with Raw(d.path) as r:
+        r.send_bytes(frames[:5])
+        sent = 1
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            # finish the pending frame, send one whole, and start the next: a partial
+            # frame is always pending, but each one completes within the timeout
+            r.send_bytes(frames[5:len(frames) // 2] + frames[:5])
+            assert r.recv() == Pong(id=0)
+            sent += 1
+            time.sleep(0.1)
+        assert sent > 5

@@ -183,3 +183,33 @@ def test_reconnects_after_daemon_restart(start_daemon, run_async):
             assert (await ac.stats()).pid == d3.pid
 
     run_async(across_restart())
+
+
+def test_daemon_decodes_any_split_of_a_pipelined_stream(daemon):
+    import random
+    import time as _time
+
+    import msgspec
+
+    from rawsock import Raw
+
+    seed = 20261123
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    local = Normalizer()
+    for _ in range(20):
+        texts = [rng.choice(TEXTS[:4]) + str(rng.randint(0, 99)) for _ in range(rng.randint(1, 40))]
+        stream = b"".join(
+            len(b).to_bytes(4, "big") + b
+            for b in (msgspec.msgpack.encode({"op": "fingerprint", "id": i, "text": t})
+                      for i, t in enumerate(texts)))
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 12))))
+        with Raw(daemon.path) as r:
+            start = 0
+            for cut in [*cuts, len(stream)]:
+                r.send_bytes(stream[start:cut])
+                start = cut
+                _time.sleep(0.0005)  # let the daemon see each piece on its own
+            for i, text in enumerate(texts):
+                reply = r.recv()
+                assert reply.id == i and reply.normalized == local.normalize(text)
