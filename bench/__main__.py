@@ -1,4 +1,4 @@
-"""Command line of the benchmark package: ``python -m bench roundtrip [--quick] [--json]``.
+"""Command line of the benchmark package: ``python -m bench roundtrip|tokens [--quick] [--json]``.
 
 Dispatches on a subcommand name with argparse; each subcommand lives in its own module and
 exposes ``run(args) -> int``. Only wiring here. The ``__main__`` guard matters: the
@@ -19,6 +19,10 @@ def _parser() -> argparse.ArgumentParser:
                         "same-cpu and cross-cpu placements")
     sp.add_argument("--quick", action="store_true", help="short run (fewer requests)")
     sp.add_argument("--json", action="store_true", help="print all rows as JSON")
+    sp = sub.add_parser("tokens", help="token counting: MB/s, tokens/s and per-call latency "
+                        "against tiktoken and bpe-openai")
+    sp.add_argument("--quick", action="store_true", help="short run")
+    sp.add_argument("--json", action="store_true", help="print all rows as JSON")
     return p
 
 
@@ -29,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import roundtrip
 
             return roundtrip.run(args)
+        if args.command == "tokens":
+            from . import tokens
+
+            return tokens.run(args)
     except KeyboardInterrupt:
         print("interrupted (servers stopped, temporary files removed)", file=sys.stderr)
         return 130

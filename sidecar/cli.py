@@ -1,4 +1,5 @@
-"""Command line: ``llm-sidecar serve | ping | stats | fingerprint | config check | version``.
+"""Command line: ``llm-sidecar serve | ping | stats | fingerprint | count | config check |
+version``.
 
 Wiring only. Exit codes: 0 ok, 1 daemon unreachable, 2 usage or config error.
 """
@@ -14,7 +15,10 @@ import msgspec
 
 from . import __version__
 from . import config as config_mod
-from .errors import ConfigError, DaemonStartError, SidecarError, SidecarTimeout, SidecarUnavailable
+from .errors import (
+    ConfigError, DaemonStartError, InvalidValue, SidecarError, SidecarTimeout,
+    SidecarUnavailable,
+)
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
 
@@ -72,6 +76,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("text", metavar="TEXT")
     sp.add_argument("--json", action="store_true")
 
+    sp = sub.add_parser("count", help="count tokens of FILE (or stdin), in this process")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--model", default="", help="model name (mapped to its encoding, "
+                       "or estimated when it has no public tokenizer)")
+    group.add_argument("--encoding", default="", help="o200k_base or cl100k_base")
+    sp.add_argument("--special", action="store_true",
+                    help="count special-token text (<|endoftext|>) as special tokens")
+    sp.add_argument("--config", help="TOML config file (model map, estimate ratios)")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("file", metavar="FILE", nargs="?", default="-", help="default: stdin")
+
     sp = sub.add_parser("config", help="configuration tools")
     csub = sp.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     cp = csub.add_parser("check", help="validate FILE (with the environment) and print it")
@@ -89,6 +104,30 @@ def _serve(args: argparse.Namespace) -> int:
     inherited = None if args.socket else config_mod.inherited_listen_fd()
     path = None if inherited is not None else config_mod.server_socket_path(cfg, args.socket)
     return daemon.run(cfg, path, args.config)
+
+
+def _count(args: argparse.Namespace) -> int:
+    from .tokens import Tokenizer
+
+    cfg = config_mod.load(args.config)
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+        except OSError as exc:
+            print(f"llm-sidecar: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+    tokenizer = Tokenizer(cfg.tokens.models, cfg.tokens.estimate_ratios)
+    result = tokenizer.count(text, model=args.model,
+                             encoding=args.encoding or ("" if args.model else "o200k_base"),
+                             special=args.special)
+    if args.json:
+        print(json.dumps(result._asdict()))
+    else:
+        print(result.input_tokens)
+    return EXIT_OK
 
 
 def _print_stats(stats: object) -> None:
@@ -148,8 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "serve":
             return _serve(args)
+        if args.command == "count":
+            return _count(args)
         return _client_command(args)
-    except (ConfigError, DaemonStartError) as exc:
+    except (ConfigError, DaemonStartError, InvalidValue) as exc:
         print(f"llm-sidecar: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (SidecarUnavailable, SidecarTimeout) as exc:

@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import msgspec
 
@@ -27,8 +27,8 @@ from .errors import (
 )
 from .framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
 from .protocol import (
-    PROTOCOL_VERSION, REPLY_DECODER, Error, Fingerprint, FingerprintReply, Hello, HelloReply,
-    Ping, Pong, Reply, Request, Stats, StatsReply,
+    PROTOCOL_VERSION, REPLY_DECODER, Count, CountReply, Error, Fingerprint, FingerprintReply,
+    Hello, HelloReply, Message, Ping, Pong, Reply, Request, Stats, StatsReply,
 )
 
 R = TypeVar("R", bound=Reply)
@@ -64,6 +64,12 @@ def _encode_requests(encoder: msgspec.msgpack.Encoder, requests: Sequence[Reques
                                 f"size of {max_frame} bytes")
         ids.append(request_id)
     return out, ids
+
+
+def _count_request(text, messages, tools, model, encoding, max_tokens, special) -> Count:
+    # Plain dicts encode to the same msgpack maps as Message structs: passed as they are.
+    return Count(text=text, messages=messages, tools=tools, model=model, encoding=encoding,
+                 max_tokens=max_tokens, special=special)
 
 
 def _unwrap(replies: list[Reply | BaseException], return_exceptions: bool) -> list:
@@ -288,6 +294,16 @@ class Client:
     def stats(self, *, timeout: float | None = None) -> StatsReply:
         return self.call(Stats(), timeout=timeout)  # type: ignore[return-value]
 
+    def count_tokens(self, text: str | None = None, *,
+                     messages: Sequence[Message | Mapping[str, Any]] | None = None,
+                     tools: Sequence[Mapping[str, Any]] | None = None, model: str = "",
+                     encoding: str = "", max_tokens: int | None = None, special: bool = False,
+                     timeout: float | None = None) -> CountReply:
+        """Tokens of ``text`` or of a chat (``messages``, ``tools``) for ``model`` or
+        ``encoding``; see ``protocol.Count``."""
+        return self.call(_count_request(text, messages, tools, model, encoding, max_tokens,
+                                        special), timeout=timeout)  # type: ignore[return-value]
+
 
 # --- asyncio client -------------------------------------------------------------------
 
@@ -475,3 +491,11 @@ class AsyncClient:
 
     async def stats(self, *, timeout: float | None = None) -> StatsReply:
         return await self.call(Stats(), timeout=timeout)  # type: ignore
+
+    async def count_tokens(self, text: str | None = None, *,
+                           messages: Sequence[Message | Mapping[str, Any]] | None = None,
+                           tools: Sequence[Mapping[str, Any]] | None = None, model: str = "",
+                           encoding: str = "", max_tokens: int | None = None,
+                           special: bool = False, timeout: float | None = None) -> CountReply:
+        return await self.call(_count_request(text, messages, tools, model, encoding,  # type: ignore
+                                              max_tokens, special), timeout=timeout)

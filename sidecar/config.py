@@ -21,6 +21,7 @@ from .framing import DEFAULT_MAX_FRAME
 from .normalize import DEFAULT_FILLER_WORDS, canonical_filler_words
 
 ENV_PREFIX = "LLM_SIDECAR_"
+KNOWN_ENCODINGS = ("o200k_base", "cl100k_base")
 ENV_SOCKET = "LLM_SIDECAR_SOCKET"
 ENV_CONFIG = "LLM_SIDECAR_CONFIG"
 SYSTEM_SOCKET = Path("/run/llm.sock")
@@ -44,6 +45,33 @@ class NormalizeConfig(_Section):
     filler_words: tuple[str, ...] = DEFAULT_FILLER_WORDS
 
 
+#: Model-name prefixes -> encoding; the longest matching prefix wins.
+DEFAULT_MODEL_ENCODINGS: dict[str, str] = {
+    "gpt-5": "o200k_base", "gpt-4.1": "o200k_base", "gpt-4.5": "o200k_base",
+    "gpt-4o": "o200k_base", "chatgpt-4o": "o200k_base", "gpt-oss": "o200k_base",
+    "o1": "o200k_base", "o3": "o200k_base", "o4": "o200k_base",
+    "gpt-4": "cl100k_base", "gpt-3.5": "cl100k_base", "gpt-35": "cl100k_base",
+    "text-embedding-3": "cl100k_base", "text-embedding-ada-002": "cl100k_base",
+}
+
+#: Model-name prefixes without a public tokenizer -> tokens per o200k_base token. These
+#: are starting points from public comparisons, not calibrated here: set your own.
+DEFAULT_ESTIMATE_RATIOS: dict[str, float] = {
+    "claude": 1.20, "gemini": 1.05, "mistral": 1.15, "llama": 1.10, "command": 1.10,
+    "default": 1.20,
+}
+
+PositiveRatio = Annotated[float, msgspec.Meta(gt=0, le=10)]
+
+
+class TokensConfig(_Section):
+    models: dict[str, str] = msgspec.field(default_factory=lambda: dict(DEFAULT_MODEL_ENCODINGS))
+    estimate_ratios: dict[str, PositiveRatio] = msgspec.field(
+        default_factory=lambda: dict(DEFAULT_ESTIMATE_RATIOS))
+    #: texts at least this long are counted on a worker thread, off the event loop
+    offload_chars: Annotated[int, msgspec.Meta(ge=0)] = 65536
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -52,6 +80,7 @@ class LogConfig(_Section):
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     normalize: NormalizeConfig = NormalizeConfig()
+    tokens: TokensConfig = TokensConfig()
     log: LogConfig = LogConfig()
     #: Where the settings came from (file path or "defaults"); not a setting itself.
     source: str = "defaults"
@@ -70,6 +99,9 @@ HINTS: dict[str, str] = {
     "server.max_connections": "connections served at once, from 1 to 1000000",
     "server.drain_timeout": "seconds to answer in-flight requests on SIGTERM",
     "normalize.filler_words": 'a list of single words, e.g. ["please", "just"]',
+    "tokens.models": 'a table of model-name prefix = encoding, e.g. "gpt-4o" = "o200k_base"',
+    "tokens.estimate_ratios": 'a table of model-name prefix = tokens per o200k token, e.g. claude = 1.2',
+    "tokens.offload_chars": "texts at least this long are counted off the event loop",
     "log.level": "one of debug, info, warning, error",
     "log.format": "text for people, json for log collectors",
 }
@@ -78,7 +110,8 @@ HINTS: dict[str, str] = {
 RESTART_ONLY = ("server.socket", "server.socket_mode")
 
 _SECTIONS: dict[str, type[_Section]] = {
-    "server": ServerConfig, "normalize": NormalizeConfig, "log": LogConfig,
+    "server": ServerConfig, "normalize": NormalizeConfig, "tokens": TokensConfig,
+    "log": LogConfig,
 }
 _MODE_RE = re.compile(r"0?[0-7]{3}")
 _PATH_RE = re.compile(r"`\$((?:\.[A-Za-z_]\w*)+)")
@@ -108,6 +141,7 @@ def load(path: str | os.PathLike[str] | None = None,
                 for key in values:
                     origin[f"{section}.{key}"] = source
     _apply_env(raw, origin, env)
+    _merge_tables(raw)
     raw["source"] = source
     try:
         config = msgspec.convert(raw, Config, strict=False)
@@ -141,6 +175,17 @@ def _apply_env(raw: dict[str, Any], origin: dict[str, str], env: Mapping[str, st
         origin["server.socket"] = ENV_SOCKET
 
 
+def _merge_tables(raw: dict[str, Any]) -> None:
+    """Tables of defaults (model maps) are extended by the file, not replaced."""
+    tokens = raw.get("tokens")
+    if not isinstance(tokens, dict):
+        return
+    for key, defaults in (("models", DEFAULT_MODEL_ENCODINGS),
+                          ("estimate_ratios", DEFAULT_ESTIMATE_RATIOS)):
+        if isinstance(tokens.get(key), dict):
+            tokens[key] = {**defaults, **tokens[key]}
+
+
 def _explain(exc: msgspec.ValidationError, origin: dict[str, str], source: str) -> ConfigError:
     message = str(exc)
     match = _PATH_RE.search(message)
@@ -166,6 +211,16 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
     if server.socket and not os.path.isabs(server.socket):
         key = "server.socket"
         raise ConfigError(f"socket path {server.socket!r} is not absolute",
+                          source=origin.get(key, ""), key=key, hint=HINTS[key])
+    for prefix, encoding in config.tokens.models.items():
+        if encoding not in KNOWN_ENCODINGS:
+            key = "tokens.models"
+            raise ConfigError(f"model prefix {prefix!r} maps to unknown encoding {encoding!r}",
+                              source=origin.get(key, ""), key=key,
+                              hint=f"known encodings: {', '.join(KNOWN_ENCODINGS)}")
+    if "default" not in config.tokens.estimate_ratios:
+        key = "tokens.estimate_ratios"
+        raise ConfigError("needs a \"default\" ratio for models matching no prefix",
                           source=origin.get(key, ""), key=key, hint=HINTS[key])
     try:
         words = canonical_filler_words(config.normalize.filler_words)
@@ -242,6 +297,16 @@ def inherited_listen_fd(env: Mapping[str, str] | None = None) -> int | None:
                           source="environment", key="LISTEN_FDS",
                           hint="the .socket unit must have exactly one ListenStream=")
     return 3
+
+
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where derived files (compiled rank tables) are cached: systemd's CACHE_DIRECTORY,
+    else ``$XDG_CACHE_HOME/llm-sidecar``, else ``~/.cache/llm-sidecar``."""
+    env = os.environ if env is None else env
+    if env.get("CACHE_DIRECTORY"):
+        return Path(env["CACHE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llm-sidecar"
 
 
 def notify_socket(env: Mapping[str, str] | None = None) -> str | None:

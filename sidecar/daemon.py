@@ -22,7 +22,7 @@ import uvloop
 
 from . import config as config_mod
 from .config import Config
-from .errors import ConfigError, DaemonStartError
+from .errors import ConfigError, DaemonStartError, TokenizerUnavailable
 from .handlers import Handlers
 from .metrics import Metrics
 from .protocol import OPS
@@ -206,6 +206,9 @@ def run(config: Config, path: Path | None, config_path: str | None) -> int:
         path = Path(inherited.getsockname())
     else:
         _prepare_directory(path)
-    daemon = Daemon(config, path, config_path, inherited)
+    try:
+        daemon = Daemon(config, path, config_path, inherited)
+    except TokenizerUnavailable as exc:
+        raise DaemonStartError(exc.detail) from None
     uvloop.run(daemon.serve())
     return 0

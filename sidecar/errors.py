@@ -58,12 +58,25 @@ class RequestError(SidecarError):
                  request_id: int | None = None) -> None:
         if code is not None:
             self.code = code
+        self.detail = message
         self.request_id = request_id
         super().__init__(f"[{self.code.name}] {message}")
 
 
 class BadRequest(RequestError):
     """The request was malformed, of an unknown op, or had a missing or mistyped field."""
+
+
+class InvalidValue(BadRequest, ValueError):
+    """A well-typed request asked for something that does not exist or cannot be done."""
+
+    code = ErrorCode.INVALID_VALUE
+
+
+class UnknownEncoding(InvalidValue):
+    """No such tokenizer encoding; the message lists the known ones."""
+
+    code = ErrorCode.UNKNOWN_ENCODING
 
 
 class FrameTooLarge(RequestError):
@@ -84,6 +97,10 @@ class InternalError(RequestError):
     code = ErrorCode.INTERNAL
 
 
+class TokenizerUnavailable(InternalError):
+    """An encoding's merge ranks are not installed or failed verification."""
+
+
 _BY_CODE: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.MALFORMED: BadRequest,
     ErrorCode.UNKNOWN_OP: BadRequest,
@@ -92,6 +109,8 @@ _BY_CODE: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.TOO_LARGE: FrameTooLarge,
     ErrorCode.OVERLOADED: Overloaded,
     ErrorCode.INTERNAL: InternalError,
+    ErrorCode.INVALID_VALUE: InvalidValue,
+    ErrorCode.UNKNOWN_ENCODING: UnknownEncoding,
 }
 
 

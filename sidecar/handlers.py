@@ -6,6 +6,7 @@ of a new config that can change while running.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import os
 import platform
@@ -18,11 +19,23 @@ from .config import Config
 from .metrics import Metrics
 from .normalize import Normalizer
 from .protocol import (
-    OPS, PROTOCOL_VERSION, BuildInfo, Fingerprint, FingerprintReply, Hello, HelloReply,
-    Ping, Pong, Reply, Request, Stats, StatsReply,
+    OPS, PROTOCOL_VERSION, BuildInfo, Count, CountReply, Fingerprint, FingerprintReply, Hello,
+    HelloReply, Ping, Pong, Reply, Request, Stats, StatsReply,
 )
+from .tokens import ESTIMATE_ENCODING, Tokenizer, get_encoding
 
-Handler = Callable[[Request], Reply]
+
+class Deferred:
+    """A reply still being computed off the event loop (a worker thread)."""
+
+    __slots__ = ("future", "request_id")
+
+    def __init__(self, future: asyncio.Future[Reply], request_id: int) -> None:
+        self.future = future
+        self.request_id = request_id
+
+
+Handler = Callable[[Request], "Reply | Deferred"]
 
 
 def build_info() -> BuildInfo:
@@ -51,18 +64,29 @@ class Handlers:
         self.build = build_info()
         self.config = config
         self.normalizer = Normalizer(config.normalize.filler_words)
+        self.tokenizer = self._tokenizer(config)
         self.table: dict[type[Request], Handler] = {
             Hello: self.hello,
             Ping: self.ping,
             Fingerprint: self.fingerprint,
             Stats: self.stats,
+            Count: self.count,
         }
         assert tuple(t.__struct_config__.tag for t in self.table) == OPS
 
+    @staticmethod
+    def _tokenizer(config: Config) -> Tokenizer:
+        # Map every encoding the config can reach now, so no request pays for loading.
+        for name in {*config.tokens.models.values(), ESTIMATE_ENCODING}:
+            get_encoding(name)
+        return Tokenizer(config.tokens.models, config.tokens.estimate_ratios)
+
     def reload(self, config: Config) -> None:
         normalizer = Normalizer(config.normalize.filler_words)
+        tokenizer = self._tokenizer(config)
         self.config = config
         self.normalizer = normalizer
+        self.tokenizer = tokenizer
         self.epoch += 1
 
     def hello(self, req: Hello) -> HelloReply:
@@ -77,6 +101,24 @@ class Handlers:
     def fingerprint(self, req: Fingerprint) -> FingerprintReply:
         normalized, key, spec = self.normalizer.fingerprint(req.text)
         return FingerprintReply(id=req.id, normalized=normalized, key=key, spec=spec)
+
+    def count(self, req: Count) -> CountReply | Deferred:
+        size = len(req.text) if req.text is not None else sum(
+            len(m.content) if isinstance(m.content, str) else 64 for m in req.messages or ())
+        if size >= self.config.tokens.offload_chars:
+            # Counting releases the GIL: a worker thread keeps the loop serving others.
+            loop = asyncio.get_running_loop()
+            return Deferred(loop.run_in_executor(None, self._count, req, self.tokenizer), req.id)
+        return self._count(req, self.tokenizer)
+
+    @staticmethod
+    def _count(req: Count, tokenizer: Tokenizer) -> CountReply:
+        n = tokenizer.count(req.text, messages=req.messages, tools=req.tools, model=req.model,
+                            encoding=req.encoding, max_tokens=req.max_tokens,
+                            special=req.special)
+        return CountReply(id=req.id, input_tokens=n.input_tokens, output_tokens=n.output_tokens,
+                          total_tokens=n.total_tokens, exact=n.exact, encoding=n.encoding,
+                          model=n.model, estimate_ratio=n.estimate_ratio)
 
     def stats(self, req: Stats) -> StatsReply:
         requests, errors = self.metrics.totals()

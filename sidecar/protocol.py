@@ -29,6 +29,8 @@ class ErrorCode(enum.IntEnum):
     TOO_LARGE = 5  # the frame exceeds the max frame size; the connection is closed
     OVERLOADED = 6  # a configured bound (connections) is reached
     INTERNAL = 7  # a bug or backend failure inside the daemon
+    INVALID_VALUE = 8  # well-typed but unacceptable (e.g. both text and messages)
+    UNKNOWN_ENCODING = 9  # no such tokenizer encoding; the message lists the known ones
 
 
 # --- requests -------------------------------------------------------------------------
@@ -58,7 +60,33 @@ class Stats(Request, tag="stats"):
     pass
 
 
-REQUEST_TYPES: tuple[type[Request], ...] = (Hello, Ping, Fingerprint, Stats)
+class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One chat message as the OpenAI chat API takes it. ``content`` is text or a list of
+    parts (``{"type": "text", "text": ...}``, image parts, ...)."""
+
+    role: str
+    content: str | list[dict[str, object]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, object]] | None = None
+    tool_call_id: str | None = None
+
+
+class Count(Request, tag="count"):
+    """Count tokens of ``text`` or of a chat (``messages``, optional ``tools``), for
+    ``model`` (mapped to an encoding, or estimated) or an explicit ``encoding``.
+    ``max_tokens`` is added as the output estimate; ``special`` counts special-token text
+    (such as ``<|endoftext|>``) as the one special token instead of as ordinary text."""
+
+    text: str | None = None
+    messages: list[Message] | None = None
+    tools: list[dict[str, object]] | None = None
+    model: str = ""
+    encoding: str = ""
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    special: bool = False
+
+
+REQUEST_TYPES: tuple[type[Request], ...] = (Hello, Ping, Fingerprint, Stats, Count)
 OPS: tuple[str, ...] = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 
 
@@ -115,13 +143,25 @@ class StatsReply(Reply, tag="stats"):
     build: BuildInfo
 
 
+class CountReply(Reply, tag="count"):
+    input_tokens: int
+    output_tokens: int  # max_tokens when given, else 0
+    total_tokens: int
+    exact: bool  # False: an estimate (no public tokenizer, tools, images, ...)
+    encoding: str  # the encoding counted with ("o200k_base", ...)
+    model: str  # the model asked about, "" when an encoding was given
+    estimate_ratio: float  # 1.0 when exact; else tokens per token of ``encoding``
+
+
 class Error(Reply, tag="error", kw_only=True):
     id: RequestId | None = None
     code: ErrorCode
     message: str
 
 
-REPLY_TYPES: tuple[type[Reply], ...] = (HelloReply, Pong, FingerprintReply, StatsReply, Error)
+REPLY_TYPES: tuple[type[Reply], ...] = (
+    HelloReply, Pong, FingerprintReply, StatsReply, CountReply, Error,
+)
 
 REQUEST_DECODER = msgspec.msgpack.Decoder(Union[REQUEST_TYPES])  # type: ignore[valid-type]
 REPLY_DECODER = msgspec.msgpack.Decoder(Union[REPLY_TYPES])  # type: ignore[valid-type]

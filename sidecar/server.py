@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from .framing import FrameReader, OversizeFrame, append_frame
-from .handlers import Handlers
-from .metrics import MASK, Metrics
+from .errors import RequestError
+from .handlers import Deferred, Handlers
+from .metrics import MASK, Metrics, OpMetrics
 from .protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
 
 if TYPE_CHECKING:
@@ -62,8 +63,17 @@ def _classify(body: memoryview, exc: Exception) -> tuple[Error, str]:
     return Error(id=request_id, code=code, message=message), op
 
 
+def _error_reply(request_id: int, what: str, exc: Exception) -> Error:
+    """The one place where an exception from an op becomes an Error reply."""
+    if isinstance(exc, RequestError):
+        return Error(id=request_id, code=exc.code, message=exc.detail)
+    log.error("%s (id %d) failed", what, request_id, exc_info=exc)
+    return Error(id=request_id, code=ErrorCode.INTERNAL,
+                 message="internal error; the daemon log has the details")
+
+
 class Connection(asyncio.Protocol):
-    __slots__ = ("server", "transport", "reader", "partial_since", "closing")
+    __slots__ = ("server", "transport", "reader", "partial_since", "closing", "waiting")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -71,6 +81,8 @@ class Connection(asyncio.Protocol):
         self.reader = FrameReader(server.config.server.max_frame_bytes)
         self.partial_since: float | None = None
         self.closing = False
+        #: True while a reply is computed off the loop: reading pauses, order is kept.
+        self.waiting = False
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -99,7 +111,7 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closing:
+        if self.transport is not None and not self.closing and not self.waiting:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -112,15 +124,7 @@ class Connection(asyncio.Protocol):
             self.abort(ErrorCode.TOO_LARGE, str(exc))
             return
         if frames:
-            out = bytearray()
-            try:
-                self.server.process(frames, out)
-            except Exception:  # a bug of ours: this connection's stream is lost, not others'
-                log.exception("closing a connection after an internal error")
-                self.transport.write(out)  # type: ignore[union-attr]
-                self.abort(ErrorCode.INTERNAL, "internal error; the daemon log has details")
-                return
-            self.transport.write(out)  # type: ignore[union-attr]
+            self._run(frames, 0)
         if self.reader.pending:
             # The stall clock runs for the frame now incomplete, from when the previous
             # one completed: a busy pipeline whose reads end mid-frame is never "stalled".
@@ -128,6 +132,37 @@ class Connection(asyncio.Protocol):
                 self.partial_since = time.monotonic()
         else:
             self.partial_since = None
+
+    def _run(self, frames: list[memoryview], first: int) -> None:
+        out = bytearray()
+        try:
+            pending = self.server.process(frames, out, first)
+        except Exception:  # a bug of ours: this connection's stream is lost, not others'
+            log.exception("closing a connection after an internal error")
+            self.transport.write(out)  # type: ignore[union-attr]
+            self.abort(ErrorCode.INTERNAL, "internal error; the daemon log has details")
+            return
+        self.transport.write(out)  # type: ignore[union-attr]
+        if pending is not None:
+            index, deferred, metrics, start = pending
+            if not self.waiting:
+                self.waiting = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            deferred.future.add_done_callback(
+                lambda _: self._resume(frames, index, deferred, metrics, start))
+        elif self.waiting:
+            self.waiting = False
+            if not self.closing:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def _resume(self, frames: list[memoryview], index: int, deferred: Deferred,
+                metrics: OpMetrics, start: int) -> None:
+        if self.closing or self.transport is None or self.transport.is_closing():
+            return
+        out = bytearray()
+        self.server.finish(deferred, metrics, start, out)
+        self.transport.write(out)
+        self._run(frames, index + 1)
 
     def eof_received(self) -> bool:
         return False  # close our side too once the replies are written
@@ -148,7 +183,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return True
-        if self.reader.pending or transport.get_write_buffer_size():
+        if self.waiting or self.reader.pending or transport.get_write_buffer_size():
             return False
         sock = transport.get_extra_info("socket")
         if sock is None:
@@ -189,8 +224,11 @@ class Server:
             lambda: Connection(self), sock=sock, backlog=1024)
         self._sweeper = loop.create_task(self._sweep())
 
-    def process(self, frames: list[memoryview], out: bytearray) -> None:
-        """Decode each frame, run its op, append the reply frames to ``out`` in order.
+    def process(self, frames: list[memoryview], out: bytearray,
+                first: int = 0) -> tuple[int, Deferred, OpMetrics, int] | None:
+        """Decode each frame from ``first`` on, run its op, append the reply frames to
+        ``out`` in order. Stops at a reply computed off the loop and returns it with its
+        frame index (the caller resumes after it), else returns None.
 
         The hot path of the daemon: one clock read per frame (a frame's latency runs from
         the end of the previous one), the ring store of ``OpMetrics.observe`` inlined.
@@ -200,7 +238,8 @@ class Server:
         dispatch = self._dispatch
         encoder = self.encoder
         start = clock()
-        for body in frames:
+        for index in range(first, len(frames)):
+            body = frames[index]
             try:
                 request = decode(body)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
@@ -210,10 +249,10 @@ class Server:
                 handler, metrics = dispatch[type(request)]
                 try:
                     reply = handler(request)
-                except Exception:
-                    log.exception("op %s (id %d) failed", type(request).__name__, request.id)
-                    reply = Error(id=request.id, code=ErrorCode.INTERNAL,
-                                  message="internal error; the daemon log has the details")
+                except Exception as exc:
+                    reply = _error_reply(request.id, type(request).__name__, exc)
+                if type(reply) is Deferred:
+                    return index, reply, metrics, start
             try:
                 append_frame(encoder, reply, out)
             except Exception:
@@ -228,6 +267,18 @@ class Server:
             if type(reply) is Error:
                 metrics.errors[reply.code] = metrics.errors.get(reply.code, 0) + 1
             start = end
+        return None
+
+    def finish(self, deferred: Deferred, metrics: OpMetrics, start: int,
+               out: bytearray) -> None:
+        """Append the reply of a finished ``Deferred`` and record its latency."""
+        try:
+            reply = deferred.future.result()
+        except Exception as exc:
+            reply = _error_reply(deferred.request_id, "deferred op", exc)
+        append_frame(self.encoder, reply, out)
+        metrics.observe(time.perf_counter_ns() - start,
+                        reply.code if type(reply) is Error else None)
 
     async def _sweep(self) -> None:
         """Close connections whose partial frame stalled past ``frame_timeout``."""

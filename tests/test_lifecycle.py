@@ -188,7 +188,7 @@ def test_cli_against_a_daemon(daemon):
     assert data["normalized"] == "say hi" and len(data["key"]) == 32
     r = cli("stats", "--socket", sock)
     assert r.returncode == 0
-    assert "p50 us" in r.stdout and "fingerprint" in r.stdout and "native normalize" in r.stdout
+    assert "p50 us" in r.stdout and "fingerprint" in r.stdout and "native tokens" in r.stdout
     r = cli("stats", "--socket", sock, "--json")
     stats = json.loads(r.stdout)
     assert stats["ops"]["ping"]["requests"] == 3 and stats["pid"] == daemon.pid

@@ -7,7 +7,7 @@ import importlib
 from types import ModuleType
 
 #: Every compiled module the build produces (kept in step with setup.py).
-MODULES = ("normalize",)
+MODULES = ("normalize", "tokens")
 
 
 def load(name: str) -> ModuleType:

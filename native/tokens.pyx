@@ -1,0 +1,332 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Exact BPE token counting for tiktoken encodings (compiled core).
+
+Counts equal ``len(tiktoken_encoding.encode_ordinary(text))``: the text is split by the
+encoding's pre-tokenisation pattern (``pretokenize.pxi``, a hand-written scanner with the
+regex's exact semantics), and each piece's UTF-8 bytes are merged by rank as tiktoken's
+byte-pair merge does. Only counts are produced, never ids, which allows:
+
+- a piece that is itself a token counts 1 after one hash lookup;
+- a bounded, direct-mapped cache of short multi-token pieces -> count, verified against
+  the stored bytes, so a hit is always exact.
+
+``RankTable`` is the compact read-only form of the merge ranks (one contiguous buffer:
+offsets by rank, an open-addressing XXH3 hash of token bytes -> rank, the token bytes),
+built once from the ``.tiktoken`` file and then adopted zero-copy from an mmap of the
+on-disk cache. Imported only by ``sidecar.tokens``.
+"""
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.pythread cimport (
+    PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock, PyThread_acquire_lock,
+    PyThread_release_lock, WAIT_LOCK,
+)
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy, memset
+
+from includes.pyunicode cimport (
+    PyUnicode_KIND, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_AsUTF8AndSize,
+    PyUnicode_1BYTE_KIND, PyUnicode_2BYTE_KIND,
+)
+from includes.xxhash cimport XXH3_64bits_withSeed
+
+include "pretokenize.pxi"
+
+pt_init()
+
+FORMAT = b"LSBPE001"
+cdef const char* MAGIC = "LSBPE001"
+
+cdef enum:
+    HEADER_SIZE = 64
+    RANK_BITS = 18           # slot = tag << RANK_BITS | (rank + 1)
+    RANK_MASK = (1 << RANK_BITS) - 1
+    MAX_TOKENS = RANK_MASK - 1
+    CACHE_BITS = 16
+    CACHE_SLOTS = 1 << CACHE_BITS
+    CACHE_MAX_LEN = 22       # pieces up to this many bytes are cached
+    STACK_PARTS = 256        # pieces up to this many bytes merge without malloc
+    NOGIL_MIN = 4096         # texts at least this long are counted without the GIL
+
+
+cdef struct CacheEntry:
+    uint64_t hash
+    uint8_t length
+    uint8_t count
+    uint8_t data[CACHE_MAX_LEN]
+
+
+cdef inline uint64_t _hash(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    return XXH3_64bits_withSeed(p, n, 0)
+
+
+def build_table(tokens) -> bytes:
+    """Serialise tokens (a sequence of bytes, index = rank) into the RankTable layout."""
+    cdef Py_ssize_t n = len(tokens), i, blob_len = 0, size = 2
+    cdef bytes tok
+    if n > MAX_TOKENS:
+        raise ValueError(f"{n} tokens exceed the table's limit of {MAX_TOKENS}")
+    for tok in tokens:
+        blob_len += len(tok)
+    while size < 2 * n:
+        size <<= 1
+    cdef Py_ssize_t off_at = HEADER_SIZE
+    cdef Py_ssize_t slots_at = off_at + 4 * (n + 1)
+    cdef Py_ssize_t blob_at = slots_at + 4 * size
+    out = bytearray(blob_at + blob_len)
+    cdef uint8_t* base = out
+    cdef uint32_t* offsets = <uint32_t*>(base + off_at)
+    cdef uint32_t* slots = <uint32_t*>(base + slots_at)
+    cdef uint8_t* blob = base + blob_at
+    cdef uint64_t h, mask = size - 1, j
+    cdef uint32_t pos = 0
+    cdef const uint8_t* p
+    for i in range(n):
+        tok = tokens[i]
+        p = tok
+        offsets[i] = pos
+        memcpy(blob + pos, p, len(tok))
+        pos += len(tok)
+        h = _hash(p, len(tok))
+        j = h & mask
+        while slots[j]:
+            j = (j + 1) & mask
+        slots[j] = <uint32_t>(((h >> 50) << RANK_BITS) | <uint64_t>(i + 1))
+    offsets[n] = pos
+    header = FORMAT + int(n).to_bytes(4, "little") + int(size).to_bytes(4, "little") \
+        + int(blob_len).to_bytes(4, "little")
+    out[:len(header)] = header
+    return bytes(out)
+
+
+cdef class RankTable:
+    """Read-only view of a serialised rank table held in any buffer (bytes, mmap)."""
+    cdef Py_buffer _view
+    cdef bint _held
+    cdef const uint32_t* offsets
+    cdef const uint32_t* slots
+    cdef const uint8_t* blob
+    cdef readonly uint32_t n_tokens
+    cdef uint64_t mask
+
+    def __cinit__(self, buffer):
+        self._held = False
+        PyObject_GetBuffer(buffer, &self._view, PyBUF_SIMPLE)
+        self._held = True
+        cdef const uint8_t* base = <const uint8_t*>self._view.buf
+        cdef Py_ssize_t size = self._view.len
+        if size < HEADER_SIZE or memcmp(base, MAGIC, 8) != 0:
+            raise ValueError("not a rank table (bad header)")
+        cdef uint32_t n = (<const uint32_t*>(base + 8))[0]
+        cdef uint32_t slots = (<const uint32_t*>(base + 12))[0]
+        cdef uint32_t blob_len = (<const uint32_t*>(base + 16))[0]
+        cdef Py_ssize_t need = HEADER_SIZE + 4 * (<Py_ssize_t>n + 1) + 4 * <Py_ssize_t>slots + blob_len
+        if n > MAX_TOKENS or slots & (slots - 1) or slots < 2 * n or size != need:
+            raise ValueError("not a rank table (inconsistent sizes)")
+        self.n_tokens = n
+        self.offsets = <const uint32_t*>(base + HEADER_SIZE)
+        self.slots = self.offsets + n + 1
+        self.blob = <const uint8_t*>(self.slots + slots)
+        self.mask = slots - 1
+        if self.offsets[n] != blob_len:
+            raise ValueError("not a rank table (offsets do not cover the blob)")
+
+    def __dealloc__(self):
+        if self._held:
+            PyBuffer_Release(&self._view)
+
+    cdef inline long rank_of(self, const uint8_t* p, Py_ssize_t n) noexcept nogil:
+        cdef uint64_t h = _hash(p, n)
+        cdef uint64_t j = h & self.mask
+        cdef uint32_t tag = <uint32_t>(h >> 50), slot, r
+        while True:
+            slot = self.slots[j]
+            if slot == 0:
+                return -1
+            if slot >> RANK_BITS == tag:
+                r = (slot & RANK_MASK) - 1
+                if (self.offsets[r + 1] - self.offsets[r] == <uint32_t>n
+                        and memcmp(self.blob + self.offsets[r], p, n) == 0):
+                    return r
+            j = (j + 1) & self.mask
+
+    def rank(self, bytes token) -> int:
+        """Rank of ``token``, or -1 when it is not a token."""
+        return self.rank_of(token, len(token))
+
+    def token(self, uint32_t rank) -> bytes:
+        if rank >= self.n_tokens:
+            raise IndexError(rank)
+        return self.blob[self.offsets[rank]:self.offsets[rank + 1]]
+
+
+cdef Py_ssize_t _merge_count(RankTable table, const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    """Tokens of one piece: tiktoken's byte-pair merge, counting the parts left."""
+    cdef uint32_t stack_start[STACK_PARTS + 1]
+    cdef long stack_rank[STACK_PARTS + 1]
+    cdef uint32_t* start = stack_start
+    cdef long* rank = stack_rank
+    cdef Py_ssize_t parts = n + 1, i, best
+    cdef long lowest, NONE = 0x7FFFFFFF
+    if n > STACK_PARTS:
+        start = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))
+        rank = <long*>malloc((n + 1) * sizeof(long))
+        if start == NULL or rank == NULL:
+            free(start)
+            free(rank)
+            return -1
+    # part i spans [start[i], start[i+1]); rank[i] = rank of parts i and i+1 merged
+    for i in range(parts):
+        start[i] = <uint32_t>i
+    for i in range(parts - 2):
+        rank[i] = table.rank_of(p + i, 2)
+        if rank[i] < 0:
+            rank[i] = NONE
+    rank[parts - 2] = NONE
+    rank[parts - 1] = NONE
+    while parts > 2:
+        lowest = NONE
+        best = -1
+        for i in range(parts - 2):
+            if rank[i] < lowest:
+                lowest = rank[i]
+                best = i
+        if best < 0:
+            break
+        # merge part best with best+1: drop boundary best+1
+        for i in range(best + 1, parts - 1):
+            start[i] = start[i + 1]
+            rank[i] = rank[i + 1]
+        parts -= 1
+        if best + 2 < parts:
+            rank[best] = table.rank_of(p + start[best], start[best + 2] - start[best])
+            if rank[best] < 0:
+                rank[best] = NONE
+        else:
+            rank[best] = NONE
+        if best > 0:
+            rank[best - 1] = table.rank_of(p + start[best - 1], start[best + 1] - start[best - 1])
+            if rank[best - 1] < 0:
+                rank[best - 1] = NONE
+    if start != stack_start:
+        free(start)
+        free(rank)
+    return parts - 1
+
+
+cdef inline Py_ssize_t _utf8_width(uint32_t c) noexcept nogil:
+    if c < 0x80:
+        return 1
+    if c < 0x800:
+        return 2
+    if c < 0x10000:
+        return 3
+    return 4
+
+
+cdef class Counter:
+    """Counts tokens of one encoding: a RankTable plus its pre-tokeniser and a cache."""
+    cdef readonly RankTable table
+    cdef int kind
+    cdef CacheEntry* cache
+    cdef PyThread_type_lock lock
+    cdef readonly uint64_t cache_hits
+    cdef readonly uint64_t cache_misses
+
+    def __cinit__(self, RankTable table, int pretokenizer):
+        if pretokenizer not in (PT_CL100K, PT_O200K):
+            raise ValueError(f"unknown pre-tokeniser {pretokenizer}")
+        self.table = table
+        self.kind = pretokenizer
+        self.cache = <CacheEntry*>PyMem_Malloc(CACHE_SLOTS * sizeof(CacheEntry))
+        self.lock = PyThread_allocate_lock()
+        if self.cache == NULL or self.lock == NULL:
+            raise MemoryError()
+        memset(self.cache, 0, CACHE_SLOTS * sizeof(CacheEntry))
+
+    def __dealloc__(self):
+        PyMem_Free(self.cache)
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    cdef Py_ssize_t _piece(self, const uint8_t* p, Py_ssize_t n) noexcept nogil:
+        cdef uint64_t h
+        cdef CacheEntry* e
+        cdef Py_ssize_t count
+        if n == 1 or self.table.rank_of(p, n) >= 0:
+            return 1
+        if n > CACHE_MAX_LEN:
+            return _merge_count(self.table, p, n)
+        h = _hash(p, n)
+        e = &self.cache[h & (CACHE_SLOTS - 1)]
+        if e.hash == h and e.length == n and memcmp(e.data, p, n) == 0:
+            self.cache_hits += 1
+            return e.count
+        self.cache_misses += 1
+        count = _merge_count(self.table, p, n)
+        e.hash = h
+        e.length = <uint8_t>n
+        e.count = <uint8_t>count
+        memcpy(e.data, p, n)
+        return count
+
+    cdef Py_ssize_t _count(self, int kind, const void* data, Py_ssize_t n,
+                           const uint8_t* utf8) noexcept nogil:
+        if kind == PyUnicode_1BYTE_KIND:
+            return self._scan(<const uint8_t*>data, n, utf8)
+        if kind == PyUnicode_2BYTE_KIND:
+            return self._scan(<const uint16_t*>data, n, utf8)
+        return self._scan(<const uint32_t*>data, n, utf8)
+
+    cdef Py_ssize_t _scan(self, const pt_char* s, Py_ssize_t n, const uint8_t* utf8) noexcept nogil:
+        cdef Py_ssize_t pos = 0, end, k, total = 0, got
+        cdef Py_ssize_t bpos = 0, bend
+        while pos < n:
+            end = pt_next(self.kind, s, n, pos)
+            bend = bpos
+            for k in range(pos, end):
+                bend += _utf8_width(s[k])
+            got = self._piece(utf8 + bpos, bend - bpos)
+            if got < 0:
+                return -1
+            total += got
+            pos = end
+            bpos = bend
+        return total
+
+    def count(self, str text) -> int:
+        """Tokens in ``text`` (no lone surrogates: the caller replaces them first)."""
+        cdef Py_ssize_t size, n = PyUnicode_GET_LENGTH(text), total
+        cdef const uint8_t* utf8 = <const uint8_t*>PyUnicode_AsUTF8AndSize(text, &size)
+        cdef int kind = PyUnicode_KIND(text)
+        cdef const void* data = PyUnicode_DATA(text)
+        if n == 0:
+            return 0
+        if n >= NOGIL_MIN:
+            with nogil:
+                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+                total = self._count(kind, data, n, utf8)
+                PyThread_release_lock(self.lock)
+        else:
+            if not PyThread_acquire_lock(self.lock, 0):
+                with nogil:
+                    PyThread_acquire_lock(self.lock, WAIT_LOCK)
+            total = self._count(kind, data, n, utf8)
+            PyThread_release_lock(self.lock)
+        if total < 0:
+            raise MemoryError()
+        return total
+
+    def count_piece(self, bytes piece) -> int:
+        """Tokens of one pre-tokenised piece given as UTF-8 bytes (tests, diagnostics)."""
+        cdef Py_ssize_t got
+        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        got = self._piece(piece, len(piece)) if len(piece) else 0
+        PyThread_release_lock(self.lock)
+        if got < 0:
+            raise MemoryError()
+        return got
+
+
+PRETOKENIZERS = {"cl100k_base": PT_CL100K, "o200k_base": PT_O200K}
