@@ -1,4 +1,3 @@
-# cython: language_level=3
 # Exact pre-tokenizer (the regex "split" step of tiktoken) for cl100k_base and o200k_base.
 #
 # Included by tokens.pyx, which must already have

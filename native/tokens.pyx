@@ -46,7 +46,7 @@ cdef enum:
     CACHE_BITS = 16
     CACHE_SLOTS = 1 << CACHE_BITS
     CACHE_MAX_LEN = 22       # pieces up to this many bytes are cached
-    STACK_PARTS = 256        # pieces up to this many bytes merge without malloc
+    STACK_PARTS = 128        # longer pieces merge through a heap (O(n log n))
     NOGIL_MIN = 4096         # texts at least this long are counted without the GIL
 
 
@@ -170,12 +170,7 @@ cdef Py_ssize_t _merge_count(RankTable table, const uint8_t* p, Py_ssize_t n) no
     cdef Py_ssize_t parts = n + 1, i, best
     cdef long lowest, NONE = 0x7FFFFFFF
     if n > STACK_PARTS:
-        start = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))
-        rank = <long*>malloc((n + 1) * sizeof(long))
-        if start == NULL or rank == NULL:
-            free(start)
-            free(rank)
-            return -1
+        return _merge_count_long(table, p, n)
     # part i spans [start[i], start[i+1]); rank[i] = rank of parts i and i+1 merged
     for i in range(parts):
         start[i] = <uint32_t>i
@@ -209,10 +204,107 @@ cdef Py_ssize_t _merge_count(RankTable table, const uint8_t* p, Py_ssize_t n) no
             rank[best - 1] = table.rank_of(p + start[best - 1], start[best + 1] - start[best - 1])
             if rank[best - 1] < 0:
                 rank[best - 1] = NONE
-    if start != stack_start:
-        free(start)
-        free(rank)
     return parts - 1
+
+
+cdef struct HeapItem:
+    long rank
+    uint32_t start  # first byte of the pair's left part
+    uint32_t end    # one past the pair's right part, when pushed
+
+
+cdef inline bint _before(HeapItem a, HeapItem b) noexcept nogil:
+    # lowest rank first; among equal ranks the leftmost, as tiktoken's scan picks
+    return a.rank < b.rank or (a.rank == b.rank and a.start < b.start)
+
+
+cdef inline void _push(HeapItem* heap, Py_ssize_t* size, HeapItem item) noexcept nogil:
+    cdef Py_ssize_t i = size[0], parent
+    size[0] += 1
+    while i > 0:
+        parent = (i - 1) >> 1
+        if not _before(item, heap[parent]):
+            break
+        heap[i] = heap[parent]
+        i = parent
+    heap[i] = item
+
+
+cdef inline HeapItem _pop(HeapItem* heap, Py_ssize_t* size) noexcept nogil:
+    cdef HeapItem top = heap[0], last
+    cdef Py_ssize_t i = 0, child, n
+    size[0] -= 1
+    n = size[0]
+    last = heap[n]
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and _before(heap[child + 1], heap[child]):
+            child += 1
+        if not _before(heap[child], last):
+            break
+        heap[i] = heap[child]
+        i = child
+    heap[i] = last
+    return top
+
+
+cdef Py_ssize_t _merge_count_long(RankTable table, const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    """The same merge order for long pieces in O(n log n): parts in a linked list, pair
+    ranks in a heap; an entry is stale once its left part is gone or its right end moved."""
+    cdef uint32_t* nxt = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))
+    cdef uint32_t* prv = <uint32_t*>malloc((n + 1) * sizeof(uint32_t))
+    cdef uint8_t* alive = <uint8_t*>malloc(n + 1)
+    cdef HeapItem* heap = <HeapItem*>malloc(3 * (n + 1) * sizeof(HeapItem))
+    cdef Py_ssize_t size = 0, parts = n, i
+    cdef HeapItem item
+    cdef uint32_t a, b, c
+    cdef long r
+    if nxt == NULL or prv == NULL or alive == NULL or heap == NULL:
+        free(nxt); free(prv); free(alive); free(heap)
+        return -1
+    for i in range(n + 1):
+        nxt[i] = <uint32_t>(i + 1)
+        prv[i] = <uint32_t>(i - 1) if i > 0 else 0
+        alive[i] = 1
+    for i in range(n - 1):
+        r = table.rank_of(p + i, 2)
+        if r >= 0:
+            item.rank = r
+            item.start = <uint32_t>i
+            item.end = <uint32_t>(i + 2)
+            _push(heap, &size, item)
+    while size:
+        item = _pop(heap, &size)
+        a = item.start
+        if not alive[a] or nxt[a] >= n or nxt[nxt[a]] != item.end:
+            continue
+        # merge part a with the next one
+        b = nxt[a]
+        alive[b] = 0
+        nxt[a] = nxt[b]
+        if nxt[b] <= n:
+            prv[nxt[b]] = a
+        parts -= 1
+        c = nxt[a]  # end of the merged part
+        if c < n:
+            r = table.rank_of(p + a, nxt[c] - a)
+            if r >= 0:
+                item.rank = r
+                item.start = a
+                item.end = nxt[c]
+                _push(heap, &size, item)
+        if a > 0:
+            b = prv[a]
+            r = table.rank_of(p + b, c - b)
+            if r >= 0:
+                item.rank = r
+                item.start = b
+                item.end = c
+                _push(heap, &size, item)
+    free(nxt); free(prv); free(alive); free(heap)
+    return parts
 
 
 cdef inline Py_ssize_t _utf8_width(uint32_t c) noexcept nogil:

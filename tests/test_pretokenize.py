@@ -33,13 +33,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 import tiktoken_ext.openai_public as openai_public  # noqa: E402
 
-if os.environ.get("PT_DEV_HARNESS"):  # DEV-ONLY, remove
-    sys.path.insert(0, os.environ["PT_DEV_HARNESS"])
-    import _pt_harness as _tokens_mod  # noqa: E402
-    from _pt_harness import _pretokenize  # noqa: E402
-else:
-    from sidecar._native import tokens as _tokens_mod  # noqa: E402
-    from sidecar._native.tokens import _pretokenize  # noqa: E402
+from sidecar._native import tokens as _tokens_mod  # noqa: E402
+from sidecar._native.tokens import _pretokenize  # noqa: E402
 
 PT_CL100K, PT_O200K = 1, 2
 KINDS = {"cl100k_base": PT_CL100K, "o200k_base": PT_O200K}
