@@ -3,7 +3,8 @@
 One run measures, on the same corpus (text files found on this machine plus constructed
 CJK, emoji, whitespace and number runs), our counter (``sidecar.tokens``), tiktoken, and
 bpe-openai when installed, for o200k_base and cl100k_base: MB/s and tokens/s over the
-whole corpus (one call per document), and p50/p99 microseconds per call for prompts of
+whole corpus (one call per document; best of several passes, so our piece cache is warm,
+plus one pass with a fresh cache), and p50/p99 microseconds per call for prompts of
 about 50 and 500 tokens. Every contender's count is checked against ours first; a
 mismatch is printed, never hidden. It runs in this process (pin it with ``taskset``), and
 reports the targets (>= 2x tiktoken throughput, <= 30 us for a 500-token prompt) as
@@ -128,6 +129,14 @@ def run(args: argparse.Namespace) -> int:
     for name in ENCODINGS:
         found = contenders(name)
         ours = found["llm-sidecar"]
+        # One pass with a fresh piece cache: the first documents a daemon ever sees.
+        cold = tokens.Encoding(name)
+        start = time.perf_counter()
+        total = sum(cold.count(d) for d in docs)
+        elapsed = time.perf_counter() - start
+        rows.append({"encoding": name, "counter": "llm-sidecar, cold cache, one pass",
+                     "mb_per_s": size / elapsed / 1e6, "tokens_per_s": total / elapsed,
+                     "mismatched_docs": 0})
         for label, fn in found.items():
             mismatched = sum(1 for d in docs if fn(d) != ours(d))
             mbps, tps = throughput(fn, docs, size, repeat)
@@ -149,6 +158,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'encoding':<12}{'counter':<13}{'MB/s':>8}{'Mtok/s':>8}{'~50 tok p50/p99 us':>20}"
           f"{'~500 tok p50/p99 us':>21}  counts")
     for r in rows:
+        if "p50_us_50" not in r:
+            print(f"{r['encoding']:<12}{r['counter']}: {r['mb_per_s']:.1f} MB/s, "
+                  f"{r['tokens_per_s'] / 1e6:.2f} Mtok/s")
+            continue
         print(f"{r['encoding']:<12}{r['counter']:<13}{r['mb_per_s']:>8.1f}"
               f"{r['tokens_per_s'] / 1e6:>8.2f}{r['p50_us_50']:>11.1f} /{r['p99_us_50']:>6.1f}"
               f"{r['p50_us_500']:>12.1f} /{r['p99_us_500']:>6.1f}  "
@@ -156,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("targets (reported, not enforced):")
     for name in ENCODINGS:
-        by = {r["counter"]: r for r in rows if r["encoding"] == name}
+        by = {r["counter"]: r for r in rows if r["encoding"] == name and "p50_us_50" in r}
         ours = by["llm-sidecar"]
         if "tiktoken" in by:
             ratio = ours["mb_per_s"] / by["tiktoken"]["mb_per_s"]

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import gzip
-import hashlib
 import os
 import random
 import sys
@@ -25,47 +23,28 @@ import zlib
 from pathlib import Path
 
 import pytest
+import regex
+import tiktoken
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-tiktoken = pytest.importorskip("tiktoken")
-regex = pytest.importorskip("regex")
-bpe_openai = pytest.importorskip("bpe_openai")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
-import tiktoken_ext.openai_public as openai_public  # noqa: E402
-
-from sidecar._native import tokens as _tokens_mod  # noqa: E402
-from sidecar._native.tokens import _pretokenize  # noqa: E402
+import tiktoken_oracle
+from sidecar._native import tokens as _tokens_mod
+from sidecar._native.tokens import _pretokenize
 
 PT_CL100K, PT_O200K = 1, 2
 KINDS = {"cl100k_base": PT_CL100K, "o200k_base": PT_O200K}
-_SHA256 = {
-    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
-    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
-}
 
 
 # --------------------------------------------------------------------------- encodings (offline)
 
+def encoding(name: str) -> "tiktoken.Encoding":
+    """The real encoding: tiktoken's own definition, offline (see tiktoken_oracle)."""
+    return tiktoken_oracle.get(name)
+
+
 @functools.lru_cache(None)
 def _ranks(name: str) -> dict[bytes, int]:
-    path = Path(bpe_openai.__file__).parent / "data" / f"{name}.tiktoken.gz"
-    raw = gzip.decompress(path.read_bytes())
-    assert hashlib.sha256(raw).hexdigest() == _SHA256[name]
-    return {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in raw.splitlines() if ln)}
-
-
-@functools.lru_cache(None)
-def encoding(name: str) -> "tiktoken.Encoding":
-    """The real encoding: tiktoken_ext's own definition (pat_str, special tokens), offline ranks."""
-    ranks = _ranks(name)
-    orig = openai_public.load_tiktoken_bpe
-    openai_public.load_tiktoken_bpe = lambda *a, **k: ranks
-    try:
-        spec = getattr(openai_public, name)()
-    finally:
-        openai_public.load_tiktoken_bpe = orig
-    return tiktoken.Encoding(name=spec["name"], pat_str=spec["pat_str"],
-                             mergeable_ranks=spec["mergeable_ranks"], special_tokens=spec["special_tokens"])
+    return encoding(name)._mergeable_ranks
 
 
 @functools.lru_cache(None)
@@ -314,9 +293,9 @@ def test_regex_module_tables_mostly_agree():
 
 
 def test_unicode_table_blob_is_reproducible():
-    ud2 = pytest.importorskip("unicodedata2")
-    if ud2.unidata_version != _tokens_mod.PT_UCD_VERSION:
-        pytest.skip(f"unicodedata2 {ud2.unidata_version} != {_tokens_mod.PT_UCD_VERSION}")
+    import unicodedata2 as ud2  # pinned in the test extras to the version tiktoken uses
+
+    assert ud2.unidata_version == _tokens_mod.PT_UCD_VERSION
     assert gen_ucd_blob(ud2) == _tokens_mod.PT_UCD_BLOB
 
 
