@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from . import config as config_mod
 from ._native import load
-from .errors import TokenizerUnavailable, UnknownEncoding
+from .errors import InvalidValue, TokenizerUnavailable, UnknownEncoding
 
 _native = load("tokens")
 log = logging.getLogger("sidecar.tokens")
@@ -133,8 +133,8 @@ def load_rank_table(name: str, cache: Path | None = None) -> Any:
             return _native.RankTable(mapped)
         mapped.close()
         log.info("rank table cache %s is from other source bytes: rebuilding", cached)
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError) as exc:  # missing, empty or not a table: convert anew
+        log.debug("no usable rank table cache at %s (%s)", cached, exc)
     table = _convert(name, raw, digest)
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,6 @@ class Tokenizer:
         optional ``tools``) for ``model`` or ``encoding``; ``max_tokens`` is the output
         estimate added to ``total_tokens``."""
         if (text is None) == (messages is None):
-            from .errors import InvalidValue
             raise InvalidValue("give exactly one of text and messages")
         name, ratio = self.resolve(model, encoding)
         enc = get_encoding(name)
