@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("file", metavar="FILE", nargs="?", default="-", help="default: stdin")
 
+    sp = sub.add_parser("limits", help="current use of every limit (or of one user's)")
+    client_args(sp)
+    sp.add_argument("--user", help="only this user's keyed limits (and the shared ones)")
+    sp.add_argument("--json", action="store_true")
+
     sp = sub.add_parser("config", help="configuration tools")
     csub = sp.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     cp = csub.add_parser("check", help="validate FILE (with the environment) and print it")
@@ -130,6 +135,10 @@ def _count(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if value == int(value) else f"{value:,.6f}".rstrip("0")
+
+
 def _print_stats(stats: object) -> None:
     from .protocol import StatsReply
 
@@ -164,6 +173,20 @@ def _client_command(args: argparse.Namespace) -> int:
                 print(json.dumps(msgspec.to_builtins(stats), indent=2))
             else:
                 _print_stats(stats)
+        elif args.command == "limits":
+            reply = client.limits(args.user)
+            if args.json:
+                print(json.dumps(msgspec.to_builtins(reply), indent=2))
+            else:
+                print(f"{'limit':<22}{'scope':<8}{'key':<16}{'metric':<14}{'window':<12}"
+                      f"{'used':>12}{'amount':>12}{'use':>7}")
+                for row in reply.limits:
+                    share = row.used / row.amount if row.amount else 0.0
+                    mark = " (shadow)" if row.shadow else ""
+                    print(f"{row.name:<22}{row.scope:<8}{row.key[:15]:<16}{row.metric:<14}"
+                          f"{row.window:<12}{_num(row.used):>12}{_num(row.amount):>12}"
+                          f"{share:>7.0%}{mark}")
+                print(f"open leases: {reply.open_leases}")
         elif args.command == "fingerprint":
             fp = client.fingerprint(args.text)
             if args.json:

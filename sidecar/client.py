@@ -27,8 +27,9 @@ from .errors import (
 )
 from .framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
 from .protocol import (
-    PROTOCOL_VERSION, REPLY_DECODER, Count, CountReply, Error, Fingerprint, FingerprintReply,
-    Hello, HelloReply, Message, Ping, Pong, Reply, Request, Stats, StatsReply,
+    PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Count, CountReply, Error, Fingerprint,
+    FingerprintReply, Hello, HelloReply, Limits, LimitsReply, Message, Ping, Pong, Release,
+    ReleaseReply, Reply, Request, Settle, SettleReply, Stats, StatsReply,
 )
 
 R = TypeVar("R", bound=Reply)
@@ -294,6 +295,25 @@ class Client:
     def stats(self, *, timeout: float | None = None) -> StatsReply:
         return self.call(Stats(), timeout=timeout)  # type: ignore[return-value]
 
+    def admit(self, *, timeout: float | None = None, **fields: Any) -> AdmitReply:
+        """Reserve before a call; fields as ``protocol.Admit`` (user, model, text or
+        messages or input_tokens, max_tokens, wait, ...). A ``wait`` longer than the
+        client's timeout extends this call's timeout to match."""
+        request = Admit(**fields)
+        budget = max(timeout or self.timeout, request.wait + self.timeout)
+        return self.call(request, timeout=budget)  # type: ignore[return-value]
+
+    def settle(self, lease: str, *, timeout: float | None = None, **usage: Any) -> SettleReply:
+        """Report what the call used: input_tokens, output_tokens, cached_input_tokens,
+        reasoning_tokens, usd (optional)."""
+        return self.call(Settle(lease=lease, **usage), timeout=timeout)  # type: ignore
+
+    def release(self, lease: str, *, timeout: float | None = None) -> ReleaseReply:
+        return self.call(Release(lease=lease), timeout=timeout)  # type: ignore[return-value]
+
+    def limits(self, user: str | None = None, *, timeout: float | None = None) -> LimitsReply:
+        return self.call(Limits(user=user), timeout=timeout)  # type: ignore[return-value]
+
     def count_tokens(self, text: str | None = None, *,
                      messages: Sequence[Message | Mapping[str, Any]] | None = None,
                      tools: Sequence[Mapping[str, Any]] | None = None, model: str = "",
@@ -491,6 +511,22 @@ class AsyncClient:
 
     async def stats(self, *, timeout: float | None = None) -> StatsReply:
         return await self.call(Stats(), timeout=timeout)  # type: ignore
+
+    async def admit(self, *, timeout: float | None = None, **fields: Any) -> AdmitReply:
+        request = Admit(**fields)
+        budget = max(timeout or self.timeout, request.wait + self.timeout)
+        return await self.call(request, timeout=budget)  # type: ignore[return-value]
+
+    async def settle(self, lease: str, *, timeout: float | None = None,
+                     **usage: Any) -> SettleReply:
+        return await self.call(Settle(lease=lease, **usage), timeout=timeout)  # type: ignore
+
+    async def release(self, lease: str, *, timeout: float | None = None) -> ReleaseReply:
+        return await self.call(Release(lease=lease), timeout=timeout)  # type: ignore
+
+    async def limits(self, user: str | None = None, *,
+                     timeout: float | None = None) -> LimitsReply:
+        return await self.call(Limits(user=user), timeout=timeout)  # type: ignore
 
     async def count_tokens(self, text: str | None = None, *,
                            messages: Sequence[Message | Mapping[str, Any]] | None = None,

@@ -72,6 +72,54 @@ class TokensConfig(_Section):
     offload_chars: Annotated[int, msgspec.Meta(ge=0)] = 65536
 
 
+class LimitRuleConfig(_Section, kw_only=True):
+    """One row of ``[[limits.rules]]``; validated by ``sidecar.limits.parse_rule``."""
+
+    name: str
+    scope: str
+    metric: str
+    window: str = ""
+    amount: float
+    match: str = ""
+    buckets: int = 60
+    shadow: bool = False
+
+
+#: The seeds' limits: per-user rates by tier, token rates, per-request cap, budgets.
+DEFAULT_LIMIT_RULES: tuple[LimitRuleConfig, ...] = (
+    LimitRuleConfig(name="authenticated-rpm", scope="tier", match="authenticated",
+                    metric="requests", window="60s", amount=30),
+    LimitRuleConfig(name="anonymous-rpm", scope="tier", match="anonymous",
+                    metric="requests", window="60s", amount=5),
+    LimitRuleConfig(name="global-tpm", scope="global", metric="total_tokens", window="60s",
+                    amount=150_000),
+    LimitRuleConfig(name="user-tpm", scope="user", metric="total_tokens", window="60s",
+                    amount=10_000),
+    LimitRuleConfig(name="request-tokens", scope="global", metric="total_tokens",
+                    window="request", amount=50_000),
+    LimitRuleConfig(name="user-hour-tokens", scope="user", metric="total_tokens",
+                    window="hour", amount=200_000),
+    LimitRuleConfig(name="user-day-tokens", scope="user", metric="total_tokens", window="day",
+                    amount=1_000_000),
+    LimitRuleConfig(name="global-hour-tokens", scope="global", metric="total_tokens",
+                    window="hour", amount=5_000_000),
+    LimitRuleConfig(name="global-day-usd", scope="global", metric="usd", window="day",
+                    amount=500),
+)
+
+
+class LimitsConfig(_Section):
+    enabled: bool = True
+    timezone: str = "UTC"
+    lease_ttl: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
+    near_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+    #: the same user sending the same prompt fingerprint this often within the window is
+    #: denied with reason retry_loop; 0 turns the guard off
+    retry_loop_max: Annotated[int, msgspec.Meta(ge=0)] = 5
+    retry_loop_window: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
+    rules: tuple[LimitRuleConfig, ...] = DEFAULT_LIMIT_RULES
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -81,6 +129,7 @@ class Config(_Section):
     server: ServerConfig = ServerConfig()
     normalize: NormalizeConfig = NormalizeConfig()
     tokens: TokensConfig = TokensConfig()
+    limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
     #: Where the settings came from (file path or "defaults"); not a setting itself.
     source: str = "defaults"
@@ -102,6 +151,9 @@ HINTS: dict[str, str] = {
     "tokens.models": 'a table of model-name prefix = encoding, e.g. "gpt-4o" = "o200k_base"',
     "tokens.estimate_ratios": 'a table of model-name prefix = tokens per o200k token, e.g. claude = 1.2',
     "tokens.offload_chars": "texts at least this long are counted off the event loop",
+    "limits.rules": 'a list of [[limits.rules]] tables with name, scope, metric, window, amount',
+    "limits.timezone": 'an IANA zone for hour/day budgets, e.g. "UTC" or "Europe/Berlin"',
+    "limits.lease_ttl": "seconds a reservation lives without a settle (then it keeps its estimate)",
     "log.level": "one of debug, info, warning, error",
     "log.format": "text for people, json for log collectors",
 }
@@ -111,7 +163,7 @@ RESTART_ONLY = ("server.socket", "server.socket_mode")
 
 _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig, "normalize": NormalizeConfig, "tokens": TokensConfig,
-    "log": LogConfig,
+    "limits": LimitsConfig, "log": LogConfig,
 }
 _MODE_RE = re.compile(r"0?[0-7]{3}")
 _PATH_RE = re.compile(r"`\$((?:\.[A-Za-z_]\w*)+)")
@@ -218,6 +270,9 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
             raise ConfigError(f"model prefix {prefix!r} maps to unknown encoding {encoding!r}",
                               source=origin.get(key, ""), key=key,
                               hint=f"known encodings: {', '.join(KNOWN_ENCODINGS)}")
+    from .limits import compile_rules
+
+    compile_rules(config.limits, "" if config.source == "defaults" else config.source)
     if "default" not in config.tokens.estimate_ratios:
         key = "tokens.estimate_ratios"
         raise ConfigError("needs a \"default\" ratio for models matching no prefix",

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from pathlib import Path
 
 import uvloop
@@ -163,6 +164,7 @@ class Daemon:
         try:
             sock = self.inherited or _bind(self.path, self.config.socket_mode)
             await self.server.start(sock)
+            housekeeping = loop.create_task(self._housekeeping())
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -176,6 +178,7 @@ class Daemon:
             self.server.stop_accepting()
             self._unlink()
             busy = await self.server.drain(self.config.server.drain_timeout)
+            housekeeping.cancel()
             if busy:
                 log.warning("closed %d connections still busy after the drain timeout", busy)
             log.info("stopped")
@@ -183,6 +186,15 @@ class Daemon:
             self._unlink()
             if lock_fd is not None:
                 os.close(lock_fd)
+
+    async def _housekeeping(self) -> None:
+        """Once a second: lease expiry and idle-counter eviction in the limits engine."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.handlers.housekeeping(time.time())
+            except Exception:
+                log.exception("limits housekeeping failed")
 
     def _unlink(self) -> None:
         if self.inherited:

@@ -7,7 +7,9 @@ of a new config that can change while running.
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.metadata
+import math
 import os
 import platform
 import time
@@ -18,9 +20,12 @@ from ._native import MODULES as NATIVE_MODULES, load as load_native
 from .config import Config
 from .metrics import Metrics
 from .normalize import Normalizer
+from .limits import MICRO, Decision, Engine, Estimate, Subject, Usage, compile_rules
+from .pricing import PricingRegistry, Usage as PricedUsage
 from .protocol import (
-    OPS, PROTOCOL_VERSION, BuildInfo, Count, CountReply, Fingerprint, FingerprintReply, Hello,
-    HelloReply, Ping, Pong, Reply, Request, Stats, StatsReply,
+    OPS, PROTOCOL_VERSION, Admit, AdmitReply, BuildInfo, Count, CountReply, Fingerprint,
+    FingerprintReply, Hello, HelloReply, Limits, LimitsReply, LimitUse, Ping, Pong,
+    Release, ReleaseReply, Reply, Request, Settle, SettleReply, Stats, StatsReply,
 )
 from .tokens import ESTIMATE_ENCODING, Tokenizer, get_encoding
 
@@ -36,6 +41,11 @@ class Deferred:
 
 
 Handler = Callable[[Request], "Reply | Deferred"]
+
+
+def _seconds(value: float) -> float | None:
+    """A retry_after for the wire: None when no time can be promised."""
+    return None if math.isinf(value) else round(value, 6)
 
 
 def build_info() -> BuildInfo:
@@ -65,12 +75,20 @@ class Handlers:
         self.config = config
         self.normalizer = Normalizer(config.normalize.filler_words)
         self.tokenizer = self._tokenizer(config)
+        self.pricing = PricingRegistry()
+        self.engine = Engine(compile_rules(config.limits), **self._engine_settings(config))
+        #: FIFO queues of admits waiting for room, by the limit that denied them
+        self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self.table: dict[type[Request], Handler] = {
             Hello: self.hello,
             Ping: self.ping,
             Fingerprint: self.fingerprint,
             Stats: self.stats,
             Count: self.count,
+            Admit: self.admit,
+            Settle: self.settle,
+            Release: self.release,
+            Limits: self.limits,
         }
         assert tuple(t.__struct_config__.tag for t in self.table) == OPS
 
@@ -81,9 +99,17 @@ class Handlers:
             get_encoding(name)
         return Tokenizer(config.tokens.models, config.tokens.estimate_ratios)
 
+    @staticmethod
+    def _engine_settings(config: Config) -> dict:
+        limits = config.limits
+        return dict(zone=limits.timezone, lease_ttl=limits.lease_ttl,
+                    near_fraction=limits.near_fraction, retry_loop_max=limits.retry_loop_max,
+                    retry_loop_window=limits.retry_loop_window)
+
     def reload(self, config: Config) -> None:
         normalizer = Normalizer(config.normalize.filler_words)
         tokenizer = self._tokenizer(config)
+        self.engine.reconfigure(compile_rules(config.limits), **self._engine_settings(config))
         self.config = config
         self.normalizer = normalizer
         self.tokenizer = tokenizer
@@ -119,6 +145,159 @@ class Handlers:
         return CountReply(id=req.id, input_tokens=n.input_tokens, output_tokens=n.output_tokens,
                           total_tokens=n.total_tokens, exact=n.exact, encoding=n.encoding,
                           model=n.model, estimate_ratio=n.estimate_ratio)
+
+    # -- limits ---------------------------------------------------------------------
+
+    def housekeeping(self, now: float) -> None:
+        """Once a second: expire leases past their TTL, drop idle counters."""
+        if self.engine.expire(now):
+            self._wake_waiters()
+        self.engine.evict_idle(now)
+
+    def _estimate(self, req: Admit) -> tuple[Estimate, bool, bytes]:
+        if req.input_tokens is not None:
+            input_tokens = req.input_tokens
+        elif req.text is not None or req.messages is not None:
+            input_tokens = self.tokenizer.count(
+                req.text, messages=req.messages, tools=req.tools,
+                model=req.model or "", encoding="" if req.model else ESTIMATE_ENCODING,
+            ).input_tokens
+        else:
+            input_tokens = 0
+        output_tokens = req.max_tokens or 0
+        if req.usd is not None:
+            micro, known = round(req.usd * MICRO), True
+        else:
+            cost = self.pricing.estimate(req.model, input_tokens, output_tokens)
+            micro, known = cost.micro_usd, cost.known
+        return Estimate(input_tokens, output_tokens, micro), known, self._prompt_key(req)
+
+    def _prompt_key(self, req: Admit) -> bytes:
+        """Fingerprint of what is asked (the last user turn), for the retry-loop guard."""
+        if req.text is not None:
+            return self.normalizer.fingerprint(req.text).key
+        for message in reversed(req.messages or ()):
+            if message.role == "user":
+                content = message.content
+                if not isinstance(content, str):
+                    content = " ".join(str(p.get("text", "")) for p in content or ())
+                return self.normalizer.fingerprint(content).key
+        return b""
+
+    def _admit_reply(self, req: Admit, decision: Decision, known: bool) -> AdmitReply:
+        e = decision.estimate
+        denial = decision.denial
+        scale = self._scale_of(denial.limit) if denial else 1
+        return AdmitReply(
+            id=req.id, allowed=decision.allowed, lease=decision.lease,
+            reason=denial.reason if denial else "", limit=denial.limit if denial else "",
+            used=denial.used / scale if denial else 0.0,
+            amount=denial.amount / scale if denial else 0.0,
+            retry_after=_seconds(denial.retry_after) if denial else 0.0,
+            input_tokens=e.input_tokens, output_tokens=e.output_tokens,
+            usd=e.micro_usd / MICRO, usd_known=known, near=list(decision.near),
+            shadow=list(decision.shadow_denials), ttl=self.engine.lease_ttl,
+        )
+
+    def _scale_of(self, limit: str) -> int:
+        for rule in self.engine.rules:
+            if rule.name == limit:
+                return MICRO if rule.metric.value == "usd" else 1
+        return 1
+
+    def admit(self, req: Admit) -> AdmitReply | Deferred:
+        subject = Subject(req.user, req.key, req.model, req.route)
+        estimate, known, prompt = self._estimate(req)
+        decision = self.engine.admit(subject, estimate, time.time(), prompt)
+        denial = decision.denial
+        if (denial is not None and req.wait > 0 and denial.reason == "limit"
+                and denial.retry_after <= req.wait):
+            task = asyncio.ensure_future(self._admit_waiting(req, subject, estimate, known,
+                                                             denial.limit))
+            return Deferred(task, req.id)
+        return self._admit_reply(req, decision, known)
+
+    async def _admit_waiting(self, req: Admit, subject: Subject, estimate: Estimate,
+                             known: bool, limit: str) -> AdmitReply:
+        """Queue behind earlier waiters for ``limit`` (FIFO); the head retries when its
+        retry_after passes or when a settle or release frees room. No polling."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait
+        queue = self._waiting.setdefault(limit, collections.deque())
+        me: asyncio.Future[None] = loop.create_future()
+        queue.append(me)
+        try:
+            while True:
+                if queue[0] is me:
+                    decision = self.engine.admit(subject, estimate, time.time())
+                    denial = decision.denial
+                    if denial is None:
+                        return self._admit_reply(req, decision, known)
+                    pause = min(denial.retry_after, deadline - loop.time())
+                    if denial.reason != "limit" or pause <= 0:
+                        return self._admit_reply(req, decision, known)
+                else:
+                    pause = deadline - loop.time()
+                    if pause <= 0:
+                        decision = self.engine.admit(subject, estimate, time.time())
+                        return self._admit_reply(req, decision, known)
+                me = self._rearm(queue, me, loop)
+                try:
+                    await asyncio.wait_for(asyncio.shield(me), pause)
+                except asyncio.TimeoutError:
+                    pass  # retry_after passed or the wait ran out: look again
+        finally:
+            queue.remove(me)
+            if queue:
+                if not queue[0].done():
+                    queue[0].set_result(None)  # the next in line looks now
+            else:
+                self._waiting.pop(limit, None)
+
+    @staticmethod
+    def _rearm(queue: collections.deque, me: asyncio.Future, loop) -> asyncio.Future:
+        if not me.done():
+            return me
+        fresh = loop.create_future()
+        queue[queue.index(me)] = fresh
+        return fresh
+
+    def _wake_waiters(self) -> None:
+        for queue in self._waiting.values():
+            if queue and not queue[0].done():
+                queue[0].set_result(None)
+
+    def settle(self, req: Settle) -> SettleReply:
+        subject = self.engine.lease_subject(req.lease)
+        if req.usd is not None:
+            micro = round(req.usd * MICRO)
+        elif subject is not None:
+            micro = self.pricing.cost(subject.model, PricedUsage(
+                req.input_tokens, req.output_tokens, req.cached_input_tokens,
+                req.reasoning_tokens)).micro_usd
+        else:
+            micro = 0
+        result = self.engine.settle(req.lease, Usage(req.input_tokens, req.output_tokens, micro),
+                                    time.time())
+        if result.found and not result.duplicate:
+            self._wake_waiters()
+        return SettleReply(id=req.id, found=result.found, duplicate=result.duplicate,
+                           expired=result.expired, usd=micro / MICRO, durable=False)
+
+    def release(self, req: Release) -> ReleaseReply:
+        released = self.engine.release(req.lease, time.time())
+        if released:
+            self._wake_waiters()
+        return ReleaseReply(id=req.id, released=released)
+
+    def limits(self, req: Limits) -> LimitsReply:
+        rows = []
+        for st in self.engine.state(time.time(), req.user):
+            scale = MICRO if st.metric == "usd" else 1
+            rows.append(LimitUse(name=st.name, scope=st.scope, key=st.key, metric=st.metric,
+                                 window=st.window, amount=st.amount / scale,
+                                 used=st.used / scale, shadow=st.shadow))
+        return LimitsReply(id=req.id, limits=rows, open_leases=self.engine.open_leases)
 
     def stats(self, req: Stats) -> StatsReply:
         requests, errors = self.metrics.totals()

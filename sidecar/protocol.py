@@ -86,7 +86,61 @@ class Count(Request, tag="count"):
     special: bool = False
 
 
-REQUEST_TYPES: tuple[type[Request], ...] = (Hello, Ping, Fingerprint, Stats, Count)
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Admit(Request, tag="admit"):
+    """Ask to spend: reserves the estimate on every limit that applies, all or none.
+
+    Input tokens come from ``input_tokens`` when given, else are counted from ``text`` or
+    ``messages`` (+ ``tools``) for ``model``; output from ``max_tokens``; USD from
+    ``usd`` when given, else priced for ``model``. No ``user`` means the anonymous tier
+    (partitioned by ``key`` when given). ``wait`` seconds: queue (FIFO per limit) until it
+    fits instead of being denied at once. ``idempotent`` is False: a resend could reserve
+    twice."""
+
+    idempotent: ClassVar[bool] = False
+    user: str = ""
+    key: str = ""
+    model: str = ""
+    route: str = ""
+    input_tokens: NonNegative | None = None
+    text: str | None = None
+    messages: list[Message] | None = None
+    tools: list[dict[str, object]] | None = None
+    max_tokens: NonNegative | None = None
+    usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    wait: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+
+
+class Settle(Request, tag="settle"):
+    """Replace a lease's estimate by what the call really used. Settling twice is a no-op.
+    ``input_tokens`` includes ``cached_input_tokens`` (OpenAI's convention); ``usd``
+    overrides the price computed for the lease's model."""
+
+    lease: str
+    input_tokens: NonNegative = 0
+    output_tokens: NonNegative = 0
+    cached_input_tokens: NonNegative = 0
+    reasoning_tokens: NonNegative = 0
+    usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
+class Release(Request, tag="release"):
+    """Cancel an unused reservation (the call was never made)."""
+
+    lease: str
+
+
+class Limits(Request, tag="limits"):
+    """Current use of every limit counter, or only of ``user``'s."""
+
+    user: str | None = None
+
+
+REQUEST_TYPES: tuple[type[Request], ...] = (
+    Hello, Ping, Fingerprint, Stats, Count, Admit, Settle, Release, Limits,
+)
 OPS: tuple[str, ...] = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 
 
@@ -153,6 +207,51 @@ class CountReply(Reply, tag="count"):
     estimate_ratio: float  # 1.0 when exact; else tokens per token of ``encoding``
 
 
+class AdmitReply(Reply, tag="admit"):
+    allowed: bool
+    lease: str  # "" when denied
+    reason: str  # "" when allowed; "limit" or "retry_loop"
+    limit: str  # the limit that denied (the one that frees last)
+    used: float  # its current use (USD for usd limits)
+    amount: float  # its amount
+    retry_after: float | None  # seconds; None when no time can be promised
+    input_tokens: int  # the estimate reserved
+    output_tokens: int
+    usd: float
+    usd_known: bool  # False: the model had no price and the default price was used
+    near: list[str]  # limits at or above the near fraction after this admit
+    shadow: list[str]  # shadow-mode limits that would have denied
+    ttl: float  # seconds the lease lives without a settle
+
+
+class SettleReply(Reply, tag="settle"):
+    found: bool  # False: no such lease (never admitted, or forgotten long ago)
+    duplicate: bool  # already settled before: nothing changed
+    expired: bool  # settled after its TTL: the truth replaced the estimate all the same
+    usd: float  # the cost recorded
+    durable: bool  # persisted before this reply
+
+
+class ReleaseReply(Reply, tag="release"):
+    released: bool
+
+
+class LimitUse(msgspec.Struct, frozen=True):
+    name: str
+    scope: str
+    key: str
+    metric: str
+    window: str
+    amount: float
+    used: float
+    shadow: bool
+
+
+class LimitsReply(Reply, tag="limits"):
+    limits: list[LimitUse]
+    open_leases: int
+
+
 class Error(Reply, tag="error", kw_only=True):
     id: RequestId | None = None
     code: ErrorCode
@@ -160,7 +259,8 @@ class Error(Reply, tag="error", kw_only=True):
 
 
 REPLY_TYPES: tuple[type[Reply], ...] = (
-    HelloReply, Pong, FingerprintReply, StatsReply, CountReply, Error,
+    HelloReply, Pong, FingerprintReply, StatsReply, CountReply, AdmitReply, SettleReply,
+    ReleaseReply, LimitsReply, Error,
 )
 
 REQUEST_DECODER = msgspec.msgpack.Decoder(Union[REQUEST_TYPES])  # type: ignore[valid-type]

@@ -1,0 +1,551 @@
+"""The limits engine: rate limits and budgets as one model, reserve then settle.
+
+A limit is a rule ``(scope, metric, window, amount)``. The scope says which requests it
+covers and how they are keyed: ``global`` (one counter), ``user`` (one per user),
+``tier`` (one per user, for requests of that tier: ``authenticated`` when a user id is
+given, ``anonymous`` otherwise, keyed by the caller's ``key`` or shared), ``model`` and
+``route`` (one per model or route, optionally only those matching ``match``). Metrics are
+requests, input/output/total tokens, concurrent requests and USD (kept as integer
+micro-dollars). Windows are sliding (``"60s"``, ``"10m"``: ``native/window.pyx``, error
+at most ``span / buckets``, never an overshoot), calendar (``"hour"``, ``"day"`` in the
+configured zone; the period is the local hour or day, DST changes included) or
+``"request"`` (a cap on one request's estimate).
+
+``admit`` reserves the estimate on every rule that applies, all or none, and returns a
+decision value; ``settle`` replaces the estimate by the real usage (idempotent);
+``release`` cancels it; a lease not settled within its TTL expires, keeping its estimate
+and freeing its concurrency slot. Every method takes ``now`` (epoch seconds): the engine
+never reads a clock. Not thread-safe: the daemon calls it from its event loop.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import os
+import re
+from collections import OrderedDict, deque
+from datetime import datetime, timedelta, timezone
+from typing import Iterable, NamedTuple, Sequence
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ._native import load
+from .errors import ConfigError
+
+_native = load("window")
+
+MICRO = 1_000_000  # USD amounts are counted in micro-dollars
+
+
+class Scope(enum.Enum):
+    GLOBAL = "global"
+    USER = "user"
+    TIER = "tier"
+    MODEL = "model"
+    ROUTE = "route"
+
+
+class Metric(enum.Enum):
+    REQUESTS = "requests"
+    INPUT_TOKENS = "input_tokens"
+    OUTPUT_TOKENS = "output_tokens"
+    TOTAL_TOKENS = "total_tokens"
+    CONCURRENT = "concurrent"
+    USD = "usd"
+
+
+class Kind(enum.Enum):
+    SLIDING = "sliding"
+    HOUR = "hour"
+    DAY = "day"
+    REQUEST = "request"
+    GAUGE = "gauge"  # concurrent requests: held from admit to settle/release/expiry
+
+
+TIERS = ("authenticated", "anonymous")
+_SPAN_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h)")
+_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class Rule(NamedTuple):
+    """One validated limit, amounts in integer units (micro-dollars for USD)."""
+
+    name: str
+    scope: Scope
+    metric: Metric
+    kind: Kind
+    span: float  # seconds, for sliding windows
+    amount: int
+    match: str
+    buckets: int
+    shadow: bool
+
+    def describe(self) -> str:
+        window = {Kind.SLIDING: f"{self.span:g}s", Kind.GAUGE: "concurrent"}.get(
+            self.kind, self.kind.value)
+        return f"{self.name} ({self.scope.value}, {self.metric.value}, {window})"
+
+
+def parse_rule(name: str, scope: str, metric: str, window: str, amount: float, match: str = "",
+               buckets: int = 60, shadow: bool = False, *, where: str = "") -> Rule:
+    """Validate one rule from config; errors name the rule and say how to fix it."""
+    key = f"limits.rules.{name}"
+
+    def fail(message: str, hint: str) -> ConfigError:
+        return ConfigError(message, source=where, key=key, hint=hint)
+
+    try:
+        scope_e = Scope(scope)
+    except ValueError:
+        raise fail(f"unknown scope {scope!r}", "one of " + ", ".join(s.value for s in Scope)) from None
+    try:
+        metric_e = Metric(metric)
+    except ValueError:
+        raise fail(f"unknown metric {metric!r}", "one of " + ", ".join(m.value for m in Metric)) from None
+    span = 0.0
+    if metric_e is Metric.CONCURRENT:
+        if window not in ("", "concurrent"):
+            raise fail("a concurrent limit has no window", 'leave window out or "concurrent"')
+        kind = Kind.GAUGE
+    elif window in ("hour", "day", "request"):
+        kind = Kind(window)
+        if kind is Kind.REQUEST and metric_e is Metric.REQUESTS:
+            raise fail("a per-request cap of requests is always 1", "use a token or usd metric")
+    else:
+        m = _SPAN_RE.fullmatch(window.strip())
+        if not m:
+            raise fail(f"invalid window {window!r}",
+                       'a span such as "60s", "10m", "1h", or "hour", "day", "request"')
+        span = float(m.group(1)) * _UNIT[m.group(2)]
+        if not 0 < span <= 7 * 86400:
+            raise fail(f"window {window!r} out of range", "from 1s up to 168h")
+        kind = Kind.SLIDING
+    if not (isinstance(amount, (int, float)) and amount > 0 and math.isfinite(amount)):
+        raise fail(f"amount {amount!r} must be a positive number", "e.g. amount = 30")
+    if metric_e is not Metric.USD and amount != int(amount):
+        raise fail(f"amount {amount!r} must be a whole number for {metric}", "e.g. amount = 30")
+    if scope_e is Scope.TIER and match not in TIERS:
+        raise fail(f"tier scope needs match = one of {TIERS}", 'e.g. match = "authenticated"')
+    if scope_e in (Scope.GLOBAL, Scope.USER) and match:
+        raise fail(f"{scope} scope takes no match", "remove match, or use scope model/route")
+    if not 1 <= buckets <= 3600:
+        raise fail(f"buckets {buckets} out of range", "from 1 to 3600 (default 60)")
+    units = round(amount * MICRO) if metric_e is Metric.USD else int(amount)
+    return Rule(name, scope_e, metric_e, kind, span, units, match, buckets, shadow)
+
+
+def compile_rules(config: object, where: str = "") -> list[Rule]:
+    """Rules from a ``LimitsConfig``: each validated, names unique, zone known."""
+    rules = []
+    seen = set()
+    for row in config.rules:  # type: ignore[attr-defined]
+        if row.name in seen:
+            raise ConfigError(f"two rules are named {row.name!r}", source=where,
+                              key="limits.rules", hint="give every rule its own name")
+        seen.add(row.name)
+        rules.append(parse_rule(row.name, row.scope, row.metric, row.window, row.amount,
+                                row.match, row.buckets, row.shadow, where=where))
+    _zone(config.timezone, where)  # type: ignore[attr-defined]
+    return rules
+
+
+class Estimate(NamedTuple):
+    input_tokens: int
+    output_tokens: int
+    micro_usd: int
+
+
+class Subject(NamedTuple):
+    """Who asks, for what: selects and keys the rules."""
+
+    user: str = ""
+    key: str = ""  # partitions anonymous callers (API key, client address); "" = shared
+    model: str = ""
+    route: str = ""
+
+    @property
+    def tier(self) -> str:
+        return "authenticated" if self.user else "anonymous"
+
+
+class Denial(NamedTuple):
+    limit: str
+    reason: str  # "limit" or "retry_loop"
+    used: int
+    amount: int
+    retry_after: float  # seconds; math.inf when it can never fit
+
+
+class Decision(NamedTuple):
+    allowed: bool
+    lease: str  # "" when denied
+    denial: Denial | None
+    estimate: Estimate
+    near: tuple[str, ...]  # limits at or above the near fraction after this admit
+    shadow_denials: tuple[str, ...]  # shadow rules that would have denied
+
+
+class LimitState(NamedTuple):
+    name: str
+    scope: str
+    key: str
+    metric: str
+    window: str
+    amount: int
+    used: int
+    shadow: bool
+
+
+class _Calendar:
+    """Total of the current calendar period."""
+
+    __slots__ = ("period", "total")
+
+    def __init__(self) -> None:
+        self.period = -math.inf
+        self.total = 0
+
+
+class _Reservation(NamedTuple):
+    counter_key: tuple[int, str]
+    kind: Kind
+    slot: float  # bucket index (sliding) or period start (calendar); unused for gauges
+    amount: int
+    metric: Metric
+
+
+class _Lease:
+    __slots__ = ("id", "reservations", "expires", "estimate", "state", "subject")
+
+    def __init__(self, lease_id: str, reservations: list[_Reservation], expires: float,
+                 estimate: Estimate, subject: Subject) -> None:
+        self.subject = subject
+        self.id = lease_id
+        self.reservations = reservations
+        self.expires = expires
+        self.estimate = estimate
+        self.state = "open"  # open -> settled | released | expired
+
+
+class Usage(NamedTuple):
+    input_tokens: int
+    output_tokens: int
+    micro_usd: int
+
+
+class SettleResult(NamedTuple):
+    found: bool
+    duplicate: bool  # already settled: nothing changed
+    expired: bool  # settled after expiry: the truth replaced the estimate all the same
+
+
+class Engine:
+    def __init__(self, rules: Sequence[Rule], *, zone: str = "UTC", lease_ttl: float = 300.0,
+                 near_fraction: float = 0.8, retry_loop_max: int = 0,
+                 retry_loop_window: float = 60.0, remembered_leases: int = 100_000) -> None:
+        self.rules = list(rules)
+        self.zone = _zone(zone)
+        self.lease_ttl = lease_ttl
+        self.near_fraction = near_fraction
+        self.retry_loop_max = retry_loop_max
+        self.retry_loop_window = retry_loop_window
+        self._counters: dict[tuple[int, str], object] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._expiry: deque[tuple[float, str]] = deque()  # leases in admission order
+        self._done: OrderedDict[str, _Lease] = OrderedDict()  # settled/expired, for idempotence
+        self._remembered = remembered_leases
+        self._recent: dict[tuple[str, bytes], deque[float]] = {}
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4).hex()
+
+    def reconfigure(self, rules: Sequence[Rule], *, zone: str, lease_ttl: float,
+                    near_fraction: float, retry_loop_max: int,
+                    retry_loop_window: float) -> None:
+        """Take new rules (SIGHUP). Counters and open reservations of a rule that keeps its
+        name and shape (scope, metric, window) carry over, whatever its amount; the others
+        start empty."""
+        shape = lambda r: (r.name, r.scope, r.metric, r.kind, r.span, r.buckets)  # noqa: E731
+        new_index = {shape(r): i for i, r in enumerate(rules)}
+        remap = {i: new_index.get(shape(r)) for i, r in enumerate(self.rules)}
+        self._counters = {(remap[i], key): c for (i, key), c in self._counters.items()
+                          if remap[i] is not None}
+        for lease in itertools.chain(self._leases.values(), self._done.values()):
+            lease.reservations = [r._replace(counter_key=(remap[r.counter_key[0]],
+                                                          r.counter_key[1]))
+                                  for r in lease.reservations
+                                  if remap[r.counter_key[0]] is not None]
+        self.rules = list(rules)
+        self.zone = _zone(zone)
+        self.lease_ttl = lease_ttl
+        self.near_fraction = near_fraction
+        self.retry_loop_max = retry_loop_max
+        self.retry_loop_window = retry_loop_window
+
+    # -- rules and counters ------------------------------------------------------------
+
+    def _applicable(self, subject: Subject) -> Iterable[tuple[int, Rule, str]]:
+        for index, rule in enumerate(self.rules):
+            scope = rule.scope
+            if scope is Scope.GLOBAL:
+                yield index, rule, ""
+            elif scope is Scope.USER:
+                yield index, rule, subject.user or subject.key
+            elif scope is Scope.TIER:
+                if rule.match == subject.tier:
+                    yield index, rule, subject.user or subject.key
+            elif scope is Scope.MODEL:
+                if subject.model and subject.model.startswith(rule.match):
+                    yield index, rule, subject.model
+            elif scope is Scope.ROUTE:
+                if subject.route and (not rule.match or subject.route == rule.match):
+                    yield index, rule, subject.route
+
+    @staticmethod
+    def _need(rule: Rule, estimate: Estimate) -> int:
+        metric = rule.metric
+        if metric is Metric.REQUESTS or metric is Metric.CONCURRENT:
+            return 1
+        if metric is Metric.INPUT_TOKENS:
+            return estimate.input_tokens
+        if metric is Metric.OUTPUT_TOKENS:
+            return estimate.output_tokens
+        if metric is Metric.TOTAL_TOKENS:
+            return estimate.input_tokens + estimate.output_tokens
+        return estimate.micro_usd
+
+    def _counter(self, index: int, key: str, rule: Rule) -> object:
+        counter = self._counters.get((index, key))
+        if counter is None:
+            if rule.kind is Kind.SLIDING:
+                counter = _native.SlidingWindow(rule.span, rule.buckets)
+            elif rule.kind in (Kind.HOUR, Kind.DAY):
+                counter = _Calendar()
+            elif rule.kind is Kind.GAUGE:
+                counter = [0]
+            else:
+                return None
+            self._counters[(index, key)] = counter
+        return counter
+
+    def period(self, kind: Kind, now: float) -> tuple[float, float]:
+        """``(start, end)`` epoch seconds of the hour or day holding ``now`` in the zone."""
+        local = datetime.fromtimestamp(now, self.zone)
+        if kind is Kind.HOUR:
+            start = local.replace(minute=0, second=0, microsecond=0)
+            return start.timestamp(), start.timestamp() + 3600.0
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        nxt = (start + timedelta(days=1)).replace(tzinfo=None)
+        end = datetime.combine(nxt.date(), nxt.time(), self.zone)
+        return start.timestamp(), end.timestamp()
+
+    def _used(self, rule: Rule, counter: object, now: float) -> int:
+        if rule.kind is Kind.SLIDING:
+            return counter.used(now)  # type: ignore[attr-defined]
+        if rule.kind is Kind.GAUGE:
+            return counter[0]  # type: ignore[index]
+        start, _ = self.period(rule.kind, now)
+        if counter.period != start:  # type: ignore[attr-defined]
+            counter.period, counter.total = start, 0  # type: ignore[attr-defined]
+        return counter.total  # type: ignore[attr-defined]
+
+    def _retry_after(self, rule: Rule, counter: object, need: int, now: float) -> float:
+        if need > rule.amount:
+            return math.inf
+        if rule.kind is Kind.SLIDING:
+            return counter.retry_after(now, need, rule.amount)  # type: ignore[attr-defined]
+        if rule.kind is Kind.GAUGE:
+            return math.inf  # frees when a lease ends: no time can be promised
+        return self.period(rule.kind, now)[1] - now
+
+    # -- admit / settle / release ------------------------------------------------------
+
+    def admit(self, subject: Subject, estimate: Estimate, now: float,
+              fingerprint: bytes = b"") -> Decision:
+        """Reserve ``estimate`` on every applicable rule, all or none."""
+        self.expire(now)
+        if fingerprint and self.retry_loop_max:
+            denial = self._retry_loop(subject, fingerprint, now)
+            if denial is not None:
+                return Decision(False, "", denial, estimate, (), ())
+        plan = []
+        denial: Denial | None = None
+        shadow = []
+        for index, rule, key in self._applicable(subject):
+            need = self._need(rule, estimate)
+            counter = self._counter(index, key, rule)
+            used = 0 if counter is None else self._used(rule, counter, now)
+            if used + need > rule.amount:
+                if rule.shadow:
+                    shadow.append(rule.name)
+                else:
+                    wait = (math.inf if counter is None and need > rule.amount
+                            else self._retry_after(rule, counter, need, now))
+                    if denial is None or wait > denial.retry_after:
+                        denial = Denial(rule.name, "limit", used, rule.amount, wait)
+            if counter is not None:
+                plan.append((index, key, rule, counter, need, used))
+        if denial is not None:
+            return Decision(False, "", denial, estimate, (), tuple(shadow))
+        reservations = []
+        near = []
+        for index, key, rule, counter, need, used in plan:
+            if rule.kind is Kind.SLIDING:
+                slot = float(counter.add(now, need))  # type: ignore[attr-defined]
+            elif rule.kind is Kind.GAUGE:
+                counter[0] += need  # type: ignore[index]
+                slot = 0.0
+            else:
+                counter.total += need  # type: ignore[attr-defined]
+                slot = counter.period  # type: ignore[attr-defined]
+            reservations.append(_Reservation((index, key), rule.kind, slot, need, rule.metric))
+            if used + need >= self.near_fraction * rule.amount:
+                near.append(rule.name)
+        lease_id = f"{self._prefix}-{next(self._ids)}"
+        lease = _Lease(lease_id, reservations, now + self.lease_ttl, estimate, subject)
+        self._leases[lease_id] = lease
+        self._expiry.append((lease.expires, lease_id))
+        return Decision(True, lease_id, None, estimate, tuple(near), tuple(shadow))
+
+    def _retry_loop(self, subject: Subject, fingerprint: bytes, now: float) -> Denial | None:
+        key = (subject.user or subject.key, fingerprint)
+        times = self._recent.get(key)
+        if times is None:
+            times = self._recent[key] = deque()
+        while times and times[0] <= now - self.retry_loop_window:
+            times.popleft()
+        if len(times) >= self.retry_loop_max:
+            return Denial("retry_loop", "retry_loop", len(times), self.retry_loop_max,
+                          times[0] + self.retry_loop_window - now)
+        times.append(now)
+        return None
+
+    def settle(self, lease_id: str, usage: Usage, now: float) -> SettleResult:
+        """Replace the lease's estimate by ``usage``. Settling again changes nothing."""
+        lease = self._leases.pop(lease_id, None)
+        expired = False
+        if lease is None:
+            lease = self._done.get(lease_id)
+            if lease is None:
+                return SettleResult(False, False, False)
+            if lease.state != "expired":
+                return SettleResult(True, True, False)
+            expired = True
+        actual = Estimate(usage.input_tokens, usage.output_tokens, usage.micro_usd)
+        for r in lease.reservations:
+            if r.kind is Kind.GAUGE:
+                if not expired:
+                    self._gauge_down(r)
+                continue
+            if r.metric is Metric.REQUESTS:
+                continue
+            delta = self._need_for(r.metric, actual) - r.amount
+            self._adjust(r, delta, now)
+        lease.state = "settled"
+        self._remember(lease)
+        return SettleResult(True, False, expired)
+
+    def release(self, lease_id: str, now: float) -> bool:
+        """Cancel an unused reservation: every amount it reserved is given back."""
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return False
+        for r in lease.reservations:
+            if r.kind is Kind.GAUGE:
+                self._gauge_down(r)
+            else:
+                self._adjust(r, -r.amount, now)
+        lease.state = "released"
+        self._remember(lease)
+        return True
+
+    def expire(self, now: float) -> int:
+        """Expire leases past their TTL: the estimate stays spent, the slot is freed."""
+        expired = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, lease_id = self._expiry.popleft()
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                continue
+            for r in lease.reservations:
+                if r.kind is Kind.GAUGE:
+                    self._gauge_down(r)
+            lease.state = "expired"
+            self._remember(lease)
+            expired += 1
+        return expired
+
+    @staticmethod
+    def _need_for(metric: Metric, e: Estimate) -> int:
+        if metric is Metric.INPUT_TOKENS:
+            return e.input_tokens
+        if metric is Metric.OUTPUT_TOKENS:
+            return e.output_tokens
+        if metric is Metric.TOTAL_TOKENS:
+            return e.input_tokens + e.output_tokens
+        return e.micro_usd
+
+    def _gauge_down(self, r: _Reservation) -> None:
+        counter = self._counters.get(r.counter_key)
+        if counter is not None:
+            counter[0] = max(0, counter[0] - r.amount)  # type: ignore[index]
+
+    def _adjust(self, r: _Reservation, delta: int, now: float) -> None:
+        counter = self._counters.get(r.counter_key)
+        if counter is None or not delta:
+            return
+        if r.kind is Kind.SLIDING:
+            counter.adjust(int(r.slot), delta, now)  # type: ignore[attr-defined]
+        elif counter.period == r.slot:  # type: ignore[attr-defined]
+            counter.total = max(0, counter.total + delta)  # type: ignore[attr-defined]
+
+    def _remember(self, lease: _Lease) -> None:
+        self._done[lease.id] = lease
+        if len(self._done) > self._remembered:
+            self._done.popitem(last=False)
+
+    # -- views and housekeeping --------------------------------------------------------
+
+    def state(self, now: float, user: str | None = None) -> list[LimitState]:
+        """Current use of every counter (of ``user``'s keyed counters when given)."""
+        out = []
+        for (index, key), counter in sorted(self._counters.items()):
+            rule = self.rules[index]
+            if user is not None and rule.scope in (Scope.USER, Scope.TIER) and key != user:
+                continue
+            used = self._used(rule, counter, now)
+            window = {Kind.SLIDING: f"{rule.span:g}s", Kind.GAUGE: "concurrent"}.get(
+                rule.kind, rule.kind.value)
+            out.append(LimitState(rule.name, rule.scope.value, key, rule.metric.value, window,
+                                  rule.amount, used, rule.shadow))
+        return out
+
+    def evict_idle(self, now: float) -> int:
+        """Drop counters whose windows are empty and that no open lease points at."""
+        held = {r.counter_key for lease in self._leases.values() for r in lease.reservations}
+        idle = [k for k, c in self._counters.items()
+                if k not in held and self._used(self.rules[k[0]], c, now) == 0]
+        for k in idle:
+            del self._counters[k]
+        for key in [k for k, t in self._recent.items()
+                    if not t or t[-1] <= now - self.retry_loop_window]:
+            del self._recent[key]
+        return len(idle)
+
+    @property
+    def open_leases(self) -> int:
+        return len(self._leases)
+
+    def lease_subject(self, lease_id: str) -> Subject | None:
+        """Who a lease (open, or remembered after it ended) was admitted for."""
+        lease = self._leases.get(lease_id) or self._done.get(lease_id)
+        return None if lease is None else lease.subject
+
+
+def _zone(name: str, where: str = "") -> timezone | ZoneInfo:
+    if name.upper() == "UTC":
+        return timezone.utc
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"unknown time zone {name!r}", source=where, key="limits.timezone",
+                          hint='an IANA name such as "UTC" or "Europe/Berlin"') from None

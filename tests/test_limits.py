@@ -1,0 +1,355 @@
+"""The limits engine with an injected clock, and the admit/settle/release/limits ops
+through a real daemon."""
+import math
+import multiprocessing
+import os
+import time
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from sidecar import Client
+from sidecar import config as config_mod
+from sidecar._native.window import SlidingWindow
+from sidecar.errors import ConfigError
+from sidecar.limits import (
+    Engine, Estimate, Kind, Subject, Usage, compile_rules, parse_rule,
+)
+
+ALICE = Subject(user="alice", model="gpt-4o")
+
+
+def rule(name, scope, metric, window, amount, **kw):
+    return parse_rule(name, scope, metric, window, amount, **kw)
+
+
+# --- the sliding window ----------------------------------------------------------------
+
+
+def test_window_edges_are_exact():
+    w = SlidingWindow(60.0, 60)  # 1 s buckets
+    assert w.add(10.25, 7) == 10
+    assert w.used(70.99) == 7  # bucket 10 is still one of buckets 10..70
+    assert w.used(71.0) == 0  # bucket 71 begins: bucket 10 leaves
+    w = SlidingWindow(60.0, 60)
+    w.add(10.25, 7)
+    assert w.retry_after(30.0, 1, 7) == pytest.approx(41.0)  # at 71.0, exactly
+    assert w.retry_after(30.0, 0, 7) == 0.0
+    assert math.isinf(w.retry_after(30.0, 8, 7))
+
+
+def test_window_never_overshoots_any_interval():
+    # Whatever the arrival times, the admitted sum in any 60 s interval stays <= limit.
+    import random
+
+    rng = random.Random(7)
+    limit, span = 50, 60.0
+    w = SlidingWindow(span, 60)
+    admitted = []
+    t = 0.0
+    for _ in range(5000):
+        t += rng.expovariate(2.0)
+        n = rng.randint(1, 5)
+        if w.used(t) + n <= limit:
+            w.add(t, n)
+            admitted.append((t, n))
+    for i, (start, _) in enumerate(admitted):
+        total = sum(n for (s, n) in admitted[i:] if s < start + span)
+        assert total <= limit
+
+
+def test_window_adjust_and_bounds():
+    w = SlidingWindow(10.0, 10)
+    b = w.add(5.0, 10)
+    assert w.adjust(b, -4, 6.0) and w.used(6.0) == 6
+    assert w.adjust(b, -100, 6.0) and w.used(6.0) == 0  # never below zero
+    assert not w.adjust(b, 5, 30.0)  # long gone
+    with pytest.raises(ValueError):
+        SlidingWindow(0.0, 10)
+
+
+# --- rules ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("r", "planet", "requests", "60s", 1), "unknown scope"),
+    (("r", "user", "tokens", "60s", 1), "unknown metric"),
+    (("r", "user", "requests", "fortnight", 1), "invalid window"),
+    (("r", "user", "requests", "60s", 0), "positive"),
+    (("r", "user", "requests", "60s", 1.5), "whole number"),
+    (("r", "tier", "requests", "60s", 1), "tier scope needs match"),
+    (("r", "user", "concurrent", "60s", 1), "no window"),
+    (("r", "user", "requests", "request", 1), "always 1"),
+])
+def test_bad_rules_are_refused(args, fragment):
+    with pytest.raises(ConfigError, match=fragment) as info:
+        parse_rule(*args, where="limits.toml")
+    assert info.value.source == "limits.toml" and info.value.key == "limits.rules.r"
+    assert info.value.hint
+
+
+def test_malformed_limit_in_a_config_file(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[[limits.rules]]\nname = "x"\nscope = "user"\nmetric = "requests"\n'
+                 'window = "60 parsecs"\namount = 5\n')
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(p, {})
+    assert info.value.source == str(p) and info.value.key == "limits.rules.x"
+    assert "invalid window" in str(info.value) and "hint:" in str(info.value)
+
+
+def test_default_rules_are_the_seeds():
+    rules = {r.name: r for r in compile_rules(config_mod.load(None, {}).limits)}
+    assert rules["authenticated-rpm"].amount == 30 and rules["anonymous-rpm"].amount == 5
+    assert rules["global-tpm"].amount == 150_000 and rules["user-tpm"].amount == 10_000
+    assert rules["request-tokens"].kind is Kind.REQUEST
+    assert rules["user-hour-tokens"].amount == 200_000
+    assert rules["user-day-tokens"].amount == 1_000_000
+    assert rules["global-hour-tokens"].amount == 5_000_000
+    assert rules["global-day-usd"].amount == 500 * 1_000_000
+
+
+# --- admit / settle / release ------------------------------------------------------------
+
+
+def test_all_or_none_across_limits():
+    e = Engine([rule("rpm", "user", "requests", "60s", 10),
+                rule("tpm", "user", "total_tokens", "60s", 100)])
+    ok = e.admit(ALICE, Estimate(60, 0, 0), 0.0)
+    assert ok.allowed
+    denied = e.admit(ALICE, Estimate(60, 0, 0), 1.0)
+    assert not denied.allowed and denied.denial.limit == "tpm"
+    assert denied.denial.used == 60 and denied.denial.amount == 100
+    assert denied.denial.retry_after == pytest.approx(60.0)  # bucket 0 leaves at 61
+    # the denied admit reserved nothing anywhere
+    state = {s.name: s.used for s in e.state(1.0)}
+    assert state == {"rpm": 1, "tpm": 60}
+
+
+def test_denial_names_the_limit_that_frees_last():
+    e = Engine([rule("rpm", "user", "requests", "10s", 1, buckets=10),
+                rule("day", "user", "requests", "day", 1)])
+    e.admit(ALICE, Estimate(0, 0, 0), 100.0)
+    d = e.admit(ALICE, Estimate(0, 0, 0), 101.0)
+    assert d.denial.limit == "day"
+    assert d.denial.retry_after == pytest.approx(86400 - 101.0)
+
+
+def test_per_request_cap_and_tiers():
+    e = Engine([rule("cap", "global", "total_tokens", "request", 1000),
+                rule("auth", "tier", "requests", "60s", 2, match="authenticated"),
+                rule("anon", "tier", "requests", "60s", 1, match="anonymous")])
+    big = e.admit(ALICE, Estimate(900, 200, 0), 0.0)
+    assert not big.allowed and big.denial.limit == "cap" and math.isinf(big.denial.retry_after)
+    anon_a = Subject(key="10.0.0.1")
+    assert e.admit(anon_a, Estimate(1, 1, 0), 0.0).allowed
+    assert not e.admit(anon_a, Estimate(1, 1, 0), 0.0).allowed
+    assert e.admit(Subject(key="10.0.0.2"), Estimate(1, 1, 0), 0.0).allowed  # own key
+    assert e.admit(ALICE, Estimate(1, 1, 0), 0.0).allowed  # authenticated: other rule
+
+
+def test_settle_replaces_estimate_and_is_idempotent():
+    e = Engine([rule("tpm", "user", "total_tokens", "60s", 1000),
+                rule("usd", "global", "usd", "day", 1.0)])
+    d = e.admit(ALICE, Estimate(100, 400, 300_000), 0.0)
+    first = e.settle(d.lease, Usage(120, 30, 50_000), 1.0)
+    assert first.found and not first.duplicate
+    again = e.settle(d.lease, Usage(999, 999, 999_999), 2.0)
+    assert again.duplicate
+    state = {s.name: s.used for s in e.state(2.0)}
+    assert state == {"tpm": 150, "usd": 50_000}
+    assert not e.settle("no-such-lease", Usage(1, 1, 1), 2.0).found
+
+
+def test_release_gives_everything_back():
+    e = Engine([rule("rpm", "user", "requests", "60s", 1),
+                rule("conc", "user", "concurrent", "", 1)])
+    d = e.admit(ALICE, Estimate(5, 5, 0), 0.0)
+    assert not e.admit(ALICE, Estimate(5, 5, 0), 1.0).allowed
+    assert e.release(d.lease, 2.0)
+    assert not e.release(d.lease, 2.0)
+    assert e.admit(ALICE, Estimate(5, 5, 0), 3.0).allowed
+
+
+def test_lease_expiry_frees_concurrency_and_keeps_spend():
+    e = Engine([rule("conc", "user", "concurrent", "", 1),
+                rule("day", "user", "total_tokens", "day", 1000)], lease_ttl=30.0)
+    d = e.admit(ALICE, Estimate(300, 100, 0), 0.0)
+    blocked = e.admit(ALICE, Estimate(1, 1, 0), 10.0)
+    assert not blocked.allowed and blocked.denial.limit == "conc"
+    assert math.isinf(blocked.denial.retry_after)
+    assert e.expire(30.0) == 1
+    later = e.admit(ALICE, Estimate(1, 1, 0), 31.0)
+    assert later.allowed  # the slot came back
+    state = {s.name: s.used for s in e.state(31.0)}
+    assert state["day"] == 402  # the expired lease kept its 400
+    # a late settle still replaces the estimate with the truth, and frees no second slot
+    late = e.settle(d.lease, Usage(50, 50, 0), 40.0)
+    assert late.found and late.expired
+    assert {s.name: s.used for s in e.state(40.0)}["day"] == 102
+    assert {s.name: s.used for s in e.state(40.0)}["conc"] == 1
+
+
+def test_calendar_day_in_a_dst_zone():
+    e = Engine([rule("day", "user", "requests", "day", 1)], zone="Europe/Berlin")
+    berlin = ZoneInfo("Europe/Berlin")
+    # 2026-03-29 is 23 hours long in Berlin (clocks go forward at 02:00)
+    start = datetime(2026, 3, 29, 0, 0, tzinfo=berlin).timestamp()
+    end = datetime(2026, 3, 30, 0, 0, tzinfo=berlin).timestamp()
+    assert end - start == 23 * 3600
+    assert e.period(Kind.DAY, start + 5) == (start, end)
+    assert e.admit(ALICE, Estimate(0, 0, 0), start + 5).allowed
+    d = e.admit(ALICE, Estimate(0, 0, 0), end - 1)
+    assert not d.allowed and d.denial.retry_after == pytest.approx(1.0)
+    assert e.admit(ALICE, Estimate(0, 0, 0), end).allowed
+    # the repeated hour in October is two distinct hour periods
+    fall = datetime(2026, 10, 25, 2, 30, tzinfo=berlin)
+    first = fall.replace(fold=0).timestamp()
+    second = fall.replace(fold=1).timestamp()
+    assert second - first == 3600
+    assert e.period(Kind.HOUR, first)[0] != e.period(Kind.HOUR, second)[0]
+
+
+def test_shadow_rules_count_and_allow():
+    e = Engine([rule("strict", "user", "requests", "60s", 1, shadow=True)])
+    e.admit(ALICE, Estimate(0, 0, 0), 0.0)
+    d = e.admit(ALICE, Estimate(0, 0, 0), 1.0)
+    assert d.allowed and d.shadow_denials == ("strict",)
+    assert {s.name: s.used for s in e.state(1.0)}["strict"] == 2
+
+
+def test_near_limit_is_reported():
+    e = Engine([rule("rpm", "user", "requests", "60s", 5)], near_fraction=0.8)
+    names = [e.admit(ALICE, Estimate(0, 0, 0), float(i)).near for i in range(5)]
+    assert names == [(), (), (), ("rpm",), ("rpm",)]
+
+
+def test_retry_loop_guard():
+    e = Engine([rule("rpm", "user", "requests", "60s", 100)], retry_loop_max=3,
+               retry_loop_window=10.0)
+    same = b"\x01" * 16
+    for i in range(3):
+        assert e.admit(ALICE, Estimate(0, 0, 0), float(i), same).allowed
+    d = e.admit(ALICE, Estimate(0, 0, 0), 3.0, same)
+    assert not d.allowed and d.denial.reason == "retry_loop"
+    assert d.denial.retry_after == pytest.approx(7.0)
+    assert e.admit(ALICE, Estimate(0, 0, 0), 3.0, b"\x02" * 16).allowed  # other prompt
+    assert e.admit(Subject(user="bob"), Estimate(0, 0, 0), 3.0, same).allowed  # other user
+    assert e.admit(ALICE, Estimate(0, 0, 0), 10.5, same).allowed  # window moved on
+
+
+def test_idle_counters_are_evicted():
+    e = Engine([rule("rpm", "user", "requests", "10s", 5, buckets=10)])
+    for i in range(100):
+        e.release(e.admit(Subject(user=f"u{i}"), Estimate(0, 0, 0), 0.0).lease, 0.0)
+    d = e.admit(Subject(user="keeper"), Estimate(0, 0, 0), 0.0)
+    assert e.evict_idle(20.0) == 100  # the keeper's lease still points at its counter
+    assert len(e.state(20.0)) == 1
+    assert e.settle(d.lease, Usage(0, 0, 0), 20.0).found
+
+
+def test_reconfigure_keeps_counters_of_unchanged_rules():
+    e = Engine([rule("rpm", "user", "requests", "60s", 5), rule("old", "user", "requests", "day", 9)])
+    e.admit(ALICE, Estimate(0, 0, 0), 0.0)
+    e.reconfigure([rule("rpm", "user", "requests", "60s", 1)], zone="UTC", lease_ttl=300,
+                  near_fraction=0.8, retry_loop_max=0, retry_loop_window=60)
+    d = e.admit(ALICE, Estimate(0, 0, 0), 1.0)
+    assert not d.allowed and d.denial.used == 1 and d.denial.amount == 1
+
+
+# --- through the daemon -----------------------------------------------------------------
+
+
+LIMITED = """
+[limits]
+retry_loop_max = 0
+[[limits.rules]]
+name = "hundred"
+scope = "global"
+metric = "requests"
+window = "60s"
+amount = 100
+"""
+
+
+def _admit_many(path, n, out):
+    with Client(path, timeout=30) as c:
+        allowed = 0
+        for _ in range(n):
+            allowed += c.admit(user="u", input_tokens=1, max_tokens=1).allowed
+    out.put(allowed)
+
+
+def test_four_processes_admit_exactly_the_limit(start_daemon):
+    d = start_daemon(LIMITED)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_admit_many, args=(str(d.path), 1000, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert sum(results) == 100
+
+
+def test_ops_round_trip(start_daemon):
+    d = start_daemon(LIMITED.replace("amount = 100", "amount = 2"))
+    with Client(d.path) as c:
+        a = c.admit(user="alice", model="gpt-4o", text="What is the capital of France?",
+                    max_tokens=50)
+        assert a.allowed and a.lease and a.input_tokens > 0 and a.output_tokens == 50
+        assert a.usd > 0 and a.usd_known
+        s = c.settle(a.lease, input_tokens=10, output_tokens=5)
+        assert s.found and not s.duplicate and 0 < s.usd < a.usd
+        assert c.settle(a.lease, input_tokens=10, output_tokens=5).duplicate
+        b = c.admit(user="alice", input_tokens=1)
+        denied = c.admit(user="alice", input_tokens=1)
+        assert not denied.allowed and denied.reason == "limit" and denied.limit == "hundred"
+        assert denied.used == 2 and denied.amount == 2 and 0 < denied.retry_after <= 61
+        assert c.release(b.lease).released and not c.release(b.lease).released
+        rows = {r.name: r for r in c.limits().limits}
+        assert rows["hundred"].used == 1
+    assert d.stop() == 0
+
+
+def test_admit_waits_in_line_until_room(start_daemon):
+    d = start_daemon(LIMITED.replace('window = "60s"\namount = 100',
+                                     'window = "2s"\namount = 1\nbuckets = 20'))
+    with Client(d.path, timeout=10) as c:
+        assert c.admit(user="a", input_tokens=1).allowed
+        start = time.monotonic()
+        waited = c.admit(user="a", input_tokens=1, wait=5.0)
+        took = time.monotonic() - start
+        assert waited.allowed and 1.0 < took < 4.5
+        quick = c.admit(user="a", input_tokens=1, wait=0.2)  # retry_after > wait: no queueing
+        assert not quick.allowed
+    assert d.stop() == 0
+
+
+def test_waiters_are_served_first_come_first_served(start_daemon):
+    d = start_daemon(LIMITED.replace('metric = "requests"\nwindow = "60s"\namount = 100',
+                                     'metric = "concurrent"\namount = 1'))
+    import threading
+
+    order = []
+    with Client(d.path, timeout=20) as c:
+        first = c.admit(user="a", input_tokens=1)
+
+        def waiter(tag):
+            r = c.admit(user=tag, input_tokens=1, wait=15.0)
+            order.append(tag)
+            c.release(r.lease)
+
+        threads = []
+        for tag in ("w1", "w2", "w3"):
+            t = threading.Thread(target=waiter, args=(tag,))
+            t.start()
+            threads.append(t)
+            time.sleep(0.2)  # arrive in this order
+        c.release(first.lease)
+        for t in threads:
+            t.join(20)
+    assert order == ["w1", "w2", "w3"]
+    assert d.stop() == 0
