@@ -153,6 +153,12 @@ def _print_stats(stats: object) -> None:
         codes = ", ".join(f"{c}={n}" for c, n in op.errors.items())
         print(f"{name:<14}{op.requests:>10}{sum(op.errors.values()):>8}"
               f"{op.p50_us:>10.1f}{op.p99_us:>10.1f}  {codes}")
+    if stats.limit_denials or stats.limit_alerts:
+        print()
+        print(f"open leases {stats.open_leases}; denials: "
+              + (", ".join(f"{k}={v}" for k, v in stats.limit_denials.items()) or "none")
+              + "; alerts: " + (", ".join(f"{k}={v}" for k, v in stats.limit_alerts.items())
+                                or "none"))
     print()
     print(f"build: {stats.build.python}; protocol {stats.build.protocol}; "
           + ", ".join(f"{k} {v}" for k, v in stats.build.libraries.items()))

@@ -117,7 +117,27 @@ class LimitsConfig(_Section):
     #: denied with reason retry_loop; 0 turns the guard off
     retry_loop_max: Annotated[int, msgspec.Meta(ge=0)] = 5
     retry_loop_window: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
+    #: use fractions of a limit that raise a log alert (and a stats counter) when crossed
+    alert_thresholds: tuple[Annotated[float, msgspec.Meta(gt=0, le=1)], ...] = (0.5, 0.8, 1.0)
     rules: tuple[LimitRuleConfig, ...] = DEFAULT_LIMIT_RULES
+
+
+class PriceConfig(_Section):
+    """USD per million tokens."""
+
+    input: Annotated[float, msgspec.Meta(ge=0)]
+    output: Annotated[float, msgspec.Meta(ge=0)]
+    cached_input: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    reasoning: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
+class PricingConfig(_Section):
+    #: a LiteLLM ``model_prices_and_context_window.json`` to load, "" for none
+    litellm_json: str = ""
+    #: model name (or prefix ending in "*") -> price; beats every other source
+    overrides: dict[str, PriceConfig] = msgspec.field(default_factory=dict)
+    #: the price of models no source knows (flagged as unknown in replies)
+    default: PriceConfig = PriceConfig(input=15.0, output=75.0)
 
 
 class LogConfig(_Section):
@@ -130,6 +150,7 @@ class Config(_Section):
     normalize: NormalizeConfig = NormalizeConfig()
     tokens: TokensConfig = TokensConfig()
     limits: LimitsConfig = LimitsConfig()
+    pricing: PricingConfig = PricingConfig()
     log: LogConfig = LogConfig()
     #: Where the settings came from (file path or "defaults"); not a setting itself.
     source: str = "defaults"
@@ -154,6 +175,8 @@ HINTS: dict[str, str] = {
     "limits.rules": 'a list of [[limits.rules]] tables with name, scope, metric, window, amount',
     "limits.timezone": 'an IANA zone for hour/day budgets, e.g. "UTC" or "Europe/Berlin"',
     "limits.lease_ttl": "seconds a reservation lives without a settle (then it keeps its estimate)",
+    "pricing.litellm_json": "path to a LiteLLM model_prices_and_context_window.json",
+    "pricing.overrides": '[pricing.overrides] "my-model" = { input = 1.0, output = 2.0 }',
     "log.level": "one of debug, info, warning, error",
     "log.format": "text for people, json for log collectors",
 }
@@ -163,7 +186,7 @@ RESTART_ONLY = ("server.socket", "server.socket_mode")
 
 _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig, "normalize": NormalizeConfig, "tokens": TokensConfig,
-    "limits": LimitsConfig, "log": LogConfig,
+    "limits": LimitsConfig, "pricing": PricingConfig, "log": LogConfig,
 }
 _MODE_RE = re.compile(r"0?[0-7]{3}")
 _PATH_RE = re.compile(r"`\$((?:\.[A-Za-z_]\w*)+)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import importlib.metadata
+import logging
 import math
 import os
 import platform
@@ -21,7 +22,7 @@ from .config import Config
 from .metrics import Metrics
 from .normalize import Normalizer
 from .limits import MICRO, Decision, Engine, Estimate, Subject, Usage, compile_rules
-from .pricing import PricingRegistry, Usage as PricedUsage
+from .pricing import Price, PricingRegistry, Usage as PricedUsage
 from .protocol import (
     OPS, PROTOCOL_VERSION, Admit, AdmitReply, BuildInfo, Count, CountReply, Fingerprint,
     FingerprintReply, Hello, HelloReply, Limits, LimitsReply, LimitUse, Ping, Pong,
@@ -41,6 +42,7 @@ class Deferred:
 
 
 Handler = Callable[[Request], "Reply | Deferred"]
+log = logging.getLogger("sidecar.handlers")
 
 
 def _seconds(value: float) -> float | None:
@@ -75,7 +77,9 @@ class Handlers:
         self.config = config
         self.normalizer = Normalizer(config.normalize.filler_words)
         self.tokenizer = self._tokenizer(config)
-        self.pricing = PricingRegistry()
+        self.pricing = self._pricing(config)
+        self.alerts: dict[str, int] = {}  # "limit@80%" -> times crossed
+        self.denials: dict[str, int] = {}  # limit name (or "retry_loop") -> denials
         self.engine = Engine(compile_rules(config.limits), **self._engine_settings(config))
         #: FIFO queues of admits waiting for room, by the limit that denied them
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
@@ -104,11 +108,23 @@ class Handlers:
         limits = config.limits
         return dict(zone=limits.timezone, lease_ttl=limits.lease_ttl,
                     near_fraction=limits.near_fraction, retry_loop_max=limits.retry_loop_max,
-                    retry_loop_window=limits.retry_loop_window)
+                    retry_loop_window=limits.retry_loop_window,
+                    alert_thresholds=limits.alert_thresholds)
+
+    @staticmethod
+    def _pricing(config: Config) -> PricingRegistry:
+        def price(p: object) -> Price:
+            return Price(p.input, p.output, p.cached_input, p.reasoning)  # type: ignore[attr-defined]
+
+        pricing = config.pricing
+        return PricingRegistry(
+            overrides={name: price(p) for name, p in pricing.overrides.items()},
+            litellm_json=pricing.litellm_json or None, default=price(pricing.default))
 
     def reload(self, config: Config) -> None:
         normalizer = Normalizer(config.normalize.filler_words)
         tokenizer = self._tokenizer(config)
+        self.pricing = self._pricing(config)
         self.engine.reconfigure(compile_rules(config.limits), **self._engine_settings(config))
         self.config = config
         self.normalizer = normalizer
@@ -199,6 +215,19 @@ class Handlers:
             shadow=list(decision.shadow_denials), ttl=self.engine.lease_ttl,
         )
 
+    def _observe(self, subject: Subject, decision: Decision) -> None:
+        """Alerts into the log and stats; denials counted by limit."""
+        for crossed in decision.crossed:
+            self.alerts[crossed] = self.alerts.get(crossed, 0) + 1
+            log.warning("limit alert: %s crossed (user %r, model %r)", crossed,
+                        subject.user or subject.key, subject.model)
+        if decision.denial is not None:
+            name = decision.denial.limit
+            self.denials[name] = self.denials.get(name, 0) + 1
+        for name in decision.shadow_denials:
+            log.info("shadow limit %s would have denied (user %r)", name,
+                     subject.user or subject.key)
+
     def _scale_of(self, limit: str) -> int:
         for rule in self.engine.rules:
             if rule.name == limit:
@@ -209,6 +238,7 @@ class Handlers:
         subject = Subject(req.user, req.key, req.model, req.route)
         estimate, known, prompt = self._estimate(req)
         decision = self.engine.admit(subject, estimate, time.time(), prompt)
+        self._observe(subject, decision)
         denial = decision.denial
         if (denial is not None and req.wait > 0 and denial.reason == "limit"
                 and denial.retry_after <= req.wait):
@@ -230,6 +260,7 @@ class Handlers:
             while True:
                 if queue[0] is me:
                     decision = self.engine.admit(subject, estimate, time.time())
+                    self._observe(subject, decision)
                     denial = decision.denial
                     if denial is None:
                         return self._admit_reply(req, decision, known)
@@ -313,6 +344,9 @@ class Handlers:
             errors_total=errors,
             ops=self.metrics.snapshot(),
             build=self.build,
+            limit_alerts=dict(self.alerts),
+            limit_denials=dict(self.denials),
+            open_leases=self.engine.open_leases,
         )
 
 

@@ -183,6 +183,7 @@ class Decision(NamedTuple):
     estimate: Estimate
     near: tuple[str, ...]  # limits at or above the near fraction after this admit
     shadow_denials: tuple[str, ...]  # shadow rules that would have denied
+    crossed: tuple[str, ...] = ()  # alert thresholds this admit crossed: "name@80%"
 
 
 class LimitState(NamedTuple):
@@ -242,8 +243,10 @@ class SettleResult(NamedTuple):
 class Engine:
     def __init__(self, rules: Sequence[Rule], *, zone: str = "UTC", lease_ttl: float = 300.0,
                  near_fraction: float = 0.8, retry_loop_max: int = 0,
-                 retry_loop_window: float = 60.0, remembered_leases: int = 100_000) -> None:
+                 retry_loop_window: float = 60.0, remembered_leases: int = 100_000,
+                 alert_thresholds: Sequence[float] = (0.5, 0.8, 1.0)) -> None:
         self.rules = list(rules)
+        self.alert_thresholds = tuple(sorted(alert_thresholds))
         self.zone = _zone(zone)
         self.lease_ttl = lease_ttl
         self.near_fraction = near_fraction
@@ -259,8 +262,8 @@ class Engine:
         self._prefix = os.urandom(4).hex()
 
     def reconfigure(self, rules: Sequence[Rule], *, zone: str, lease_ttl: float,
-                    near_fraction: float, retry_loop_max: int,
-                    retry_loop_window: float) -> None:
+                    near_fraction: float, retry_loop_max: int, retry_loop_window: float,
+                    alert_thresholds: Sequence[float] = (0.5, 0.8, 1.0)) -> None:
         """Take new rules (SIGHUP). Counters and open reservations of a rule that keeps its
         name and shape (scope, metric, window) carry over, whatever its amount; the others
         start empty."""
@@ -280,6 +283,7 @@ class Engine:
         self.near_fraction = near_fraction
         self.retry_loop_max = retry_loop_max
         self.retry_loop_window = retry_loop_window
+        self.alert_thresholds = tuple(sorted(alert_thresholds))
 
     # -- rules and counters ------------------------------------------------------------
 
@@ -388,6 +392,7 @@ class Engine:
             return Decision(False, "", denial, estimate, (), tuple(shadow))
         reservations = []
         near = []
+        crossed = []
         for index, key, rule, counter, need, used in plan:
             if rule.kind is Kind.SLIDING:
                 slot = float(counter.add(now, need))  # type: ignore[attr-defined]
@@ -398,13 +403,18 @@ class Engine:
                 counter.total += need  # type: ignore[attr-defined]
                 slot = counter.period  # type: ignore[attr-defined]
             reservations.append(_Reservation((index, key), rule.kind, slot, need, rule.metric))
-            if used + need >= self.near_fraction * rule.amount:
+            after = used + need
+            if after >= self.near_fraction * rule.amount:
                 near.append(rule.name)
+            if self.alert_thresholds and after >= self.alert_thresholds[0] * rule.amount:
+                crossed += [f"{rule.name}@{t:.0%}" for t in self.alert_thresholds
+                            if used < t * rule.amount <= after]
         lease_id = f"{self._prefix}-{next(self._ids)}"
         lease = _Lease(lease_id, reservations, now + self.lease_ttl, estimate, subject)
         self._leases[lease_id] = lease
         self._expiry.append((lease.expires, lease_id))
-        return Decision(True, lease_id, None, estimate, tuple(near), tuple(shadow))
+        return Decision(True, lease_id, None, estimate, tuple(near), tuple(shadow),
+                        tuple(crossed))
 
     def _retry_loop(self, subject: Subject, fingerprint: bytes, now: float) -> Denial | None:
         key = (subject.user or subject.key, fingerprint)

@@ -77,7 +77,7 @@ class Usage(NamedTuple):
 
 
 class Cost(NamedTuple):
-    micro_usd: int  # exact: the exact cost rounded up to a whole micro-dollar per request
+    micro_usd: int  # the exact cost, rounded up to a whole micro-dollar per request
     priced_as: str  # the key of the price used, "default" when the model is unknown
     known: bool  # False when the default price was used
 
@@ -141,7 +141,7 @@ def _rate(value: Any, what: str, source: str) -> int:
         exact = value if isinstance(value, Decimal) else Decimal(repr(value))
         if not exact.is_finite() or exact < 0:
             raise InvalidOperation
-        return int(exact.quantize(_STEP, rounding=ROUND_HALF_EVEN).scaleb(6))
+        return int(exact.quantize(_STEP, rounding=ROUND_HALF_EVEN) * _PICO_PER_USD_PER_MTOK)
     except InvalidOperation:
         raise ConfigError(f"a price must be a finite, non-negative number, not {value!r}",
                           source=source, key=what) from None

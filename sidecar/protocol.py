@@ -195,6 +195,9 @@ class StatsReply(Reply, tag="stats"):
     errors_total: int
     ops: dict[str, OpStats]  # op name ("invalid" for frames with no readable op)
     build: BuildInfo
+    limit_alerts: dict[str, int] = {}  # "limit@80%" -> times an admit crossed it
+    limit_denials: dict[str, int] = {}  # limit name or "retry_loop" -> denials
+    open_leases: int = 0
 
 
 class CountReply(Reply, tag="count"):

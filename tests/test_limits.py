@@ -353,3 +353,23 @@ def test_waiters_are_served_first_come_first_served(start_daemon):
             t.join(20)
     assert order == ["w1", "w2", "w3"]
     assert d.stop() == 0
+
+
+def test_alert_thresholds_are_crossed_once():
+    e = Engine([rule("day", "global", "usd", "day", 1.0)], alert_thresholds=(0.5, 0.8, 1.0))
+    crossed = [e.admit(ALICE, Estimate(0, 0, 300_000), float(i)).crossed for i in range(4)]
+    assert crossed == [(), ("day@50%",), ("day@80%",), ()]  # the 4th would pass 100%: denied
+
+
+def test_alerts_and_denials_in_stats_and_log(start_daemon):
+    d = start_daemon('[limits]\nretry_loop_max = 0\nalert_thresholds = [0.5, 1.0]\n'
+                     '[[limits.rules]]\nname = "tiny"\nscope = "user"\nmetric = "requests"\n'
+                     'window = "60s"\namount = 2\n')
+    with Client(d.path) as c:
+        for _ in range(3):
+            c.admit(user="alice", input_tokens=1)
+        stats = c.stats()
+    assert stats.limit_alerts == {"tiny@50%": 1, "tiny@100%": 1}
+    assert stats.limit_denials == {"tiny": 1}
+    assert d.stop() == 0
+    assert "limit alert: tiny@100% crossed" in d.log()
