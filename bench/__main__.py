@@ -1,4 +1,4 @@
-"""Command line of the benchmark package: ``python -m bench roundtrip|tokens [--quick] [--json]``.
+"""Command line of the benchmark package: ``python -m bench roundtrip|tokens|limits [--quick] [--json]``.
 
 Dispatches on a subcommand name with argparse; each subcommand lives in its own module and
 exposes ``run(args) -> int``. Only wiring here. The ``__main__`` guard matters: the
@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
                         "against tiktoken and bpe-openai")
     sp.add_argument("--quick", action="store_true", help="short run")
     sp.add_argument("--json", action="store_true", help="print all rows as JSON")
+    sp = sub.add_parser("limits", help="limits engine admit+settle: daemon over the socket and "
+                        "in-process, against the seed's Redis Lua and INCRBY+EXPIRE baselines")
+    sp.add_argument("--quick", action="store_true", help="short run")
+    sp.add_argument("--json", action="store_true", help="print all rows as JSON")
     return p
 
 
@@ -37,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import tokens
 
             return tokens.run(args)
+        if args.command == "limits":
+            from . import limits
+
+            return limits.run(args)
     except KeyboardInterrupt:
         print("interrupted (servers stopped, temporary files removed)", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ environment, including the socket-path resolution shared by the daemon and the c
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -117,6 +118,9 @@ class LimitsConfig(_Section):
     #: denied with reason retry_loop; 0 turns the guard off
     retry_loop_max: Annotated[int, msgspec.Meta(ge=0)] = 5
     retry_loop_window: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
+    #: where settled spend of windows over a minute is persisted; "" = the state
+    #: directory, one file per socket path; "off" = not persisted (a crash loses it)
+    journal: str = ""
     #: use fractions of a limit that raise a log alert (and a stats counter) when crossed
     alert_thresholds: tuple[Annotated[float, msgspec.Meta(gt=0, le=1)], ...] = (0.5, 0.8, 1.0)
     rules: tuple[LimitRuleConfig, ...] = DEFAULT_LIMIT_RULES
@@ -175,6 +179,7 @@ HINTS: dict[str, str] = {
     "limits.rules": 'a list of [[limits.rules]] tables with name, scope, metric, window, amount',
     "limits.timezone": 'an IANA zone for hour/day budgets, e.g. "UTC" or "Europe/Berlin"',
     "limits.lease_ttl": "seconds a reservation lives without a settle (then it keeps its estimate)",
+    "limits.journal": 'a file path, "" for the state directory, or "off"',
     "pricing.litellm_json": "path to a LiteLLM model_prices_and_context_window.json",
     "pricing.overrides": '[pricing.overrides] "my-model" = { input = 1.0, output = 2.0 }',
     "log.level": "one of debug, info, warning, error",
@@ -385,6 +390,27 @@ def cache_dir(env: Mapping[str, str] | None = None) -> Path:
         return Path(env["CACHE_DIRECTORY"].split(":")[0])
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "llm-sidecar"
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where durable state lives: systemd's STATE_DIRECTORY, else
+    ``$XDG_STATE_HOME/llm-sidecar``, else ``~/.local/state/llm-sidecar``."""
+    env = os.environ if env is None else env
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "llm-sidecar"
+
+
+def journal_path(config: Config, socket_path: Path) -> Path | None:
+    """The limits journal of the daemon serving ``socket_path`` (None when off)."""
+    setting = config.limits.journal
+    if setting == "off":
+        return None
+    if setting:
+        return Path(setting)
+    digest = hashlib.sha1(str(socket_path).encode()).hexdigest()[:12]
+    return state_dir() / f"limits-{digest}.journal"
 
 
 def notify_socket(env: Mapping[str, str] | None = None) -> str | None:

@@ -25,6 +25,7 @@ from . import config as config_mod
 from .config import Config
 from .errors import ConfigError, DaemonStartError, TokenizerUnavailable
 from .handlers import Handlers
+from .journal import Journal, JournalError
 from .metrics import Metrics
 from .protocol import OPS
 from .server import Server
@@ -133,7 +134,9 @@ class Daemon:
         #: A socket systemd owns: never claimed, bound or unlinked by us.
         self.inherited = inherited
         self.metrics = Metrics(OPS)
-        self.handlers = Handlers(config, self.metrics, str(path))
+        where = config_mod.journal_path(config, path)
+        self.journal = None if where is None else Journal(where)
+        self.handlers = Handlers(config, self.metrics, str(path), self.journal)
         self.server = Server(config, self.handlers, self.metrics)
         self._stop = asyncio.Event()
 
@@ -161,6 +164,8 @@ class Daemon:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         lock_fd = None if self.inherited else _claim(self.path)
+        if self.journal is not None:
+            await self._restore()
         try:
             sock = self.inherited or _bind(self.path, self.config.socket_mode)
             await self.server.start(sock)
@@ -179,6 +184,8 @@ class Daemon:
             self._unlink()
             busy = await self.server.drain(self.config.server.drain_timeout)
             housekeeping.cancel()
+            if self.journal is not None:
+                await self.journal.aclose()
             if busy:
                 log.warning("closed %d connections still busy after the drain timeout", busy)
             log.info("stopped")
@@ -186,6 +193,23 @@ class Daemon:
             self._unlink()
             if lock_fd is not None:
                 os.close(lock_fd)
+
+    async def _restore(self) -> None:
+        """Replay the limits journal into the engine, then start it afresh from a
+        snapshot so it never grows across restarts."""
+        assert self.journal is not None
+        try:
+            self.journal.path.parent.mkdir(parents=True, exist_ok=True)
+            records = self.journal.open()
+        except (OSError, JournalError) as exc:
+            raise DaemonStartError(f"cannot open the limits journal {self.journal.path}: "
+                                   f"{exc}; fix its directory or set limits.journal") from None
+        applied = self.handlers.restore(records, time.time())
+        log.info("limits journal %s: %d records, %d spends restored", self.journal.path,
+                 len(records), applied)
+        compacted = self.handlers.compact_journal(time.time())
+        if compacted is not None:
+            await compacted
 
     async def _housekeeping(self) -> None:
         """Once a second: lease expiry and idle-counter eviction in the limits engine."""

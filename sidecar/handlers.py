@@ -14,14 +14,18 @@ import math
 import os
 import platform
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from . import __version__
 from ._native import MODULES as NATIVE_MODULES, load as load_native
 from .config import Config
 from .metrics import Metrics
 from .normalize import Normalizer
-from .limits import MICRO, Decision, Engine, Estimate, Subject, Usage, compile_rules
+from .journal import Journal
+from .limits import (
+    MICRO, Decision, Engine, Estimate, Spend, Subject, Usage, compile_rules, decode_spend,
+    encode_spend,
+)
 from .pricing import Price, PricingRegistry, Usage as PricedUsage
 from .protocol import (
     OPS, PROTOCOL_VERSION, Admit, AdmitReply, BuildInfo, Count, CountReply, Fingerprint,
@@ -43,6 +47,11 @@ class Deferred:
 
 Handler = Callable[[Request], "Reply | Deferred"]
 log = logging.getLogger("sidecar.handlers")
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("persisting expired-lease spend failed: %s", future.exception())
 
 
 def _seconds(value: float) -> float | None:
@@ -68,7 +77,9 @@ def build_info() -> BuildInfo:
 
 
 class Handlers:
-    def __init__(self, config: Config, metrics: Metrics, socket_path: str) -> None:
+    def __init__(self, config: Config, metrics: Metrics, socket_path: str,
+                 journal: Journal | None = None) -> None:
+        self.journal = journal
         self.metrics = metrics
         self.socket_path = socket_path
         self.started = time.monotonic()
@@ -166,8 +177,15 @@ class Handlers:
 
     def housekeeping(self, now: float) -> None:
         """Once a second: expire leases past their TTL, drop idle counters."""
-        if self.engine.expire(now):
+        expired, spent = self.engine.expire(now)
+        if expired:
             self._wake_waiters()
+        if spent:
+            durable = self._persist(spent)  # nobody waits on an expiry: just log a failure
+            if durable is not None:
+                durable.add_done_callback(_log_failure)
+        if self.journal is not None and self.journal.needs_compaction:
+            self.compact_journal(now)
         self.engine.evict_idle(now)
 
     def _estimate(self, req: Admit) -> tuple[Estimate, bool, bytes]:
@@ -312,8 +330,38 @@ class Handlers:
                                     time.time())
         if result.found and not result.duplicate:
             self._wake_waiters()
-        return SettleReply(id=req.id, found=result.found, duplicate=result.duplicate,
-                           expired=result.expired, usd=micro / MICRO, durable=False)
+        reply = SettleReply(id=req.id, found=result.found, duplicate=result.duplicate,
+                            expired=result.expired, usd=micro / MICRO,
+                            durable=self.journal is not None)
+        if result.spent and self.journal is not None:
+            # acknowledged only once the spend is on disk
+            return Deferred(asyncio.ensure_future(self._after(self._persist(result.spent),
+                                                              reply)), req.id)
+        return reply
+
+    def _persist(self, spent: Sequence[Spend]) -> asyncio.Future[None] | None:
+        if self.journal is None:
+            return None
+        return self.journal.append_nowait(encode_spend(spent))
+
+    @staticmethod
+    async def _after(durable: asyncio.Future[None] | None, reply: Reply) -> Reply:
+        if durable is not None:
+            await durable
+        return reply
+
+    def restore(self, records: Sequence[bytes], now: float) -> int:
+        """Put the journal's spend back into the engine (at start)."""
+        spends = [spend for record in records for spend in decode_spend(record)]
+        return self.engine.restore(spends, now)
+
+    def compact_journal(self, now: float) -> asyncio.Future[None] | None:
+        """Replace the journal by the engine's current durable spend."""
+        if self.journal is None:
+            return None
+        snapshot = self.engine.snapshot(now)
+        chunks = [encode_spend(snapshot[i:i + 1000]) for i in range(0, len(snapshot), 1000)]
+        return self.journal.compact(chunks)
 
     def release(self, req: Release) -> ReleaseReply:
         released = self.engine.release(req.lease, time.time())

@@ -29,6 +29,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterable, NamedTuple, Sequence
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
+
 from ._native import load
 from .errors import ConfigError
 
@@ -234,10 +236,38 @@ class Usage(NamedTuple):
     micro_usd: int
 
 
+class Spend(NamedTuple):
+    """An amount kept in a long window (over ``DURABLE_SPAN`` seconds, or a calendar
+    period): what must survive a crash. ``slot`` is the bucket index or period start."""
+
+    rule: str
+    shape: str  # the rule's window, so a changed rule never takes another's spend
+    key: str
+    slot: float
+    amount: int
+
+
+#: Windows longer than this are persisted; shorter ones may restart empty.
+DURABLE_SPAN = 60.0
+
+_SPEND_ENCODER = msgspec.msgpack.Encoder()
+_SPEND_DECODER = msgspec.msgpack.Decoder(list[Spend])
+
+
+def encode_spend(spent: Sequence[Spend]) -> bytes:
+    """One journal record: the spend of one settle, expiry or snapshot chunk."""
+    return _SPEND_ENCODER.encode(list(spent))
+
+
+def decode_spend(record: bytes) -> list[Spend]:
+    return _SPEND_DECODER.decode(record)
+
+
 class SettleResult(NamedTuple):
     found: bool
     duplicate: bool  # already settled: nothing changed
     expired: bool  # settled after expiry: the truth replaced the estimate all the same
+    spent: tuple[Spend, ...] = ()  # what this settle added to long windows (to persist)
 
 
 class Engine:
@@ -441,18 +471,71 @@ class Engine:
                 return SettleResult(True, True, False)
             expired = True
         actual = Estimate(usage.input_tokens, usage.output_tokens, usage.micro_usd)
+        spent = []
         for r in lease.reservations:
             if r.kind is Kind.GAUGE:
                 if not expired:
                     self._gauge_down(r)
                 continue
-            if r.metric is Metric.REQUESTS:
-                continue
-            delta = self._need_for(r.metric, actual) - r.amount
-            self._adjust(r, delta, now)
+            amount = r.amount if r.metric is Metric.REQUESTS else self._need_for(r.metric, actual)
+            self._adjust(r, amount - r.amount, now)
+            # an expired lease's estimate was persisted at expiry: persist the difference
+            spend = self._spend(r, amount - r.amount if expired else amount)
+            if spend is not None:
+                spent.append(spend)
         lease.state = "settled"
         self._remember(lease)
-        return SettleResult(True, False, expired)
+        return SettleResult(True, False, expired, tuple(spent))
+
+    def _spend(self, r: _Reservation, amount: int) -> Spend | None:
+        rule = self.rules[r.counter_key[0]]
+        if not amount or rule.kind is Kind.REQUEST or (
+                rule.kind is Kind.SLIDING and rule.span <= DURABLE_SPAN):
+            return None
+        return Spend(rule.name, _shape(rule), r.counter_key[1], r.slot, amount)
+
+    def snapshot(self, now: float) -> list[Spend]:
+        """Settled and expired spend in long windows now: the counters less the estimates
+        of open leases (those become durable only when settled)."""
+        held: dict[tuple[tuple[int, str], float], int] = {}
+        for lease in self._leases.values():
+            for r in lease.reservations:
+                if r.kind is not Kind.GAUGE:
+                    k = (r.counter_key, r.slot)
+                    held[k] = held.get(k, 0) + r.amount
+        out = []
+        for (index, key), counter in self._counters.items():
+            rule = self.rules[index]
+            if rule.kind is Kind.SLIDING and rule.span > DURABLE_SPAN:
+                slots = counter.buckets_in_window(now)  # type: ignore[attr-defined]
+            elif rule.kind in (Kind.HOUR, Kind.DAY) and self._used(rule, counter, now):
+                slots = [(counter.period, counter.total)]  # type: ignore[attr-defined]
+            else:
+                continue
+            for slot, total in slots:
+                amount = total - held.get(((index, key), float(slot)), 0)
+                if amount > 0:
+                    out.append(Spend(rule.name, _shape(rule), key, float(slot), amount))
+        return out
+
+    def restore(self, spends: Iterable[Spend], now: float) -> int:
+        """Add persisted spend back (at start); skips spend of rules that are gone or
+        changed shape, and of periods or buckets already over. Returns how many applied."""
+        by_name = {rule.name: (i, rule) for i, rule in enumerate(self.rules)}
+        applied = 0
+        for spend in spends:
+            found = by_name.get(spend.rule)
+            if found is None or _shape(found[1]) != spend.shape:
+                continue
+            index, rule = found
+            counter = self._counter(index, spend.key, rule)
+            if rule.kind is Kind.SLIDING:
+                counter.used(now)  # type: ignore[attr-defined]
+                applied += counter.adjust(int(spend.slot), spend.amount, now)  # type: ignore
+            elif self._used(rule, counter, now) >= 0 and counter.period == spend.slot:  # type: ignore
+                counter.total = max(0, counter.total + spend.amount)  # type: ignore[attr-defined]
+                applied += 1
+        return applied
 
     def release(self, lease_id: str, now: float) -> bool:
         """Cancel an unused reservation: every amount it reserved is given back."""
@@ -468,9 +551,11 @@ class Engine:
         self._remember(lease)
         return True
 
-    def expire(self, now: float) -> int:
-        """Expire leases past their TTL: the estimate stays spent, the slot is freed."""
-        expired = 0
+    def expire(self, now: float) -> tuple[int, list[Spend]]:
+        """Expire leases past their TTL: the estimate stays spent (returned, to persist),
+        the concurrency slot is freed. Returns ``(leases expired, spend)``."""
+        spent = []
+        count = 0
         while self._expiry and self._expiry[0][0] <= now:
             _, lease_id = self._expiry.popleft()
             lease = self._leases.pop(lease_id, None)
@@ -479,10 +564,14 @@ class Engine:
             for r in lease.reservations:
                 if r.kind is Kind.GAUGE:
                     self._gauge_down(r)
+                else:
+                    spend = self._spend(r, r.amount)
+                    if spend is not None:
+                        spent.append(spend)
             lease.state = "expired"
             self._remember(lease)
-            expired += 1
-        return expired
+            count += 1
+        return count, spent
 
     @staticmethod
     def _need_for(metric: Metric, e: Estimate) -> int:
@@ -549,6 +638,10 @@ class Engine:
         """Who a lease (open, or remembered after it ended) was admitted for."""
         lease = self._leases.get(lease_id) or self._done.get(lease_id)
         return None if lease is None else lease.subject
+
+
+def _shape(rule: Rule) -> str:
+    return f"{rule.kind.value}:{rule.span:g}:{rule.buckets}:{rule.metric.value}"
 
 
 def _zone(name: str, where: str = "") -> timezone | ZoneInfo:

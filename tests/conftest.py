@@ -32,6 +32,7 @@ class Daemon:
         if config is not None:
             cmd += ["--config", str(config)]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
+        full_env["XDG_STATE_HOME"] = str(workdir / "state")  # each test its own journal
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")
         # cwd is the temp dir so the source tree never shadows the installed package.

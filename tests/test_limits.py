@@ -179,7 +179,8 @@ def test_lease_expiry_frees_concurrency_and_keeps_spend():
     blocked = e.admit(ALICE, Estimate(1, 1, 0), 10.0)
     assert not blocked.allowed and blocked.denial.limit == "conc"
     assert math.isinf(blocked.denial.retry_after)
-    assert e.expire(30.0) == 1
+    count, spent = e.expire(30.0)
+    assert count == 1 and [(x.rule, x.amount) for x in spent] == [("day", 400)]
     later = e.admit(ALICE, Estimate(1, 1, 0), 31.0)
     assert later.allowed  # the slot came back
     state = {s.name: s.used for s in e.state(31.0)}
@@ -187,6 +188,7 @@ def test_lease_expiry_frees_concurrency_and_keeps_spend():
     # a late settle still replaces the estimate with the truth, and frees no second slot
     late = e.settle(d.lease, Usage(50, 50, 0), 40.0)
     assert late.found and late.expired
+    assert [(x.rule, x.amount) for x in late.spent] == [("day", -300)]  # the correction
     assert {s.name: s.used for s in e.state(40.0)}["day"] == 102
     assert {s.name: s.used for s in e.state(40.0)}["conc"] == 1
 
@@ -373,3 +375,101 @@ def test_alerts_and_denials_in_stats_and_log(start_daemon):
     assert stats.limit_denials == {"tiny": 1}
     assert d.stop() == 0
     assert "limit alert: tiny@100% crossed" in d.log()
+
+
+# --- durability -------------------------------------------------------------------------
+
+DAY = """
+[limits]
+retry_loop_max = 0
+[[limits.rules]]
+name = "day"
+scope = "user"
+metric = "total_tokens"
+window = "day"
+amount = 1000000000
+[[limits.rules]]
+name = "minute"
+scope = "user"
+metric = "total_tokens"
+window = "60s"
+amount = 1000000000
+"""
+
+
+def _used(client, name, user="u"):
+    return {r.name: r.used for r in client.limits(user).limits}.get(name, 0)
+
+
+def test_settled_spend_survives_a_restart(start_daemon):
+    d = start_daemon(DAY)
+    with Client(d.path) as c:
+        for k in (100, 250, 7):
+            lease = c.admit(user="u", input_tokens=1, max_tokens=1).lease
+            assert c.settle(lease, input_tokens=k).durable
+        open_lease = c.admit(user="u", input_tokens=5000, max_tokens=0).lease
+        assert _used(c, "day") == 357 + 5000
+    assert d.stop() == 0
+    d2 = start_daemon(DAY, socket_path=d.path)
+    with Client(d2.path) as c:
+        assert _used(c, "day") == 357  # the open lease's estimate was never settled
+        assert _used(c, "minute") == 0  # windows of a minute or less are not persisted
+        assert not c.settle(open_lease, input_tokens=1).found
+    assert "3 spends restored" in d2.log()
+
+
+def test_kill_9_during_a_settle_storm_loses_no_acknowledged_settle(start_daemon):
+    import random
+    import signal
+    import threading
+
+    d = start_daemon(DAY)
+    rng = random.Random(20261123)
+    acked = [0]
+    inflight = [0]
+    failed = threading.Event()
+
+    def storm():
+        with Client(d.path, timeout=5) as c:
+            try:
+                while True:
+                    lease = c.admit(user="u", input_tokens=1, max_tokens=1).lease
+                    k = rng.randint(1, 1000)
+                    inflight[0] = k
+                    c.settle(lease, input_tokens=k)
+                    acked[0] += k
+                    inflight[0] = 0
+            except Exception:
+                failed.set()
+
+    t = threading.Thread(target=storm)
+    t.start()
+    time.sleep(1.0)
+    d.signal(signal.SIGKILL)
+    assert failed.wait(15)
+    t.join(15)
+    d.proc.wait(15)
+    assert acked[0] > 0
+    d2 = start_daemon(DAY, socket_path=d.path)  # the stale socket is replaced
+    with Client(d2.path) as c:
+        used = _used(c, "day")
+    print(f"acknowledged {acked[0]} tokens, in flight {inflight[0]}, restored {used}")
+    assert used in (acked[0], acked[0] + inflight[0])
+
+
+def test_snapshot_and_restore_in_process():
+    rules = [rule("day", "user", "total_tokens", "day", 10_000),
+             rule("long", "user", "total_tokens", "2h", 10_000),
+             rule("short", "user", "total_tokens", "60s", 10_000)]
+    e = Engine(rules)
+    settled = e.admit(ALICE, Estimate(10, 10, 0), 100.0)
+    spent = e.settle(settled.lease, Usage(30, 0, 0), 101.0).spent
+    assert sorted(x.rule for x in spent) == ["day", "long"]
+    e.admit(ALICE, Estimate(500, 0, 0), 102.0)  # open: not in the snapshot
+    snap = e.snapshot(103.0)
+    assert sorted((x.rule, x.amount) for x in snap) == [("day", 30), ("long", 30)]
+    fresh = Engine(rules)
+    assert fresh.restore(snap, 104.0) == 2
+    assert {s.name: s.used for s in fresh.state(104.0)} == {"day": 30, "long": 30}
+    changed = Engine([rule("day", "user", "total_tokens", "hour", 10_000)])
+    assert changed.restore(snap, 104.0) == 0  # same name, other window: not taken
