@@ -91,6 +91,8 @@ class Handlers:
         self.pricing = self._pricing(config)
         self.alerts: dict[str, int] = {}  # "limit@80%" -> times crossed
         self.denials: dict[str, int] = {}  # limit name (or "retry_loop") -> denials
+        self.near: dict[str, int] = {}  # limit name -> admits that left it near its amount
+        self.shadow: dict[str, int] = {}  # shadow limit name -> admits it would have denied
         self.engine = Engine(compile_rules(config.limits), **self._engine_settings(config))
         #: FIFO queues of admits waiting for room, by the limit that denied them
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
@@ -242,7 +244,10 @@ class Handlers:
         if decision.denial is not None:
             name = decision.denial.limit
             self.denials[name] = self.denials.get(name, 0) + 1
+        for name in decision.near:
+            self.near[name] = self.near.get(name, 0) + 1
         for name in decision.shadow_denials:
+            self.shadow[name] = self.shadow.get(name, 0) + 1
             log.info("shadow limit %s would have denied (user %r)", name,
                      subject.user or subject.key)
 
@@ -394,6 +399,8 @@ class Handlers:
             build=self.build,
             limit_alerts=dict(self.alerts),
             limit_denials=dict(self.denials),
+            limit_near=dict(self.near),
+            limit_shadow=dict(self.shadow),
             open_leases=self.engine.open_leases,
         )
 

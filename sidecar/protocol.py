@@ -197,6 +197,8 @@ class StatsReply(Reply, tag="stats"):
     build: BuildInfo
     limit_alerts: dict[str, int] = {}  # "limit@80%" -> times an admit crossed it
     limit_denials: dict[str, int] = {}  # limit name or "retry_loop" -> denials
+    limit_near: dict[str, int] = {}  # limit name -> admits that left it >= near_fraction
+    limit_shadow: dict[str, int] = {}  # shadow limit -> admits it would have denied
     open_leases: int = 0
 
 

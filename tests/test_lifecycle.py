@@ -241,13 +241,17 @@ def test_systemd_socket_activation(tmp_path):
 
 def test_readme_python_example_runs(daemon):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    (snippet,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(snippets) == 2
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
     env["LLM_SIDECAR_SOCKET"] = str(daemon.path)
-    r = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
-                       env=env, timeout=60, cwd="/")
-    assert r.returncode == 0, r.stderr
-    assert "round trip" in r.stdout
+    out = ""
+    for snippet in snippets:
+        r = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                           env=env, timeout=60, cwd="/")
+        assert r.returncode == 0, r.stderr
+        out += r.stdout
+    assert "round trip" in out and "settled $" in out
 
 
 def test_readme_quick_start_has_two_commands():

@@ -373,6 +373,7 @@ def test_alerts_and_denials_in_stats_and_log(start_daemon):
         stats = c.stats()
     assert stats.limit_alerts == {"tiny@50%": 1, "tiny@100%": 1}
     assert stats.limit_denials == {"tiny": 1}
+    assert stats.limit_near == {"tiny": 1}  # the second admit left it at 2 of 2
     assert d.stop() == 0
     assert "limit alert: tiny@100% crossed" in d.log()
 
