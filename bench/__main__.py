@@ -1,4 +1,4 @@
-"""Command line of the benchmark package: ``python -m bench roundtrip|tokens|limits [--quick] [--json]``.
+"""Command line of the benchmark package: ``python -m bench COMMAND [--quick] [--json]``.
 
 Dispatches on a subcommand name with argparse; each subcommand lives in its own module and
 exposes ``run(args) -> int``. Only wiring here. The ``__main__`` guard matters: the

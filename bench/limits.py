@@ -584,7 +584,8 @@ def print_report(meta: dict, rows: list[Row], targets: list[dict]) -> None:
     print(f"socket/Redis: {s['calls']} timed calls per contender and placement after "
           f"{s['warmup']} warmup; pipelined: {s['batches']} batches after {s['batch_warmup']} "
           f"warmup; in-process: {s['inproc']} iterations after {s['inproc_warmup']} warmup")
-    print("placements: " + "; ".join(meta["placements"]) + f"; in-process on cpu{meta['inproc_cpu']}")
+    print("placements: " + "; ".join(meta["placements"])
+          + f"; in-process on cpu{meta['inproc_cpu']}")
     for note in meta["notes"]:
         print(f"note: {note}")
     print(f"contenders alternate in {ROUNDS} interleaved rounds; [lo-hi] = range of the "

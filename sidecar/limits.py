@@ -283,13 +283,15 @@ class Engine:
         self.retry_loop_max = retry_loop_max
         self.retry_loop_window = retry_loop_window
         self._counters: dict[tuple[int, str], object] = {}
+        # Open leases in admission order, which is expiry order (one TTL for all; after a
+        # reload that shortens it, a newer lease may outlive its TTL by the old one).
         self._leases: dict[str, _Lease] = {}
-        self._expiry: deque[tuple[float, str]] = deque()  # leases in admission order
         self._done: OrderedDict[str, _Lease] = OrderedDict()  # settled/expired, for idempotence
         self._remembered = remembered_leases
         self._recent: dict[tuple[str, bytes], deque[float]] = {}
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
+        self._periods: dict[Kind, tuple[float, float]] = {}
 
     def reconfigure(self, rules: Sequence[Rule], *, zone: str, lease_ttl: float,
                     near_fraction: float, retry_loop_max: int, retry_loop_window: float,
@@ -309,6 +311,7 @@ class Engine:
                                   if remap[r.counter_key[0]] is not None]
         self.rules = list(rules)
         self.zone = _zone(zone)
+        self._periods = {}
         self.lease_ttl = lease_ttl
         self.near_fraction = near_fraction
         self.retry_loop_max = retry_loop_max
@@ -363,6 +366,13 @@ class Engine:
 
     def period(self, kind: Kind, now: float) -> tuple[float, float]:
         """``(start, end)`` epoch seconds of the hour or day holding ``now`` in the zone."""
+        cached = self._periods.get(kind)
+        if cached is not None and cached[0] <= now < cached[1]:
+            return cached
+        cached = self._periods[kind] = self._period(kind, now)
+        return cached
+
+    def _period(self, kind: Kind, now: float) -> tuple[float, float]:
         local = datetime.fromtimestamp(now, self.zone)
         if kind is Kind.HOUR:
             start = local.replace(minute=0, second=0, microsecond=0)
@@ -442,7 +452,6 @@ class Engine:
         lease_id = f"{self._prefix}-{next(self._ids)}"
         lease = _Lease(lease_id, reservations, now + self.lease_ttl, estimate, subject)
         self._leases[lease_id] = lease
-        self._expiry.append((lease.expires, lease_id))
         return Decision(True, lease_id, None, estimate, tuple(near), tuple(shadow),
                         tuple(crossed))
 
@@ -556,11 +565,12 @@ class Engine:
         the concurrency slot is freed. Returns ``(leases expired, spend)``."""
         spent = []
         count = 0
-        while self._expiry and self._expiry[0][0] <= now:
-            _, lease_id = self._expiry.popleft()
-            lease = self._leases.pop(lease_id, None)
-            if lease is None:
-                continue
+        leases = self._leases
+        while leases:
+            lease = next(iter(leases.values()))
+            if lease.expires > now:
+                break
+            del leases[lease.id]
             for r in lease.reservations:
                 if r.kind is Kind.GAUGE:
                     self._gauge_down(r)

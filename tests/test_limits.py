@@ -349,7 +349,7 @@ def test_waiters_are_served_first_come_first_served(start_daemon):
             t = threading.Thread(target=waiter, args=(tag,))
             t.start()
             threads.append(t)
-            time.sleep(0.2)  # arrive in this order
+            time.sleep(0.5)  # arrive in this order
         c.release(first.lease)
         for t in threads:
             t.join(20)
