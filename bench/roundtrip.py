@@ -129,6 +129,7 @@ class ServerProcess:
         self.returncode: int | None = None
         # Defaults only: no LLM_SIDECAR_* config from the caller's environment.
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
+        env["XDG_STATE_HOME"] = workdir  # the daemon's limits journal goes in the temp dir
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         with open(self.log_path, "wb") as log:

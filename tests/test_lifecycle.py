@@ -223,6 +223,7 @@ def test_systemd_socket_activation(tmp_path):
         "os.execv(sys.executable, [sys.executable, '-m', 'sidecar', 'serve'])\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")
     log = tmp_path / "activated.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", launcher, str(listener.fileno())],
