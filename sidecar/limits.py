@@ -65,6 +65,8 @@ class Kind(enum.Enum):
 
 
 TIERS = ("authenticated", "anonymous")
+_NEED_AT = {Metric.REQUESTS: 0, Metric.CONCURRENT: 0, Metric.INPUT_TOKENS: 1,
+            Metric.OUTPUT_TOKENS: 2, Metric.TOTAL_TOKENS: 3, Metric.USD: 4}
 _SPAN_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h)")
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -292,6 +294,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self._periods: dict[Kind, tuple[float, float]] = {}
+        self._index_rules()
 
     def reconfigure(self, rules: Sequence[Rule], *, zone: str, lease_ttl: float,
                     near_fraction: float, retry_loop_max: int, retry_loop_window: float,
@@ -310,6 +313,7 @@ class Engine:
                                   for r in lease.reservations
                                   if remap[r.counter_key[0]] is not None]
         self.rules = list(rules)
+        self._index_rules()
         self.zone = _zone(zone)
         self._periods = {}
         self.lease_ttl = lease_ttl
@@ -320,35 +324,33 @@ class Engine:
 
     # -- rules and counters ------------------------------------------------------------
 
-    def _applicable(self, subject: Subject) -> Iterable[tuple[int, Rule, str]]:
+    def _index_rules(self) -> None:
+        # Per rule: where its need sits in the tuple admit builds (see _needs).
+        self._need_at = [_NEED_AT[r.metric] for r in self.rules]
+        self._by_scope: dict[Scope, list[tuple[int, Rule]]] = {s: [] for s in Scope}
         for index, rule in enumerate(self.rules):
-            scope = rule.scope
-            if scope is Scope.GLOBAL:
-                yield index, rule, ""
-            elif scope is Scope.USER:
-                yield index, rule, subject.user or subject.key
-            elif scope is Scope.TIER:
-                if rule.match == subject.tier:
-                    yield index, rule, subject.user or subject.key
-            elif scope is Scope.MODEL:
-                if subject.model and subject.model.startswith(rule.match):
-                    yield index, rule, subject.model
-            elif scope is Scope.ROUTE:
-                if subject.route and (not rule.match or subject.route == rule.match):
-                    yield index, rule, subject.route
+            self._by_scope[rule.scope].append((index, rule))
+
+    def _applicable(self, subject: Subject) -> list[tuple[int, Rule, str]]:
+        by_scope = self._by_scope
+        who = subject.user or subject.key
+        tier = subject.tier
+        out = [(i, r, "") for i, r in by_scope[Scope.GLOBAL]]
+        out += [(i, r, who) for i, r in by_scope[Scope.USER]]
+        out += [(i, r, who) for i, r in by_scope[Scope.TIER] if r.match == tier]
+        if subject.model:
+            out += [(i, r, subject.model) for i, r in by_scope[Scope.MODEL]
+                    if subject.model.startswith(r.match)]
+        if subject.route:
+            out += [(i, r, subject.route) for i, r in by_scope[Scope.ROUTE]
+                    if not r.match or subject.route == r.match]
+        return out
 
     @staticmethod
-    def _need(rule: Rule, estimate: Estimate) -> int:
-        metric = rule.metric
-        if metric is Metric.REQUESTS or metric is Metric.CONCURRENT:
-            return 1
-        if metric is Metric.INPUT_TOKENS:
-            return estimate.input_tokens
-        if metric is Metric.OUTPUT_TOKENS:
-            return estimate.output_tokens
-        if metric is Metric.TOTAL_TOKENS:
-            return estimate.input_tokens + estimate.output_tokens
-        return estimate.micro_usd
+    def _needs(e: Estimate) -> tuple[int, int, int, int, int]:
+        """Amounts by ``_NEED_AT`` position: a request, input, output, total, USD."""
+        return (1, e.input_tokens, e.output_tokens, e.input_tokens + e.output_tokens,
+                e.micro_usd)
 
     def _counter(self, index: int, key: str, rule: Rule) -> object:
         counter = self._counters.get((index, key))
@@ -414,8 +416,10 @@ class Engine:
         plan = []
         denial: Denial | None = None
         shadow = []
+        needs = self._needs(estimate)
+        need_at = self._need_at
         for index, rule, key in self._applicable(subject):
-            need = self._need(rule, estimate)
+            need = needs[need_at[index]]
             counter = self._counter(index, key, rule)
             used = 0 if counter is None else self._used(rule, counter, now)
             if used + need > rule.amount:
@@ -583,15 +587,8 @@ class Engine:
             count += 1
         return count, spent
 
-    @staticmethod
-    def _need_for(metric: Metric, e: Estimate) -> int:
-        if metric is Metric.INPUT_TOKENS:
-            return e.input_tokens
-        if metric is Metric.OUTPUT_TOKENS:
-            return e.output_tokens
-        if metric is Metric.TOTAL_TOKENS:
-            return e.input_tokens + e.output_tokens
-        return e.micro_usd
+    def _need_for(self, metric: Metric, e: Estimate) -> int:
+        return self._needs(e)[_NEED_AT[metric]]
 
     def _gauge_down(self, r: _Reservation) -> None:
         counter = self._counters.get(r.counter_key)
