@@ -300,7 +300,7 @@ class Journal:
             raise Overloaded(f"journal {self.path} is {self._pending_bytes} bytes behind "
                              f"(limit {self.max_pending_bytes}); the disk is not keeping up")
         tail = self._jobs[-1] if self._jobs else None
-        if True:
+        if not isinstance(tail, _Batch):
             tail = _Batch()
             self._jobs.append(tail)
         future: asyncio.Future[None] = loop.create_future()
