@@ -23,9 +23,9 @@ import uvloop
 
 from . import config as config_mod
 from .config import Config
-from .errors import ConfigError, DaemonStartError, TokenizerUnavailable
+from .errors import ConfigError, DaemonStartError, JournalError, TokenizerUnavailable
 from .handlers import Handlers
-from .journal import Journal, JournalError
+from .journal import Journal
 from .metrics import Metrics
 from .protocol import OPS
 from .server import Server

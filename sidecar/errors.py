@@ -123,5 +123,11 @@ def error_from_reply(code: int, message: str, request_id: int | None) -> Request
     return _BY_CODE[ecode](message, code=ecode, request_id=request_id)
 
 
+class JournalError(SidecarError):
+    """The journal cannot be used: not a journal file, unsupported version, locked by
+    another process, misuse (not open, closed, other event loop), or an I/O error while
+    writing (after which the journal refuses appends until it is opened again)."""
+
+
 class DaemonStartError(SidecarError):
     """The daemon cannot start: socket owned by a live daemon, unsafe directory, ..."""

@@ -51,7 +51,7 @@ log = logging.getLogger("sidecar.handlers")
 
 def _log_failure(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and future.exception() is not None:
-        log.error("persisting expired-lease spend failed: %s", future.exception())
+        log.error("limits journal write failed: %s", future.exception())
 
 
 def _seconds(value: float) -> float | None:
@@ -187,7 +187,9 @@ class Handlers:
             if durable is not None:
                 durable.add_done_callback(_log_failure)
         if self.journal is not None and self.journal.needs_compaction:
-            self.compact_journal(now)
+            compacted = self.compact_journal(now)
+            if compacted is not None:
+                compacted.add_done_callback(_log_failure)
         self.engine.evict_idle(now)
 
     def _estimate(self, req: Admit) -> tuple[Estimate, bool, bytes]:

@@ -32,7 +32,7 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from .errors import Overloaded, SidecarError
+from .errors import JournalError, Overloaded
 
 log = logging.getLogger("sidecar.journal")
 
@@ -48,12 +48,6 @@ MAX_PAYLOAD = (1 << 32) - 1
 
 # fdatasync is enough for appends: it also flushes the file size needed to read them back.
 _datasync = getattr(os, "fdatasync", os.fsync)
-
-
-class JournalError(SidecarError):
-    """The journal cannot be used: not a journal file, unsupported version, locked by
-    another process, misuse (not open, closed, other event loop), or an I/O error while
-    writing (after which the journal refuses appends until it is opened again)."""
 
 
 class JournalStats(NamedTuple):

@@ -2,7 +2,6 @@
 through a real daemon."""
 import math
 import multiprocessing
-import os
 import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
