@@ -266,7 +266,9 @@ class Handlers:
         self._observe(subject, decision)
         denial = decision.denial
         if (denial is not None and req.wait > 0 and denial.reason == "limit"
-                and denial.retry_after <= req.wait):
+                and not denial.never
+                and (denial.retry_after <= req.wait or math.isinf(denial.retry_after))):
+            # a finite retry_after within the wait, or a slot that frees when a lease ends
             task = asyncio.ensure_future(self._admit_waiting(req, subject, estimate, known,
                                                              denial.limit))
             return Deferred(task, req.id)

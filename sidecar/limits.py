@@ -177,7 +177,8 @@ class Denial(NamedTuple):
     reason: str  # "limit" or "retry_loop"
     used: int
     amount: int
-    retry_after: float  # seconds; math.inf when it can never fit
+    retry_after: float  # seconds; math.inf when no time can be promised
+    never: bool = False  # the request exceeds the amount itself: waiting cannot help
 
 
 class Decision(NamedTuple):
@@ -426,10 +427,10 @@ class Engine:
                 if rule.shadow:
                     shadow.append(rule.name)
                 else:
-                    wait = (math.inf if counter is None and need > rule.amount
-                            else self._retry_after(rule, counter, need, now))
-                    if denial is None or wait > denial.retry_after:
-                        denial = Denial(rule.name, "limit", used, rule.amount, wait)
+                    never = need > rule.amount
+                    wait = math.inf if never else self._retry_after(rule, counter, need, now)
+                    if denial is None or (never, wait) > (denial.never, denial.retry_after):
+                        denial = Denial(rule.name, "limit", used, rule.amount, wait, never)
             if counter is not None:
                 plan.append((index, key, rule, counter, need, used))
         if denial is not None:

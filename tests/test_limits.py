@@ -340,8 +340,9 @@ def test_waiters_are_served_first_come_first_served(start_daemon):
 
         def waiter(tag):
             r = c.admit(user=tag, input_tokens=1, wait=15.0)
-            order.append(tag)
-            c.release(r.lease)
+            order.append((tag, r.allowed))
+            time.sleep(0.1)
+            assert c.release(r.lease).released
 
         threads = []
         for tag in ("w1", "w2", "w3"):
@@ -352,8 +353,17 @@ def test_waiters_are_served_first_come_first_served(start_daemon):
         c.release(first.lease)
         for t in threads:
             t.join(20)
-    assert order == ["w1", "w2", "w3"]
+    assert order == [("w1", True), ("w2", True), ("w3", True)]
     assert d.stop() == 0
+
+
+def test_a_request_that_can_never_fit_does_not_wait(start_daemon):
+    d = start_daemon(LIMITED.replace('metric = "requests"\nwindow = "60s"\namount = 100',
+                                     'metric = "total_tokens"\nwindow = "request"\namount = 10'))
+    with Client(d.path) as c:
+        start = time.monotonic()
+        r = c.admit(user="a", input_tokens=100, wait=5.0)
+        assert not r.allowed and r.retry_after is None and time.monotonic() - start < 2
 
 
 def test_alert_thresholds_are_crossed_once():
