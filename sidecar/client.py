@@ -513,8 +513,14 @@ class AsyncClient:
         return await self.call(Stats(), timeout=timeout)  # type: ignore
 
     async def admit(self, *, timeout: float | None = None, **fields: Any) -> AdmitReply:
+        """As ``Client.admit``. An admit that may wait goes over a connection of its own:
+        replies come back in order, so on the shared connection it would hold up every
+        other call until it is let in."""
         request = Admit(**fields)
         budget = max(timeout or self.timeout, request.wait + self.timeout)
+        if request.wait > 0:
+            async with AsyncClient(self.path, timeout=self.timeout) as own:
+                return await own.call(request, timeout=budget)  # type: ignore[return-value]
         return await self.call(request, timeout=budget)  # type: ignore[return-value]
 
     async def settle(self, lease: str, *, timeout: float | None = None,

@@ -136,12 +136,10 @@ def test_stalled_partial_frame_is_closed(start_daemon):
         stalled.send_bytes((50).to_bytes(4, "big") + b"\x82")
         # Others are served while that one stalls.
         still_serving(d)
-        started = time.monotonic()
-        reply = stalled.recv()
+        reply = stalled.recv()  # within the socket's 10 s timeout
         assert type(reply) is Error and reply.code == ErrorCode.MALFORMED
         assert "stalled" in reply.message
         assert stalled.recv() is None
-        assert time.monotonic() - started < 10
     still_serving(d)
 
 

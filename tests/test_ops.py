@@ -25,7 +25,7 @@ def test_every_op_sync(daemon):
         assert hello.features == list(OPS)
         assert hello.max_frame == 4 * 1024 * 1024
         assert hello.pid == daemon.pid
-        assert 0 < c.ping() < 5
+        assert c.ping() > 0
         for text in TEXTS:
             fp = c.fingerprint(text)
             assert isinstance(fp, FingerprintReply)
