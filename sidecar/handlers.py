@@ -16,11 +16,14 @@ import platform
 import time
 from typing import Callable, Sequence
 
+import msgspec
+
 from . import __version__
 from ._native import MODULES as NATIVE_MODULES, load as load_native
 from .config import Config
 from .metrics import Metrics
 from .normalize import Normalizer
+from .errors import JournalError, Overloaded
 from .journal import Journal
 from .limits import (
     MICRO, Decision, Engine, Estimate, Spend, Subject, Usage, compile_rules, decode_spend,
@@ -344,8 +347,12 @@ class Handlers:
                             durable=self.journal is not None)
         if result.spent and self.journal is not None:
             # acknowledged only once the spend is on disk
-            return Deferred(asyncio.ensure_future(self._after(self._persist(result.spent),
-                                                              reply)), req.id)
+            try:
+                durable = self._persist(result.spent)
+            except (JournalError, Overloaded) as exc:
+                log.error("settle %s applied but not persisted: %s", req.lease, exc)
+                return msgspec.structs.replace(reply, durable=False)
+            return Deferred(asyncio.ensure_future(self._after(durable, reply)), req.id)
         return reply
 
     def _persist(self, spent: Sequence[Spend]) -> asyncio.Future[None] | None:
@@ -354,9 +361,15 @@ class Handlers:
         return self.journal.append_nowait(encode_spend(spent))
 
     @staticmethod
-    async def _after(durable: asyncio.Future[None] | None, reply: Reply) -> Reply:
-        if durable is not None:
-            await durable
+    async def _after(durable: asyncio.Future[None] | None, reply: SettleReply) -> SettleReply:
+        """The reply once the spend is synced; if the write fails, the settle stands
+        (it was applied, and a retry would be a duplicate) but says it is not durable."""
+        try:
+            if durable is not None:
+                await durable
+        except JournalError as exc:
+            log.error("settle %d applied but not persisted: %s", reply.id, exc)
+            return msgspec.structs.replace(reply, durable=False)
         return reply
 
     def restore(self, records: Sequence[bytes], now: float) -> int:

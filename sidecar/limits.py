@@ -14,8 +14,12 @@ configured zone; the period is the local hour or day, DST changes included) or
 ``admit`` reserves the estimate on every rule that applies, all or none, and returns a
 decision value; ``settle`` replaces the estimate by the real usage (idempotent);
 ``release`` cancels it; a lease not settled within its TTL expires, keeping its estimate
-and freeing its concurrency slot. Every method takes ``now`` (epoch seconds): the engine
-never reads a clock. Not thread-safe: the daemon calls it from its event loop.
+and freeing its concurrency slot. A retry-loop guard denies the same user repeating the
+same prompt fingerprint too often. What settles and expiries add to windows longer than a
+minute comes back as ``Spend`` records for the caller to persist (``encode_spend``), and
+``snapshot``/``restore`` carry that state across restarts. Every method takes ``now``
+(epoch seconds): the engine never reads a clock and does no I/O. Not thread-safe: the
+daemon calls it from its event loop.
 """
 from __future__ import annotations
 
