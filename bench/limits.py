@@ -52,8 +52,8 @@ from sidecar import config as sidecar_config
 from sidecar.limits import Engine, Estimate, Subject, Usage, compile_rules
 from sidecar.protocol import Admit, Settle
 
-from .roundtrip import (ROUNDS, Placement, ServerProcess, _cpu_model, _placements,
-                        _raise_on_sigterm, percentile, pin_process, split)
+from .roundtrip import (ROUNDS, Placement, ServerProcess, _placements, _raise_on_sigterm,
+                        host_meta, percentile, pin_process, split)
 
 REDIS_SERVER = "/usr/bin/redis-server"
 USERS = 1000
@@ -668,11 +668,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous_sigterm)
     meta = {
-        "quick": args.quick,
-        "nproc": os.cpu_count(),
-        "allowed_cpus": sorted(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "kernel": platform.release(),
+        **host_meta(args.quick),
         "versions": _versions(),
         "redis_server": "skipped" if skipped else _redis_server_version(),
         "rules": "user-rpm (user, requests, 60s), user-tpm (user, total_tokens, 60s), "

@@ -540,6 +540,17 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def host_meta(quick: bool) -> dict:
+    """What every benchmark report says about the machine it ran on."""
+    return {
+        "quick": quick,
+        "nproc": os.cpu_count(),
+        "allowed_cpus": sorted(os.sched_getaffinity(0)),
+        "cpu_model": _cpu_model(),
+        "kernel": platform.release(),
+    }
+
+
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -572,11 +583,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous_sigterm)
     meta = {
-        "quick": args.quick,
-        "nproc": os.cpu_count(),
-        "allowed_cpus": sorted(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "kernel": platform.release(),
+        **host_meta(args.quick),
         "versions": _versions(),
         "sizes": asdict(sizes),
         "batch": BATCH,
