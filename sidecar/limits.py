@@ -299,6 +299,8 @@ class Engine:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self._periods: dict[Kind, tuple[float, float]] = {}
+        self._held: dict[tuple[int, str], int] = {}  # counter -> open leases reserving on it
+        self._sweep: list[tuple[int, str]] = []  # counters still to look at for eviction
         self._index_rules()
 
     def reconfigure(self, rules: Sequence[Rule], *, zone: str, lease_ttl: float,
@@ -317,6 +319,10 @@ class Engine:
                                                           r.counter_key[1]))
                                   for r in lease.reservations
                                   if remap[r.counter_key[0]] is not None]
+        self._held = {}
+        for lease in self._leases.values():
+            self._hold(lease, 1)
+        self._sweep = []
         self.rules = list(rules)
         self._index_rules()
         self.zone = _zone(zone)
@@ -461,6 +467,7 @@ class Engine:
         lease_id = f"{self._prefix}-{next(self._ids)}"
         lease = _Lease(lease_id, reservations, now + self.lease_ttl, estimate, subject)
         self._leases[lease_id] = lease
+        self._hold(lease, 1)
         return Decision(True, lease_id, None, estimate, tuple(near), tuple(shadow),
                         tuple(crossed))
 
@@ -481,7 +488,9 @@ class Engine:
         """Replace the lease's estimate by ``usage``. Settling again changes nothing."""
         lease = self._leases.pop(lease_id, None)
         expired = False
-        if lease is None:
+        if lease is not None:
+            self._hold(lease, -1)
+        else:
             lease = self._done.get(lease_id)
             if lease is None:
                 return SettleResult(False, False, False)
@@ -560,6 +569,7 @@ class Engine:
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return False
+        self._hold(lease, -1)
         for r in lease.reservations:
             if r.kind is Kind.GAUGE:
                 self._gauge_down(r)
@@ -580,6 +590,7 @@ class Engine:
             if lease.expires > now:
                 break
             del leases[lease.id]
+            self._hold(lease, -1)
             for r in lease.reservations:
                 if r.kind is Kind.GAUGE:
                     self._gauge_down(r)
@@ -630,17 +641,34 @@ class Engine:
                                   rule.amount, used, rule.shadow))
         return out
 
-    def evict_idle(self, now: float) -> int:
-        """Drop counters whose windows are empty and that no open lease points at."""
-        held = {r.counter_key for lease in self._leases.values() for r in lease.reservations}
-        idle = [k for k, c in self._counters.items()
-                if k not in held and self._used(self.rules[k[0]], c, now) == 0]
-        for k in idle:
-            del self._counters[k]
-        for key in [k for k, t in self._recent.items()
-                    if not t or t[-1] <= now - self.retry_loop_window]:
-            del self._recent[key]
-        return len(idle)
+    def evict_idle(self, now: float, budget: int = 20_000) -> int:
+        """Drop counters whose windows are empty and that no open lease points at,
+        looking at up to ``budget`` counters per call (a full pass spans several calls,
+        so a sweep never stalls the caller however many keys there are)."""
+        if not self._sweep:
+            self._sweep = list(self._counters)
+            for key in [k for k, t in self._recent.items()
+                        if not t or t[-1] <= now - self.retry_loop_window]:
+                del self._recent[key]
+        batch = self._sweep[-budget:]
+        del self._sweep[-budget:]
+        evicted = 0
+        for k in batch:
+            counter = self._counters.get(k)
+            if (counter is not None and not self._held.get(k)
+                    and self._used(self.rules[k[0]], counter, now) == 0):
+                del self._counters[k]
+                evicted += 1
+        return evicted
+
+    def _hold(self, lease: _Lease, step: int) -> None:
+        held = self._held
+        for r in lease.reservations:
+            count = held.get(r.counter_key, 0) + step
+            if count:
+                held[r.counter_key] = count
+            else:
+                del held[r.counter_key]
 
     @property
     def open_leases(self) -> int:

@@ -506,3 +506,14 @@ def test_async_waiting_admit_does_not_hold_up_other_calls(start_daemon, run_asyn
 
     run_async(main())
     assert d.stop() == 0
+
+
+def test_eviction_is_incremental_and_spares_held_counters():
+    e = Engine([rule("out", "user", "output_tokens", "10s", 5, buckets=10)])
+    held = e.admit(Subject(user="keeper"), Estimate(0, 0, 0), 15.0)  # reserves 0 output tokens
+    for i in range(50):
+        e.release(e.admit(Subject(user=f"u{i}"), Estimate(0, 1, 0), 0.0).lease, 0.0)
+    evicted = [e.evict_idle(20.0, budget=20) for _ in range(3)]
+    assert evicted[:3] == [20, 20, 10]  # the keeper's empty counter is held by its lease
+    assert e.settle(held.lease, Usage(0, 4, 0), 20.0).found
+    assert {s.key: s.used for s in e.state(20.0)} == {"keeper": 4}
