@@ -80,6 +80,10 @@ def build_info() -> BuildInfo:
 
 
 class Handlers:
+    """Every op of the daemon over its components (normaliser, tokenizer, pricing, limits
+    engine, journal). Runs on the event loop; ops that must wait (a long count, a queued
+    admit, a settle being synced) return a ``Deferred``."""
+
     def __init__(self, config: Config, metrics: Metrics, socket_path: str,
                  journal: Journal | None = None) -> None:
         self.journal = journal
