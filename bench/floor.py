@@ -10,6 +10,7 @@ op, is answered with a Pong. SIGTERM or SIGINT stops it, removes the socket, exi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -60,10 +61,8 @@ async def serve(path: str) -> None:
         await stop.wait()
     finally:
         server.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ Servers are stopped and the temporary directory removed on every exit path, Ctrl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -114,14 +115,12 @@ def journal_setting(workdir: str) -> str:
 def _fs_type(path: str) -> str:
     """File system type of ``path`` (from /proc/self/mounts), e.g. "ext4"."""
     best, kind = "", "unknown fs"
-    try:
+    with contextlib.suppress(OSError):  # no /proc: the type stays unknown
         with open("/proc/self/mounts") as f:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 3 and path.startswith(parts[1]) and len(parts[1]) >= len(best):
                     best, kind = parts[1], parts[2]
-    except OSError:
-        pass
     return kind
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import importlib.metadata
 import json
 import multiprocessing
@@ -109,10 +110,8 @@ def pin_process(pid: int, cpu: int) -> None:
     except OSError:
         tids = [pid]
     for tid in tids:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
             os.sched_setaffinity(tid, {cpu})
-        except ProcessLookupError:
-            pass
 
 
 # --- servers ----------------------------------------------------------------------------
@@ -530,13 +529,11 @@ def print_report(meta: dict, rows: list[Row], targets: list[dict]) -> None:
 
 
 def _cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):  # no /proc: fall back to platform
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or "unknown CPU"
 
 

@@ -30,7 +30,7 @@ SOCKET_NAME = "llm.sock"
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
+    """A config table: frozen, and an unknown key is an error, not ignored."""
 
 
 class ServerConfig(_Section):

@@ -9,6 +9,7 @@ removes the socket and returns 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -223,11 +224,9 @@ class Daemon:
     def _unlink(self) -> None:
         if self.inherited:
             return
-        try:
+        with contextlib.suppress(FileNotFoundError):  # already gone is fine
             if stat.S_ISSOCK(self.path.lstat().st_mode):
                 self.path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def run(config: Config, path: Path | None, config_path: str | None) -> int:

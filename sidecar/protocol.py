@@ -49,7 +49,7 @@ class Hello(Request, tag="hello"):
 
 
 class Ping(Request, tag="ping"):
-    pass
+    """Liveness: answered with a ``Pong`` carrying the same id."""
 
 
 class Fingerprint(Request, tag="fingerprint"):
@@ -57,7 +57,7 @@ class Fingerprint(Request, tag="fingerprint"):
 
 
 class Stats(Request, tag="stats"):
-    pass
+    """Ask for the daemon's ``StatsReply``."""
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -160,7 +160,7 @@ class HelloReply(Reply, tag="hello"):
 
 
 class Pong(Reply, tag="ping"):
-    pass
+    """The reply to ``Ping``."""
 
 
 class FingerprintReply(Reply, tag="fingerprint"):

@@ -1,6 +1,7 @@
 """A bare socket speaking the framing by hand, for sending what no client would."""
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import msgspec
@@ -45,9 +46,7 @@ class Raw:
 
     def closed_by_peer(self) -> bool:
         """Drain replies until EOF; True when the daemon closed the connection."""
-        try:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
             while self.recv() is not None:
-                pass
-        except (ConnectionResetError, BrokenPipeError):
-            pass
+                continue  # replies to garbage are not the point: reaching EOF is
         return True

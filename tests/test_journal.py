@@ -40,6 +40,17 @@ async def append_all(j: Journal, records: list[bytes]) -> None:
     await asyncio.gather(*(j.append(r) for r in records))
 
 
+def write_journal(path: Path, records: list[bytes], run_async) -> None:
+    """A journal at ``path`` holding ``records``, closed."""
+    _, j = reopen(path)
+
+    async def fill():
+        await append_all(j, records)
+        await j.aclose()
+
+    run_async(fill())
+
+
 class HookedJournal(Journal):
     """Records which thread syncs and can stall or fail the sync like a slow or bad disk."""
 
@@ -207,13 +218,7 @@ def _grow_length(data, last):
 def test_damaged_last_record_is_dropped_alone(tmp_path, run_async, damage):
     path = tmp_path / "j"
     records = [b"%d:" % i + b"x" * 50 for i in range(20)]
-    _, j = reopen(path)
-
-    async def fill():
-        await append_all(j, records)
-        await j.aclose()
-
-    run_async(fill())
+    write_journal(path, records, run_async)
     last = _last_record_offset(records)
     damaged = damage(path.read_bytes(), last)
     path.write_bytes(damaged)
@@ -234,13 +239,7 @@ def test_damaged_last_record_is_dropped_alone(tmp_path, run_async, damage):
 def test_zero_filled_tail_is_dropped(tmp_path, run_async):
     """A length-0 record with CRC 0 must not pass: the CRC covers the length bytes."""
     path = tmp_path / "j"
-    _, j = reopen(path)
-
-    async def fill():
-        await append_all(j, [b"a", b"b"])
-        await j.aclose()
-
-    run_async(fill())
+    write_journal(path, [b"a", b"b"], run_async)
     with open(path, "ab") as f:
         f.write(bytes(4096))
     got, j2 = reopen(path)
@@ -459,13 +458,7 @@ def test_compaction_orders_with_concurrent_appends(tmp_path, run_async):
 def test_leftover_temp_file_leaves_the_old_state(tmp_path, run_async):
     """A compaction that wrote its temp file but never renamed it changes nothing."""
     path = tmp_path / "j"
-    _, j = reopen(path)
-
-    async def fill():
-        await append_all(j, [b"a", b"b"])
-        await j.aclose()
-
-    run_async(fill())
+    write_journal(path, [b"a", b"b"], run_async)
     tmp = tmp_path / "j.compact"
     tmp.write_bytes(_header(generation=1, snapshot=1))  # a complete-looking snapshot
     got, j2 = reopen(path)

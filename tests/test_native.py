@@ -2,15 +2,13 @@
 import importlib
 import importlib.machinery
 import os
-import sys
-import threading
-import time
 
 import pytest
 import xxhash
 from hypothesis import given, settings, strategies as st
 
 import oracle
+from gil import ticks_during
 import sidecar._native
 from sidecar.errors import ConfigError
 from sidecar.normalize import DEFAULT_FILLER_WORDS, Normalizer, canonical_filler_words
@@ -109,33 +107,8 @@ def test_lone_surrogates_are_removed_not_fatal():
 
 
 def test_large_input_releases_the_gil():
-    # With a 10 s switch interval a thread that wants the GIL cannot take it from a caller
-    # that holds it, so ticks counted during one call prove the native loop let it go.
-    n = Normalizer()
     text = "Some words, please! " * 1_000_000
-    ticks = [0]
-    started = threading.Event()
-    stop = threading.Event()
-
-    def other():
-        started.set()
-        while not stop.is_set():
-            ticks[0] += 1
-            time.sleep(0)  # hand the GIL back at once: ticks only while the caller lets go
-
-    old = sys.getswitchinterval()
-    t = threading.Thread(target=other)
-    t.start()
-    started.wait()
-    sys.setswitchinterval(10.0)
-    try:
-        before = ticks[0]
-        norm = n.normalize(text)
-        during = ticks[0] - before
-    finally:
-        sys.setswitchinterval(old)
-        stop.set()
-        t.join()
+    norm, during = ticks_during(lambda: Normalizer().normalize(text))
     assert norm == ("some words " * 1_000_000).strip()
     assert during > 0
 

@@ -1,18 +1,19 @@
 """Token counts against tiktoken itself, chat accounting by the published rules, the
 rank-table cache, and the count op through the daemon."""
+import contextlib
 import glob
+import json
 import os
 import random
 import select
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import tiktoken_oracle
+from gil import ticks_during
 from rawsock import Raw
 from sidecar import AsyncClient, Client
 from sidecar import tokens
@@ -37,12 +38,9 @@ def corpus() -> list[str]:
               for n in ("typing.py", "json/encoder.py", "textwrap.py")]
     found = []
     for path in paths:
-        try:
+        with contextlib.suppress(OSError, UnicodeDecodeError):  # the corpus is what exists
             with open(path, encoding="utf-8") as f:
                 found.append(f.read())
-        except (OSError, UnicodeDecodeError):
-            pass
-    import json
 
     found.append(json.dumps({"users": [{"id": i, "name": f"user{i}", "tags": ["a", "b"]}
                                        for i in range(200)]}, indent=2))
@@ -100,26 +98,7 @@ def test_special_tokens_are_text_unless_asked(pair):
 def test_long_input_counts_and_releases_the_gil():
     enc = tokens.get_encoding("o200k_base")
     text = corpus()[0] * 300
-    ticks = [0]
-    stop = threading.Event()
-
-    def other():
-        while not stop.is_set():
-            ticks[0] += 1
-            time.sleep(0)  # hand the GIL back at once: ticks only while the counter lets go
-
-    old = sys.getswitchinterval()
-    t = threading.Thread(target=other)
-    t.start()
-    sys.setswitchinterval(10.0)
-    try:
-        before = ticks[0]
-        n = enc.count(text)
-        during = ticks[0] - before
-    finally:
-        sys.setswitchinterval(old)
-        stop.set()
-        t.join()
+    n, during = ticks_during(lambda: enc.count(text))
     assert n == len(tiktoken_oracle.get("o200k_base").encode_ordinary(text))
     assert during > 0
 
@@ -306,8 +285,6 @@ def test_cli_count(tmp_path):
     r = run("--encoding", "cl100k_base", str(f))
     assert r.returncode == 0 and r.stdout.strip() == str(expected)
     r = run("--model", "gpt-4", "--json", "-", input=f.read_text())
-    import json
-
     data = json.loads(r.stdout)
     assert data["input_tokens"] == expected and data["exact"] is True
     r = run("--encoding", "nope", str(f))
