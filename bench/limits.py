@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -70,46 +71,23 @@ TARGET_LUA_RATIO = 6.0
 TARGET_FIXED_RATIO = 3.0
 TARGET_INPROC_US = 1.0
 
-CONFIG_TOML = f"""\
-# written by python -m bench limits
-[limits]
-retry_loop_max = 0
-@JOURNAL@
-[[limits.rules]]
-name = "user-rpm"
-scope = "user"
-metric = "requests"
-window = "60s"
-amount = {BIG}
+#: (name, scope, metric, window) of the rules the bench runs with, each at amount BIG
+RULES = (
+    ("user-rpm", "user", "requests", "60s"),
+    ("user-tpm", "user", "total_tokens", "60s"),
+    ("global-hour-tokens", "global", "total_tokens", "hour"),
+    ("global-day-usd", "global", "usd", "day"),
+)
 
-[[limits.rules]]
-name = "user-tpm"
-scope = "user"
-metric = "total_tokens"
-window = "60s"
-amount = {BIG}
 
-[[limits.rules]]
-name = "global-hour-tokens"
-scope = "global"
-metric = "total_tokens"
-window = "hour"
-amount = {BIG}
-
-[[limits.rules]]
-name = "global-day-usd"
-scope = "global"
-metric = "usd"
-window = "day"
-amount = {BIG}
-"""
-
-def journal_setting(workdir: str) -> str:
-    """``limits.journal`` for the config: a file in ``workdir``, so the daemon never writes
-    to the user's state directory; "" when this version of the daemon has no journal."""
-    if "journal" not in getattr(sidecar_config.LimitsConfig, "__struct_fields__", ()):
-        return ""
-    return os.path.join(workdir, "limits.journal")
+def config_toml(journal: str) -> str:
+    """The daemon's config: the rules above, no retry-loop guard, the journal at
+    ``journal`` (in the bench's temp dir, never the user's state directory)."""
+    rules = "".join(
+        f'\n[[limits.rules]]\nname = "{name}"\nscope = "{scope}"\nmetric = "{metric}"\n'
+        f'window = "{window}"\namount = {BIG}\n' for name, scope, metric, window in RULES)
+    return (f"# written by python -m bench limits\n[limits]\nretry_loop_max = 0\n"
+            f"journal = {json.dumps(journal)}\n{rules}")
 
 
 def _fs_type(path: str) -> str:
@@ -382,10 +360,8 @@ def redis_unavailable() -> str:
     """Why the Redis rows are skipped, or "" when they can run."""
     if not os.access(REDIS_SERVER, os.X_OK):
         return f"{REDIS_SERVER} not found: Redis baselines skipped"
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        return ("the redis package is not installed (pip install redis): "
+    if importlib.util.find_spec("redis") is None:
+        return ("the redis package is not installed (pip install '.[bench]'): "
                 "Redis baselines skipped")
     return ""
 
@@ -636,13 +612,10 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         config_path = os.path.join(workdir, "limits.toml")
-        journal = journal_setting(workdir)
         with open(config_path, "w") as f:
-            f.write(CONFIG_TOML.replace(
-                "@JOURNAL@", f"journal = {json.dumps(journal)}\n" if journal else ""))
-        if journal:
-            notes.append(f"limits journal in the temporary directory ({_fs_type(workdir)}); "
-                         "a settle is answered once its spend is synced (fdatasync)")
+            f.write(config_toml(os.path.join(workdir, "limits.journal")))
+        notes.append(f"limits journal in the temporary directory ({_fs_type(workdir)}); "
+                     "a settle is answered once its spend is synced (fdatasync)")
         sock = os.path.join(workdir, "daemon.sock")
         servers["daemon"] = ServerProcess(
             "daemon", [sys.executable, "-m", "sidecar", "serve", "--socket", sock,
@@ -670,9 +643,7 @@ def run(args: argparse.Namespace) -> int:
         **host_meta(args.quick),
         "versions": _versions(),
         "redis_server": "skipped" if skipped else _redis_server_version(),
-        "rules": "user-rpm (user, requests, 60s), user-tpm (user, total_tokens, 60s), "
-                 "global-hour-tokens (global, total_tokens, hour), "
-                 "global-day-usd (global, usd, day)",
+        "rules": ", ".join(f"{n} ({sc}, {m}, {w})" for n, sc, m, w in RULES),
         "sizes": asdict(sizes),
         "batch": BATCH,
         "placements": [pl.describe() for pl in placements],
