@@ -1,11 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""Sliding-window counters for the limits engine (compiled core). Time is always an argument.
+"""The limits engine's compiled core: window counters, the rule table, admit/settle/release
+over C records. Time is always an argument; nothing here reads a clock or does I/O.
 
-A window of ``span`` seconds is split into ``buckets`` sub-buckets of ``width = span /
-buckets`` seconds. An amount added at time ``t`` lands in bucket ``floor(t / width)``. At
-time ``now`` (bucket ``b``) the window counts buckets ``b - buckets .. b``: ``buckets + 1``
-of them, so every amount is counted for at least ``span`` seconds and at most ``span +
-width``. Hence, exactly:
+Sliding windows. A window of ``span`` seconds is split into ``buckets`` sub-buckets of
+``width = span / buckets`` seconds. An amount added at time ``t`` lands in bucket
+``floor(t / width)``. At time ``now`` (bucket ``b``) the window counts buckets
+``b - buckets .. b``: ``buckets + 1`` of them, so every amount is counted for at least
+``span`` seconds and at most ``span + width``. Hence, exactly:
 
 - the sum admitted in ANY interval of length ``span`` never exceeds the limit (no
   overshoot, unlike fixed windows);
@@ -15,12 +16,70 @@ width``. Hence, exactly:
 - ``retry_after`` is exact for this model: the time until enough old buckets leave the
   window for the request to fit, assuming nothing else is added meanwhile.
 
-Amounts are integers (requests, tokens, micro-dollars). Clocks that step backwards are
-treated as standing still. Imported only by ``sidecar.limits``.
+Burst allowance (pacing). A sliding rule may also carry ``burst = B`` seconds: then its
+amount must also be spent at the steady pace ``amount / span``, with a client allowed to
+run at most ``B`` seconds ahead of that pace (the generic cell rate algorithm with
+tolerance ``B``). With ``T = span / amount`` seconds per unit, a counter keeps a
+theoretical arrival time ``tat``; a request of ``n`` units at ``now`` passes when
+``tat - now <= B`` and then sets ``tat = max(tat, now) + n * T``; otherwise it is denied
+(reason ``burst``) with ``retry_after = tat - B - now``, exact. So 30 per 60 s with
+``B = 2`` lets two requests through back to back and then one every 2 s, while the window
+still caps any 60 s at 30. A request of any size passes when the caller is on pace: pacing
+delays what follows a large request instead of refusing it forever.
+
+Calendar totals count one period (hour or day in the engine's zone; the engine passes the
+period's start). Gauges (concurrent requests) count open leases.
+
+The rule table groups counters by key space: one for global rules, one per user or
+anonymous key (user and tier rules), one per model, one per route. A key's counters live
+in one ``Keyed`` record, so an admit does one dictionary lookup per key space, then C.
+Leases are C arrays of reservations. Amounts are integers (requests, tokens,
+micro-dollars). Clocks that step backwards are treated as standing still. Imported only
+by ``sidecar.limits``, which owns validation, names and documentation of the public API.
 """
+cimport cython
+from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.math cimport floor, INFINITY
 from libc.stdint cimport int64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy
+
+from collections import OrderedDict, deque
+
+# Rule kinds and key spaces; sidecar.limits maps its enums to these numbers.
+cdef enum:
+    K_SLIDING = 0
+    K_HOUR = 1
+    K_DAY = 2
+    K_REQUEST = 3
+    K_GAUGE = 4
+
+cdef enum:
+    S_GLOBAL = 0
+    S_WHO = 1
+    S_MODEL = 2
+    S_ROUTE = 3
+    NSPACES = 4
+
+cdef enum:
+    L_OPEN = 0
+    L_SETTLED = 1
+    L_RELEASED = 2
+    L_EXPIRED = 3
+
+KINDS = {"sliding": K_SLIDING, "hour": K_HOUR, "day": K_DAY, "request": K_REQUEST,
+         "gauge": K_GAUGE}
+SPACES = {"global": S_GLOBAL, "user": S_WHO, "tier": S_WHO, "model": S_MODEL,
+          "route": S_ROUTE}
+
+# --- sliding-window rings ---------------------------------------------------------------
+
+ctypedef struct Ring:
+    int64_t* counts  # buckets + 1 slots; NULL until first used
+    int64_t head     # absolute index of the newest bucket
+    int64_t total
+    int buckets
+    double width
 
 
 cdef inline int64_t _slot(int64_t bucket, int64_t ring) noexcept nogil:
@@ -29,100 +88,981 @@ cdef inline int64_t _slot(int64_t bucket, int64_t ring) noexcept nogil:
     return r + ring if r < 0 else r
 
 
+cdef int ring_init(Ring* r, double span, int buckets) except -1:
+    r.counts = <int64_t*>calloc(buckets + 1, sizeof(int64_t))
+    if r.counts == NULL:
+        raise MemoryError()
+    r.head = 0
+    r.total = 0
+    r.buckets = buckets
+    r.width = span / buckets
+    return 0
+
+
+cdef inline int64_t ring_index(Ring* r, double now) noexcept nogil:
+    return <int64_t>floor(now / r.width)
+
+
+cdef void ring_advance(Ring* r, int64_t b) noexcept nogil:
+    cdef int64_t k, ring = r.buckets + 1
+    if b <= r.head:
+        return
+    if b - r.head >= ring:
+        for k in range(ring):
+            r.counts[k] = 0
+        r.total = 0
+    else:
+        for k in range(r.head + 1, b + 1):
+            r.total -= r.counts[_slot(k, ring)]
+            r.counts[_slot(k, ring)] = 0
+    r.head = b
+
+
+cdef inline int64_t ring_used(Ring* r, double now) noexcept nogil:
+    ring_advance(r, ring_index(r, now))
+    return r.total
+
+
+cdef int64_t ring_add(Ring* r, double now, int64_t amount) noexcept nogil:
+    cdef int64_t b = ring_index(r, now)
+    ring_advance(r, b)
+    if b < r.head:
+        b = r.head
+    r.counts[_slot(b, r.buckets + 1)] += amount
+    r.total += amount
+    return b
+
+
+cdef bint ring_adjust(Ring* r, int64_t bucket, int64_t delta, double now) noexcept nogil:
+    cdef int64_t ring = r.buckets + 1, i, old
+    ring_advance(r, ring_index(r, now))
+    if bucket > r.head or bucket <= r.head - ring:
+        return False
+    i = _slot(bucket, ring)
+    old = r.counts[i]
+    if old + delta < 0:
+        delta = -old
+    r.counts[i] = old + delta
+    r.total += delta
+    return True
+
+
+cdef double ring_retry_after(Ring* r, double now, int64_t need, int64_t limit) noexcept nogil:
+    cdef int64_t ring = r.buckets + 1, k, excess
+    if need > limit:
+        return INFINITY
+    ring_advance(r, ring_index(r, now))
+    excess = r.total + need - limit
+    if excess <= 0:
+        return 0.0
+    for k in range(r.head - r.buckets, r.head + 1):
+        excess -= r.counts[_slot(k, ring)]
+        if excess <= 0:
+            # bucket k leaves the window when bucket k + ring begins
+            return (k + ring) * r.width - now
+    return INFINITY  # unreachable: the whole window frees everything
+
+
+cdef list ring_buckets(Ring* r, double now):
+    cdef int64_t ring = r.buckets + 1, k
+    ring_advance(r, ring_index(r, now))
+    return [(k, r.counts[_slot(k, ring)])
+            for k in range(r.head - r.buckets, r.head + 1) if r.counts[_slot(k, ring)]]
+
+
 cdef class SlidingWindow:
-    cdef int64_t* counts
-    cdef readonly int buckets
+    """One sliding window on its own (the engine keeps its rings inside ``Keyed``)."""
+
+    cdef Ring r
     cdef readonly double span
-    cdef readonly double width
-    cdef int64_t head      # absolute index of the newest bucket
-    cdef readonly int64_t total
 
     def __cinit__(self, double span, int buckets=60):
         if not span > 0 or buckets < 1:
             raise ValueError("span must be > 0 and buckets >= 1")
-        self.counts = <int64_t*>calloc(buckets + 1, sizeof(int64_t))
-        if self.counts == NULL:
-            raise MemoryError()
-        self.buckets = buckets
+        ring_init(&self.r, span, buckets)
         self.span = span
-        self.width = span / buckets
-        self.head = 0
-        self.total = 0
 
     def __dealloc__(self):
-        free(self.counts)
+        free(self.r.counts)
 
-    cdef inline int64_t _index(self, double now) noexcept nogil:
-        return <int64_t>floor(now / self.width)
+    @property
+    def buckets(self):
+        return self.r.buckets
 
-    cdef void _advance(self, int64_t b) noexcept nogil:
-        cdef int64_t k, ring = self.buckets + 1
-        if b <= self.head:
-            return
-        if b - self.head >= ring:
-            for k in range(ring):
-                self.counts[k] = 0
-            self.total = 0
-        else:
-            for k in range(self.head + 1, b + 1):
-                self.total -= self.counts[_slot(k, ring)]
-                self.counts[_slot(k, ring)] = 0
-        self.head = b
+    @property
+    def width(self):
+        return self.r.width
 
-    cpdef int64_t used(self, double now):
+    @property
+    def total(self):
+        return self.r.total
+
+    def used(self, double now):
         """Sum counted in the window at ``now``."""
-        self._advance(self._index(now))
-        return self.total
+        return ring_used(&self.r, now)
 
-    cpdef int64_t add(self, double now, int64_t amount):
+    def add(self, double now, int64_t amount):
         """Add ``amount`` at ``now``; returns the bucket it landed in (for ``adjust``)."""
-        cdef int64_t b = self._index(now)
-        self._advance(b)
-        if b < self.head:
-            b = self.head
-        self.counts[_slot(b, self.buckets + 1)] += amount
-        self.total += amount
-        return b
+        return ring_add(&self.r, now, amount)
 
-    cpdef bint adjust(self, int64_t bucket, int64_t delta, double now):
+    def adjust(self, int64_t bucket, int64_t delta, double now):
         """Add ``delta`` (may be negative) to an earlier ``bucket`` if it is still in the
         window; returns whether it was. A bucket's count never goes below zero."""
-        cdef int64_t ring = self.buckets + 1, i, old
-        self._advance(self._index(now))
-        if bucket > self.head or bucket <= self.head - ring:
-            return False
-        i = _slot(bucket, ring)
-        old = self.counts[i]
-        if old + delta < 0:
-            delta = -old
-        self.counts[i] = old + delta
-        self.total += delta
-        return True
+        return ring_adjust(&self.r, bucket, delta, now)
 
-    cpdef double retry_after(self, double now, int64_t need, int64_t limit):
+    def retry_after(self, double now, int64_t need, int64_t limit):
         """Seconds until ``need`` more fits under ``limit``: 0 if it fits now, infinity
         if it never can (``need > limit``)."""
-        cdef int64_t ring = self.buckets + 1, k, excess
-        if need > limit:
-            return INFINITY
-        self._advance(self._index(now))
-        excess = self.total + need - limit
-        if excess <= 0:
-            return 0.0
-        for k in range(self.head - self.buckets, self.head + 1):
-            excess -= self.counts[_slot(k, ring)]
-            if excess <= 0:
-                # bucket k leaves the window when bucket k + ring begins
-                return (k + ring) * self.width - now
-        return INFINITY  # unreachable: the whole window frees everything
-
-    def is_empty(self, double now) -> bool:
-        return self.used(now) == 0
+        return ring_retry_after(&self.r, now, need, limit)
 
     def buckets_in_window(self, double now):
         """``(absolute bucket, count)`` pairs with a non-zero count (for snapshots)."""
-        cdef int64_t ring = self.buckets + 1, k
-        self._advance(self._index(now))
-        return [(k, self.counts[_slot(k, ring)])
-                for k in range(self.head - self.buckets, self.head + 1)
-                if self.counts[_slot(k, ring)]]
+        return ring_buckets(&self.r, now)
+
+
+# --- the rule table -----------------------------------------------------------------------
+
+ctypedef struct CRule:
+    int kind
+    int space
+    int pos          # index of its counter in a Keyed record of its space
+    int need_at      # 0 request, 1 input, 2 output, 3 total tokens, 4 micro-USD
+    int tier         # tier rules: 1 authenticated, 2 anonymous; else 0 (any)
+    int buckets
+    double span
+    int64_t amount
+    bint shadow
+    bint durable     # its spend must survive a crash (long sliding window or calendar)
+    double pace      # seconds per unit when it has a burst allowance, else 0
+    double tolerance # the burst allowance, seconds
+    double near_at   # used at or above this is "near"
+
+
+ctypedef struct Counter:
+    Ring ring        # sliding
+    int64_t total    # calendar (this period) or gauge
+    double period    # calendar: start of the period ``total`` counts
+    double tat       # pacing: theoretical arrival time
+    bint live        # touched since the record was made (listed by ``counters``)
+
+
+ctypedef struct Res:
+    int rule
+    int space
+    double slot      # bucket (sliding) or period start (calendar)
+    int64_t amount
+
+
+cdef class Keyed:
+    """The counters of one key (a user, a model, ...) for every rule of its key space."""
+
+    cdef Counter* c
+    cdef unsigned char* applies  # per position: the rule covers this key (model/route match)
+    cdef int n
+    cdef int held                # open leases reserving on this record
+    cdef readonly str key
+
+    def __dealloc__(self):
+        cdef int i
+        if self.c != NULL:
+            for i in range(self.n):
+                free(self.c[i].ring.counts)
+        free(self.c)
+        free(self.applies)
+
+
+@cython.freelist(64)
+cdef class Decision:
+    """The outcome of an admit: ``allowed`` with a ``lease``, or ``denial`` (a
+    ``sidecar.limits.Denial``), the ``estimate`` reserved, limits left ``near`` their
+    amount, ``shadow_denials`` (shadow rules that would have denied) and alert thresholds
+    ``crossed`` (``"name@80%"``)."""
+
+    cdef readonly bint allowed
+    cdef readonly str lease
+    cdef readonly object denial
+    cdef readonly object estimate
+    cdef readonly tuple near
+    cdef readonly tuple shadow_denials
+    cdef readonly tuple crossed
+
+    def __repr__(self):
+        return (f"Decision(allowed={self.allowed!r}, lease={self.lease!r}, "
+                f"denial={self.denial!r}, estimate={self.estimate!r}, near={self.near!r}, "
+                f"shadow_denials={self.shadow_denials!r}, crossed={self.crossed!r})")
+
+
+cdef Decision _decision(bint allowed, str lease, object denial, object estimate, tuple near,
+                        tuple shadow, tuple crossed):
+    cdef Decision d = Decision.__new__(Decision)
+    d.allowed = allowed
+    d.lease = lease
+    d.denial = denial
+    d.estimate = estimate
+    d.near = near
+    d.shadow_denials = shadow
+    d.crossed = crossed
+    return d
+
+
+@cython.freelist(64)
+cdef class Lease:
+    cdef readonly str id
+    cdef readonly object subject
+    cdef readonly object estimate
+    cdef double expires
+    cdef int state
+    cdef Keyed k0, k1, k2, k3   # the records reserved on, by key space (None if unused)
+    cdef Res* res
+    cdef int n
+
+    def __dealloc__(self):
+        free(self.res)
+
+    cdef inline Keyed keyed(self, int space):
+        if space == S_GLOBAL:
+            return self.k0
+        if space == S_WHO:
+            return self.k1
+        if space == S_MODEL:
+            return self.k2
+        return self.k3
+
+    cdef void hold(self, int step):
+        if self.k0 is not None:
+            self.k0.held += step
+        if self.k1 is not None:
+            self.k1.held += step
+        if self.k2 is not None:
+            self.k2.held += step
+        if self.k3 is not None:
+            self.k3.held += step
+
+
+cdef tuple EMPTY = ()
+
+
+cdef class Core:
+    """Rules, counters and leases. ``sidecar.limits.Engine`` subclasses it and supplies
+    the rule table (``_load_rules``), calendar periods (``_period``) and the result types."""
+
+    cdef CRule* rules
+    cdef int nrules
+    cdef int nspace[4]           # rules per key space
+    cdef list names              # rule names, by index
+    cdef list shapes             # rule shapes (for Spend records), by index
+    cdef list matches            # rule match strings, by index
+    cdef list labels             # per rule: ("name@50%", ...) by alert threshold
+    cdef double* alerts          # alert thresholds as fractions, ascending
+    cdef int nalerts
+    cdef Keyed glob
+    cdef dict who, models, routes
+    cdef dict leases             # open leases in admission order = expiry order
+    cdef object done             # OrderedDict of ended leases, for idempotence
+    cdef Py_ssize_t remembered
+    cdef double oldest           # no open lease expires before this
+    cdef int64_t next_id
+    cdef double pstart[2]        # cached hour and day periods
+    cdef double pend[2]
+    cdef dict recent             # (who, fingerprint) -> deque of admit times
+    cdef list pending            # spend of leases expired inside admit, not yet taken
+    cdef list sweep
+    cdef Res* scratch            # admit's plan, one row per rule
+    cdef int64_t* scratch_used
+    cdef char idbuf[48]          # lease id being formatted: prefix "-" decimal counter
+    cdef int idlen               # length of the prefix and its "-"
+    cdef object denial_type, spend_type, settle_type, period_fn
+    cdef public double lease_ttl
+    cdef public double near_fraction
+    cdef public int retry_loop_max
+    cdef public double retry_loop_window
+
+    def __cinit__(self, *args, **kwargs):
+        self.rules = NULL
+        self.alerts = NULL
+        self.scratch = NULL
+        self.scratch_used = NULL
+        self.nrules = 0
+        self.nalerts = 0
+
+    def __dealloc__(self):
+        free(self.rules)
+        free(self.alerts)
+        free(self.scratch)
+        free(self.scratch_used)
+
+    def _init_core(self, str prefix, Py_ssize_t remembered, denial_type, spend_type,
+                   settle_type, period_fn):
+        """``period_fn(is_day, now) -> (start, end)``: the calendar hour or day holding
+        ``now``; the result types are ``sidecar.limits``' named tuples."""
+        self.period_fn = period_fn
+        raw = prefix.encode("ascii") + b"-"
+        if len(raw) > 24:
+            raise ValueError("lease id prefix too long")
+        memcpy(self.idbuf, <char*>raw, len(raw))
+        self.idlen = len(raw)
+        self.remembered = remembered
+        self.denial_type = denial_type
+        self.spend_type = spend_type
+        self.settle_type = settle_type
+        self.who = {}
+        self.models = {}
+        self.routes = {}
+        self.leases = {}
+        self.done = OrderedDict()
+        self.recent = {}
+        self.pending = []
+        self.sweep = []
+        self.oldest = INFINITY
+        self.next_id = 1
+        self.glob = None
+        self._forget_periods()
+
+    def _forget_periods(self):
+        self.pstart[0] = self.pstart[1] = INFINITY
+        self.pend[0] = self.pend[1] = -INFINITY
+
+    def _load_rules(self, list table, list names, list shapes, list matches,
+                    alert_thresholds, list remap=None):
+        """Install the rule table: one row per rule, ``(kind, space, need_at, tier,
+        span, buckets, amount, shadow, durable, burst)``. ``remap[i]`` is the new index
+        of old rule ``i`` (or -1): counters and reservations of kept rules move, the
+        others are dropped. Without ``remap`` all counters start empty."""
+        cdef int n = len(table), i, j, s
+        cdef CRule* rules = <CRule*>calloc(max(n, 1), sizeof(CRule))
+        cdef double* alerts
+        if rules == NULL:
+            raise MemoryError()
+        free(self.scratch)
+        free(self.scratch_used)
+        self.scratch = <Res*>malloc(max(n, 1) * sizeof(Res))
+        self.scratch_used = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+        if self.scratch == NULL or self.scratch_used == NULL:
+            free(rules)
+            raise MemoryError()
+        cdef int counts[4]
+        counts[0] = counts[1] = counts[2] = counts[3] = 0
+        for i, row in enumerate(table):
+            kind, space, need_at, tier, span, buckets, amount, shadow, durable, burst = row
+            rules[i].kind = kind
+            rules[i].space = space
+            rules[i].pos = counts[space]
+            counts[space] += 1
+            rules[i].need_at = need_at
+            rules[i].tier = tier
+            rules[i].span = span
+            rules[i].buckets = buckets
+            rules[i].amount = amount
+            rules[i].shadow = shadow
+            rules[i].durable = durable
+            rules[i].pace = span / amount if burst > 0 else 0.0
+            rules[i].tolerance = burst
+        thresholds = sorted(alert_thresholds)
+        alerts = <double*>calloc(max(len(thresholds), 1), sizeof(double))
+        if alerts == NULL:
+            free(rules)
+            raise MemoryError()
+        for j, t in enumerate(thresholds):
+            alerts[j] = t
+        cdef CRule* old = self.rules
+        cdef int old_count = self.nrules
+        self.rules = rules
+        self.nrules = n
+        for s in range(NSPACES):
+            self.nspace[s] = counts[s]
+        free(self.alerts)
+        self.alerts = alerts
+        self.nalerts = len(thresholds)
+        self.names = list(names)
+        self.shapes = list(shapes)
+        self.matches = list(matches)
+        self.labels = [tuple(f"{name}@{t:.0%}" for t in thresholds) for name in names]
+        self.set_near(self.near_fraction)
+        try:
+            if remap is None or old == NULL:
+                self.glob = None
+                self.who, self.models, self.routes = {}, {}, {}
+            else:
+                self._remap(old, old_count, remap)
+        finally:
+            free(old)
+        self.sweep = []
+        self._forget_periods()
+
+    def set_near(self, double fraction):
+        cdef int i
+        self.near_fraction = fraction
+        for i in range(self.nrules):
+            self.rules[i].near_at = fraction * self.rules[i].amount
+
+    cdef int _remap(self, CRule* old, int old_count, list remap) except -1:
+        cdef int i, j, s, newi
+        cdef Keyed k, fresh
+        cdef Lease lease
+        cdef Res* res
+        for s, space in ((S_GLOBAL, None), (S_WHO, self.who), (S_MODEL, self.models),
+                         (S_ROUTE, self.routes)):
+            records = ([] if self.glob is None else [self.glob]) if space is None \
+                else list(space.values())
+            for k in records:
+                fresh = self._new_keyed(s, k.key)
+                for i in range(old_count):
+                    newi = remap[i]
+                    if old[i].space != s or newi < 0:
+                        continue
+                    j = self.rules[newi].pos
+                    memcpy(&fresh.c[j], &k.c[old[i].pos], sizeof(Counter))
+                    k.c[old[i].pos].ring.counts = NULL  # moved, not freed twice
+                fresh.held = k.held
+                if space is None:
+                    self.glob = fresh
+                else:
+                    space[k.key] = fresh
+        for collection in (self.leases.values(), self.done.values()):
+            for lease in collection:
+                j = 0
+                for i in range(lease.n):
+                    newi = remap[lease.res[i].rule]
+                    if newi >= 0:
+                        lease.res[j] = lease.res[i]
+                        lease.res[j].rule = newi
+                        j += 1
+                lease.n = j
+                # point the lease at the fresh records of its keys
+                lease.k0 = self.glob if lease.k0 is not None else None
+                if lease.k1 is not None:
+                    lease.k1 = self.who.get(lease.k1.key)
+                if lease.k2 is not None:
+                    lease.k2 = self.models.get(lease.k2.key)
+                if lease.k3 is not None:
+                    lease.k3 = self.routes.get(lease.k3.key)
+        return 0
+
+    cdef Keyed _new_keyed(self, int space, str key):
+        cdef Keyed k = Keyed.__new__(Keyed)
+        cdef int n = self.nspace[space], i, pos
+        cdef CRule* r
+        k.key = key
+        k.n = n
+        k.held = 0
+        k.c = <Counter*>calloc(max(n, 1), sizeof(Counter))
+        k.applies = <unsigned char*>calloc(max(n, 1), 1)
+        if k.c == NULL or k.applies == NULL:
+            raise MemoryError()
+        for i in range(self.nrules):
+            r = &self.rules[i]
+            if r.space != space:
+                continue
+            pos = r.pos
+            k.c[pos].period = -INFINITY
+            k.c[pos].tat = -INFINITY
+            match = self.matches[i]
+            if space == S_MODEL:
+                k.applies[pos] = key.startswith(match)
+            elif space == S_ROUTE:
+                k.applies[pos] = not match or key == match
+            else:
+                k.applies[pos] = 1
+        return k
+
+    cdef Keyed _keyed(self, int space, str key):
+        """The record of ``key`` in ``space``, made when first needed."""
+        cdef dict d
+        cdef Keyed k
+        if space == S_GLOBAL:
+            if self.glob is None:
+                self.glob = self._new_keyed(S_GLOBAL, "")
+            return self.glob
+        d = self.who if space == S_WHO else self.models if space == S_MODEL else self.routes
+        found = d.get(key)
+        if found is not None:
+            return <Keyed>found
+        k = self._new_keyed(space, key)
+        d[key] = k
+        return k
+
+    # -- counters --------------------------------------------------------------------
+
+    cdef inline double _period_start(self, int kind, double now) except? -1:
+        cdef int p = kind - K_HOUR
+        if not (self.pstart[p] <= now < self.pend[p]):
+            start, end = self.period_fn(kind == K_DAY, now)
+            self.pstart[p] = start
+            self.pend[p] = end
+        return self.pstart[p]
+
+    cdef int64_t _used(self, CRule* r, Counter* c, double now) except? -1:
+        cdef double start
+        if r.kind == K_SLIDING:
+            if c.ring.counts == NULL:
+                return 0
+            return ring_used(&c.ring, now)
+        if r.kind == K_GAUGE:
+            return c.total
+        if r.kind == K_REQUEST:
+            return 0
+        start = self._period_start(r.kind, now)
+        if c.period != start:
+            c.period = start
+            c.total = 0
+        return c.total
+
+    cdef double _window_retry(self, CRule* r, Counter* c, int64_t need, double now) except? -1:
+        if need > r.amount:
+            return INFINITY
+        if r.kind == K_SLIDING:
+            return ring_retry_after(&c.ring, now, need, r.amount)
+        if r.kind == K_GAUGE:
+            return INFINITY  # frees when a lease ends: no time can be promised
+        self._period_start(r.kind, now)
+        return self.pend[r.kind - K_HOUR] - now
+
+    cdef int _adjust(self, Res* res, Counter* c, int64_t delta, double now) except -1:
+        cdef CRule* r = &self.rules[res.rule]
+        if not delta:
+            return 0
+        if r.kind == K_SLIDING:
+            if c.ring.counts != NULL:
+                ring_adjust(&c.ring, <int64_t>res.slot, delta, now)
+            if r.pace > 0 and c.tat > -INFINITY:
+                c.tat += delta * r.pace
+        elif r.kind == K_HOUR or r.kind == K_DAY:
+            if c.period == res.slot:
+                c.total = max(0, c.total + delta)
+        return 0
+
+    cdef object _spend(self, Res* res, str key, int64_t amount):
+        cdef CRule* r = &self.rules[res.rule]
+        if not amount or not r.durable:
+            return None
+        return self.spend_type(self.names[res.rule], self.shapes[res.rule], key, res.slot,
+                               amount)
+
+    # -- admit / settle / release ------------------------------------------------------
+
+    def admit(self, subject_, estimate_, double now, bytes fingerprint=b""):
+        """Reserve ``estimate`` (``(input, output, micro_usd)``) for ``subject`` (``(user,
+        key, model, route)``) on every applicable rule, all or none."""
+        if not (isinstance(subject_, tuple) and isinstance(estimate_, tuple)):
+            raise TypeError("subject and estimate must be (named) tuples")
+        cdef tuple subject = <tuple>subject_, estimate = <tuple>estimate_
+        cdef int64_t needs[5]
+        cdef str user = subject[0], model = subject[2], route = subject[3]
+        cdef int tier, s, i, p, nplan = 0
+        cdef bint never, best_never = False
+        cdef double best_wait = -1.0, wait
+        cdef Keyed kg = None, kw = None, km = None, kr = None, k
+        cdef CRule* r
+        cdef Counter* c
+        cdef int64_t need, used, after, denied_used = 0, denied_amount = 0
+        cdef Lease lease
+        cdef Res* res
+        cdef int64_t* useds
+        cdef list shadow = None, near = None, crossed = None
+        cdef str denied = None, denied_rule = None, reason
+        if now >= self.oldest:
+            self._expire(now, self.pending)
+        if fingerprint and self.retry_loop_max:
+            denial = self._retry_loop(subject, fingerprint, now)
+            if denial is not None:
+                return _decision(False, "", denial, estimate, EMPTY, EMPTY, EMPTY)
+        needs[0] = 1
+        needs[1] = estimate[0]
+        needs[2] = estimate[1]
+        needs[3] = needs[1] + needs[2]
+        needs[4] = estimate[2]
+        tier = 1 if user else 2
+        if self.nspace[S_GLOBAL]:
+            kg = self._keyed(S_GLOBAL, "")
+        if self.nspace[S_WHO]:
+            kw = self._keyed(S_WHO, user or subject[1])
+        if model and self.nspace[S_MODEL]:
+            km = self._keyed(S_MODEL, model)
+        if route and self.nspace[S_ROUTE]:
+            kr = self._keyed(S_ROUTE, route)
+        res = self.scratch
+        useds = self.scratch_used
+        for i in range(self.nrules):
+            r = &self.rules[i]
+            k = kg if r.space == S_GLOBAL else kw if r.space == S_WHO else \
+                km if r.space == S_MODEL else kr
+            if k is None or not k.applies[r.pos] or (r.tier and r.tier != tier):
+                continue
+            need = needs[r.need_at]
+            never = need > r.amount
+            wait = -1.0
+            used = 0
+            reason = "limit"
+            if r.kind == K_REQUEST:
+                if never:
+                    wait = INFINITY
+            else:
+                c = &k.c[r.pos]
+                if r.kind == K_SLIDING and c.ring.counts == NULL:
+                    ring_init(&c.ring, r.span, r.buckets)
+                c.live = True
+                used = self._used(r, c, now)
+                if used + need > r.amount:
+                    wait = INFINITY if never else self._window_retry(r, c, need, now)
+                if r.pace > 0 and c.tat - now > r.tolerance:
+                    if wait < 0:
+                        reason = "burst"
+                    wait = max(wait, c.tat - r.tolerance - now)
+                res[nplan].rule = i
+                res[nplan].space = r.space
+                res[nplan].amount = need
+                useds[nplan] = used
+                nplan += 1
+            if wait < 0:
+                continue
+            if r.shadow:
+                if shadow is None:
+                    shadow = []
+                shadow.append(self.names[i])
+            elif denied is None or (never, wait) > (best_never, best_wait):
+                best_never, best_wait = never, wait
+                denied, denied_rule = reason, self.names[i]
+                denied_used, denied_amount = used, r.amount
+        if denied is not None:
+            denial = self.denial_type(denied_rule, denied, denied_used, denied_amount,
+                                      best_wait, best_never)
+            return _decision(False, "", denial, estimate, EMPTY,
+                             EMPTY if shadow is None else tuple(shadow), EMPTY)
+        for p in range(nplan):
+            i = res[p].rule
+            r = &self.rules[i]
+            k = kg if r.space == S_GLOBAL else kw if r.space == S_WHO else \
+                km if r.space == S_MODEL else kr
+            c = &k.c[r.pos]
+            need = res[p].amount
+            if r.kind == K_SLIDING:
+                res[p].slot = ring_add(&c.ring, now, need)
+                if r.pace > 0:
+                    c.tat = (c.tat if c.tat > now else now) + need * r.pace
+            elif r.kind == K_GAUGE:
+                c.total += need
+                res[p].slot = 0.0
+            else:
+                c.total += need
+                res[p].slot = c.period
+            used = useds[p]
+            after = used + need
+            if after >= r.near_at:
+                if near is None:
+                    near = []
+                near.append(self.names[i])
+            if self.nalerts and after >= self.alerts[0] * r.amount:
+                for s in range(self.nalerts):
+                    if used < self.alerts[s] * r.amount <= after:
+                        if crossed is None:
+                            crossed = []
+                        crossed.append(self.labels[i][s])
+        lease = Lease.__new__(Lease)
+        lease.res = <Res*>malloc(max(nplan, 1) * sizeof(Res))
+        if lease.res == NULL:
+            raise MemoryError()
+        memcpy(lease.res, res, nplan * sizeof(Res))
+        lease.n = nplan
+        lease.id = self._next_id()
+        lease.subject = subject
+        lease.estimate = estimate
+        lease.expires = now + self.lease_ttl
+        if lease.expires < self.oldest:
+            self.oldest = lease.expires
+        lease.state = L_OPEN
+        lease.k0, lease.k1, lease.k2, lease.k3 = kg, kw, km, kr
+        lease.hold(1)
+        self.leases[lease.id] = lease
+        return _decision(True, lease.id, None, estimate,
+                         EMPTY if near is None else tuple(near),
+                         EMPTY if shadow is None else tuple(shadow),
+                         EMPTY if crossed is None else tuple(crossed))
+
+    cdef str _next_id(self):
+        """``prefix-N``: formatted by hand, it is on every admit's path."""
+        cdef char digits[24]
+        cdef int64_t v = self.next_id
+        cdef int nd = 0, i
+        self.next_id += 1
+        while True:
+            digits[nd] = <char>(48 + v % 10)
+            nd += 1
+            v //= 10
+            if v == 0:
+                break
+        for i in range(nd):
+            self.idbuf[self.idlen + i] = digits[nd - 1 - i]
+        return PyUnicode_DecodeASCII(self.idbuf, self.idlen + nd, NULL)
+
+    cdef object _retry_loop(self, tuple subject, bytes fingerprint, double now):
+        key = (subject[0] or subject[1], fingerprint)
+        times = self.recent.get(key)
+        if times is None:
+            times = self.recent[key] = deque()
+        while times and times[0] <= now - self.retry_loop_window:
+            times.popleft()
+        if len(times) >= self.retry_loop_max:
+            return self.denial_type("retry_loop", "retry_loop", len(times), self.retry_loop_max,
+                                    times[0] + self.retry_loop_window - now, False)
+        times.append(now)
+        return None
+
+    def settle(self, str lease_id, usage_, double now):
+        """Replace the lease's estimate by ``usage`` ``(input, output, micro_usd)``.
+        Settling again changes nothing."""
+        cdef Lease lease = self.leases.pop(lease_id, None)
+        cdef bint expired = False
+        cdef int64_t actual[5]
+        cdef int i
+        cdef Res* res
+        cdef CRule* r
+        cdef Keyed k
+        cdef int64_t amount
+        if not isinstance(usage_, tuple):
+            raise TypeError("usage must be a (named) tuple")
+        cdef tuple usage = <tuple>usage_
+        if lease is not None:
+            lease.hold(-1)
+        else:
+            lease = self.done.get(lease_id)
+            if lease is None:
+                return self.settle_type(False, False, False)
+            if lease.state != L_EXPIRED:
+                return self.settle_type(True, True, False)
+            expired = True
+        actual[0] = 1
+        actual[1] = usage[0]
+        actual[2] = usage[1]
+        actual[3] = actual[1] + actual[2]
+        actual[4] = usage[2]
+        spent = []
+        for i in range(lease.n):
+            res = &lease.res[i]
+            r = &self.rules[res.rule]
+            k = lease.keyed(res.space)
+            if k is None:
+                continue
+            key = k.key
+            if r.kind == K_GAUGE:
+                if not expired:
+                    k.c[r.pos].total = max(0, k.c[r.pos].total - res.amount)
+                continue
+            amount = res.amount if r.need_at == 0 else actual[r.need_at]
+            if expired:  # its records may have been evicted (and made again) since
+                k = self._current(res.space, k)
+            if k is not None:
+                self._adjust(res, &k.c[r.pos], amount - res.amount, now)
+            # an expired lease's estimate was persisted at expiry: persist the difference
+            spend = self._spend(res, key, amount - res.amount if expired else amount)
+            if spend is not None:
+                spent.append(spend)
+        lease.state = L_SETTLED
+        self._remember(lease)
+        return self.settle_type(True, False, expired, tuple(spent))
+
+    def release(self, str lease_id, double now):
+        """Cancel an unused reservation: every amount it reserved is given back."""
+        cdef Lease lease = self.leases.pop(lease_id, None)
+        cdef int i
+        cdef Res* res
+        cdef CRule* r
+        cdef Keyed k
+        if lease is None:
+            return False
+        lease.hold(-1)
+        for i in range(lease.n):
+            res = &lease.res[i]
+            r = &self.rules[res.rule]
+            k = lease.keyed(res.space)
+            if k is None:
+                continue
+            if r.kind == K_GAUGE:
+                k.c[r.pos].total = max(0, k.c[r.pos].total - res.amount)
+            else:
+                self._adjust(res, &k.c[r.pos], -res.amount, now)
+        lease.state = L_RELEASED
+        self._remember(lease)
+        return True
+
+    cdef int _expire(self, double now, list spent) except -1:
+        cdef Lease lease
+        cdef int count = 0, i
+        cdef Res* res
+        cdef CRule* r
+        cdef Keyed k
+        due = []
+        self.oldest = INFINITY
+        for lease in self.leases.values():
+            if lease.expires > now:
+                self.oldest = lease.expires
+                break
+            due.append(lease)
+        for lease in due:
+            del self.leases[lease.id]
+            lease.hold(-1)
+            for i in range(lease.n):
+                res = &lease.res[i]
+                r = &self.rules[res.rule]
+                k = lease.keyed(res.space)
+                if k is None:
+                    continue
+                if r.kind == K_GAUGE:
+                    k.c[r.pos].total = max(0, k.c[r.pos].total - res.amount)
+                else:
+                    spend = self._spend(res, k.key, res.amount)
+                    if spend is not None:
+                        spent.append(spend)
+            lease.state = L_EXPIRED
+            self._remember(lease)
+            count += 1
+        return count
+
+    def expire(self, double now):
+        """Expire leases past their TTL: the estimate stays spent (returned, to persist,
+        with that of leases an admit expired since the last call), the concurrency slot
+        is freed. Returns ``(leases expired, spend)``."""
+        spent, self.pending = self.pending, []
+        count = self._expire(now, spent) if now >= self.oldest else 0
+        return count, spent
+
+    cdef void _remember(self, Lease lease):
+        self.done[lease.id] = lease
+        if len(self.done) > self.remembered:
+            self.done.popitem(last=False)
+
+    # -- views and housekeeping --------------------------------------------------------
+
+    def counters(self, double now):
+        """``(rule index, key, used)`` of every counter in use (sorted by rule, key)."""
+        cdef Keyed k
+        cdef int i, s
+        cdef CRule* r
+        out = []
+        for s, k in self._records():
+            for i in range(self.nrules):
+                r = &self.rules[i]
+                if r.space == s and k.c[r.pos].live:
+                    out.append((i, k.key, self._used(r, &k.c[r.pos], now)))
+        out.sort()
+        return out
+
+    cdef list _records(self):
+        """``(key space, record)`` of every key."""
+        out = [] if self.glob is None else [(S_GLOBAL, self.glob)]
+        out += [(S_WHO, k) for k in self.who.values()]
+        out += [(S_MODEL, k) for k in self.models.values()]
+        out += [(S_ROUTE, k) for k in self.routes.values()]
+        return out
+
+    cdef Keyed _current(self, int space, Keyed k):
+        """The live record of ``k``'s key (``k`` itself unless it was evicted since)."""
+        if k is None or space == S_GLOBAL:
+            return self.glob if k is not None else None
+        d = self.who if space == S_WHO else self.models if space == S_MODEL else self.routes
+        return d.get(k.key)
+
+    def snapshot(self, double now):
+        """Settled and expired spend in durable windows now: the counters less the
+        estimates of open leases (those become durable only when settled)."""
+        cdef Lease lease
+        cdef Keyed k
+        cdef int i, s
+        cdef CRule* r
+        cdef Counter* c
+        held = {}
+        for lease in self.leases.values():
+            for i in range(lease.n):
+                if self.rules[lease.res[i].rule].kind != K_GAUGE:
+                    hk = (lease.res[i].rule, lease.keyed(lease.res[i].space).key,
+                          lease.res[i].slot)
+                    held[hk] = held.get(hk, 0) + lease.res[i].amount
+        out = []
+        for s, k in self._records():
+            for i in range(self.nrules):
+                r = &self.rules[i]
+                if r.space != s or not r.durable or not k.c[r.pos].live:
+                    continue
+                c = &k.c[r.pos]
+                if r.kind == K_SLIDING:
+                    slots = ring_buckets(&c.ring, now)
+                elif self._used(r, c, now):
+                    slots = [(c.period, c.total)]
+                else:
+                    continue
+                for slot, total in slots:
+                    amount = total - held.get((i, k.key, float(slot)), 0)
+                    if amount > 0:
+                        out.append(self.spend_type(self.names[i], self.shapes[i], k.key,
+                                                   float(slot), amount))
+        return out
+
+    def _restore_one(self, int index, str key, double slot, int64_t amount, double now):
+        """Add one persisted amount back; returns whether it applied (its bucket or period
+        is still current)."""
+        cdef CRule* r = &self.rules[index]
+        cdef Keyed k = self._keyed(r.space, key)
+        cdef Counter* c = &k.c[r.pos]
+        if r.kind == K_SLIDING:
+            if c.ring.counts == NULL:
+                ring_init(&c.ring, r.span, r.buckets)
+            c.live = True
+            ring_used(&c.ring, now)
+            return ring_adjust(&c.ring, <int64_t>slot, amount, now)
+        if r.kind == K_HOUR or r.kind == K_DAY:
+            c.live = True
+            self._used(r, c, now)
+            if c.period == slot:
+                c.total = max(0, c.total + amount)
+                return True
+        return False
+
+    def evict_idle(self, double now, int budget=20_000):
+        """Drop key records whose windows are empty and that no open lease points at,
+        looking at up to ``budget`` records per call (a full pass spans several calls, so
+        a sweep never stalls the caller however many keys there are)."""
+        cdef Keyed k
+        cdef int evicted = 0, i, s
+        cdef CRule* r
+        cdef bint idle
+        if not self.sweep:
+            self.sweep = [(S_WHO, key) for key in self.who]
+            self.sweep += [(S_MODEL, key) for key in self.models]
+            self.sweep += [(S_ROUTE, key) for key in self.routes]
+            if self.glob is not None:
+                self.sweep.append((S_GLOBAL, ""))
+            cutoff = now - self.retry_loop_window
+            for key in [key for key, t in self.recent.items() if not t or t[-1] <= cutoff]:
+                del self.recent[key]
+        batch = self.sweep[-budget:]
+        del self.sweep[-budget:]
+        for s, key in batch:
+            d = None if s == S_GLOBAL else self.who if s == S_WHO else \
+                self.models if s == S_MODEL else self.routes
+            k = self.glob if d is None else d.get(key)
+            if k is None or k.held:
+                continue
+            idle = True
+            for i in range(self.nrules):
+                r = &self.rules[i]
+                if r.space == s and k.c[r.pos].live and (
+                        self._used(r, &k.c[r.pos], now) or k.c[r.pos].tat > now):
+                    idle = False
+                    break
+            if idle:
+                if d is None:
+                    self.glob = None
+                else:
+                    del d[key]
+                evicted += 1
+        return evicted
+
+    @property
+    def open_leases(self):
+        return len(self.leases)
+
+    def lease_subject(self, str lease_id):
+        """Who a lease (open, or remembered after it ended) was admitted for."""
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            lease = self.done.get(lease_id)
+        return None if lease is None else (<Lease>lease).subject

@@ -84,14 +84,15 @@ class LimitRuleConfig(_Section, kw_only=True):
     match: str = ""
     buckets: int = 60
     shadow: bool = False
+    burst: str = ""  # sliding windows only: e.g. "2s" (see native/window.pyx, pacing)
 
 
 #: The seeds' limits: per-user rates by tier, token rates, per-request cap, budgets.
 DEFAULT_LIMIT_RULES: tuple[LimitRuleConfig, ...] = (
     LimitRuleConfig(name="authenticated-rpm", scope="tier", match="authenticated",
-                    metric="requests", window="60s", amount=30),
+                    metric="requests", window="60s", amount=30, burst="2s"),
     LimitRuleConfig(name="anonymous-rpm", scope="tier", match="anonymous",
-                    metric="requests", window="60s", amount=5),
+                    metric="requests", window="60s", amount=5, burst="2s"),
     LimitRuleConfig(name="global-tpm", scope="global", metric="total_tokens", window="60s",
                     amount=150_000),
     LimitRuleConfig(name="user-tpm", scope="user", metric="total_tokens", window="60s",

@@ -57,6 +57,10 @@ def _log_failure(future: asyncio.Future[None]) -> None:
         log.error("limits journal write failed: %s", future.exception())
 
 
+#: Denial reasons that time cures: an admit may wait them out (a retry loop it may not).
+_WAITABLE = ("limit", "burst")
+
+
 def _seconds(value: float) -> float | None:
     """A retry_after for the wire: None when no time can be promised."""
     return None if math.isinf(value) else round(value, 6)
@@ -272,7 +276,7 @@ class Handlers:
         decision = self.engine.admit(subject, estimate, time.time(), prompt)
         self._observe(subject, decision)
         denial = decision.denial
-        if (denial is not None and req.wait > 0 and denial.reason == "limit"
+        if (denial is not None and req.wait > 0 and denial.reason in _WAITABLE
                 and not denial.never
                 and (denial.retry_after <= req.wait or math.isinf(denial.retry_after))):
             # a finite retry_after within the wait, or a slot that frees when a lease ends
@@ -299,7 +303,7 @@ class Handlers:
                     if denial is None:
                         return self._admit_reply(req, decision, known)
                     pause = min(denial.retry_after, deadline - loop.time())
-                    if denial.reason != "limit" or pause <= 0:
+                    if denial.reason not in _WAITABLE or pause <= 0:
                         return self._admit_reply(req, decision, known)
                 else:
                     pause = deadline - loop.time()

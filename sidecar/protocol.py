@@ -215,7 +215,7 @@ class CountReply(Reply, tag="count"):
 class AdmitReply(Reply, tag="admit"):
     allowed: bool
     lease: str  # "" when denied
-    reason: str  # "" when allowed; "limit" or "retry_loop"
+    reason: str  # "" when allowed; "limit", "burst" (ahead of the limit's pace) or "retry_loop"
     limit: str  # the limit that denied (the one that frees last)
     used: float  # its current use (USD for usd limits)
     amount: float  # its amount

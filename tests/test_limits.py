@@ -102,6 +102,7 @@ def test_malformed_limit_in_a_config_file(tmp_path):
 def test_default_rules_are_the_seeds():
     rules = {r.name: r for r in compile_rules(config_mod.load(None, {}).limits)}
     assert rules["authenticated-rpm"].amount == 30 and rules["anonymous-rpm"].amount == 5
+    assert rules["authenticated-rpm"].burst == rules["anonymous-rpm"].burst == 2.0
     assert rules["global-tpm"].amount == 150_000 and rules["user-tpm"].amount == 10_000
     assert rules["request-tokens"].kind is Kind.REQUEST
     assert rules["user-hour-tokens"].amount == 200_000
@@ -211,6 +212,77 @@ def test_calendar_day_in_a_dst_zone():
     second = fall.replace(fold=1).timestamp()
     assert second - first == 3600
     assert e.period(Kind.HOUR, first)[0] != e.period(Kind.HOUR, second)[0]
+
+
+def test_burst_allowance_paces_the_amount():
+    # 30 per 60 s with a 2 s burst allowance: one request per 2 s, up to 2 s ahead of pace
+    e = Engine([rule("auth", "tier", "requests", "60s", 30, match="authenticated",
+                     burst="2s")])
+    assert e.admit(ALICE, Estimate(0, 0, 0), 100.0).allowed
+    assert e.admit(ALICE, Estimate(0, 0, 0), 100.0).allowed  # 2 s ahead: still allowed
+    d = e.admit(ALICE, Estimate(0, 0, 0), 100.0)
+    assert not d.allowed and d.denial.reason == "burst" and d.denial.limit == "auth"
+    assert d.denial.retry_after == pytest.approx(2.0)  # exact: at 102.0 it is on pace
+    assert d.denial.used == 2 and d.denial.amount == 30
+    assert not e.admit(ALICE, Estimate(0, 0, 0), 101.999).allowed
+    assert e.admit(ALICE, Estimate(0, 0, 0), 102.0).allowed
+    assert e.admit(Subject(user="bob"), Estimate(0, 0, 0), 100.0).allowed  # own pace
+
+
+def test_burst_never_exceeds_pace_plus_allowance():
+    import random
+
+    rng = random.Random(11)
+    amount, span, burst = 30, 60.0, 2.0
+    e = Engine([rule("r", "user", "requests", "60s", amount, burst="2s", buckets=60)])
+    per = span / amount
+    admitted = []
+    t = 0.0
+    for _ in range(3000):
+        t += rng.expovariate(1.5)
+        if e.admit(ALICE, Estimate(0, 0, 0), t).allowed:
+            admitted.append(t)
+    assert len(admitted) > 100
+    # any k consecutive admissions span at least (k - 1) * per - burst seconds
+    for i in range(len(admitted)):
+        for j in range(i + 1, min(i + 40, len(admitted))):
+            assert admitted[j] - admitted[i] >= (j - i) * per - burst - 1e-9
+    # and the window still caps every 60 s interval
+    for i, start in enumerate(admitted):
+        assert sum(1 for x in admitted[i:] if x < start + span) <= amount
+
+
+def test_burst_paces_tokens_and_release_gives_pace_back():
+    e = Engine([rule("tpm", "user", "total_tokens", "60s", 6000, burst="2s")])  # 100/s
+    big = e.admit(ALICE, Estimate(500, 0, 0), 0.0)  # on pace: any size passes
+    assert big.allowed
+    d = e.admit(ALICE, Estimate(1, 0, 0), 0.0)  # 5 s ahead now
+    assert not d.allowed and d.denial.reason == "burst"
+    assert d.denial.retry_after == pytest.approx(3.0)
+    assert e.release(big.lease, 0.5)
+    assert e.admit(ALICE, Estimate(1, 0, 0), 0.5).allowed
+    settled = e.admit(ALICE, Estimate(300, 0, 0), 1.0)  # ahead by 3.01 s
+    e.settle(settled.lease, Usage(50, 0, 0), 1.0)  # used far less: pace given back
+    assert e.admit(ALICE, Estimate(1, 0, 0), 1.0).allowed
+
+
+def test_burst_needs_a_sliding_window():
+    with pytest.raises(ConfigError, match="sliding window"):
+        parse_rule("b", "user", "requests", "day", 5, burst="2s")
+    with pytest.raises(ConfigError, match="out of range"):
+        parse_rule("b", "user", "requests", "10s", 5, burst="20s")
+    with pytest.raises(ConfigError, match="invalid burst"):
+        parse_rule("b", "user", "requests", "10s", 5, burst="soon")
+
+
+def test_leases_an_admit_expires_are_handed_to_the_next_expire():
+    e = Engine([rule("day", "user", "total_tokens", "day", 10_000)], lease_ttl=10.0)
+    e.admit(ALICE, Estimate(300, 0, 0), 0.0)
+    assert e.admit(Subject(user="bob"), Estimate(1, 0, 0), 20.0).allowed  # expires alice's
+    assert e.open_leases == 1
+    count, spent = e.expire(20.0)
+    assert count == 0 and [(x.key, x.amount) for x in spent] == [("alice", 300)]
+    assert e.expire(21.0) == (0, [])
 
 
 def test_shadow_rules_count_and_allow():
