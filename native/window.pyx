@@ -253,6 +253,7 @@ ctypedef struct Res:
     int64_t amount
 
 
+@cython.no_gc  # holds its key string only
 cdef class Keyed:
     """The counters of one key (a user, a model, ...) for every rule of its key space."""
 
@@ -271,6 +272,7 @@ cdef class Keyed:
         free(self.applies)
 
 
+@cython.no_gc  # holds tuples and strings only: never part of a cycle
 @cython.freelist(64)
 cdef class Decision:
     """The outcome of an admit: ``allowed`` with a ``lease``, or ``denial`` (a
@@ -305,6 +307,7 @@ cdef Decision _decision(bint allowed, str lease, object denial, object estimate,
     return d
 
 
+@cython.no_gc  # holds tuples, strings and Keyed records only: never part of a cycle
 @cython.freelist(64)
 cdef class Lease:
     cdef readonly str id
