@@ -376,7 +376,7 @@ cdef class Core:
     cdef int idlen               # length of the prefix and its "-"
     cdef object denial_type, spend_type, settle_type, period_fn
     cdef public double lease_ttl
-    cdef public double near_fraction
+    cdef double near
     cdef public int retry_loop_max
     cdef public double retry_loop_window
 
@@ -480,7 +480,7 @@ cdef class Core:
         self.shapes = list(shapes)
         self.matches = list(matches)
         self.labels = [tuple(f"{name}@{t:.0%}" for t in thresholds) for name in names]
-        self.set_near(self.near_fraction)
+        self.near_fraction = self.near
         try:
             if remap is None or old == NULL:
                 self.glob = None
@@ -492,9 +492,15 @@ cdef class Core:
         self.sweep = []
         self._forget_periods()
 
-    def set_near(self, double fraction):
+    @property
+    def near_fraction(self):
+        """Use at or above this fraction of an amount is reported as near."""
+        return self.near
+
+    @near_fraction.setter
+    def near_fraction(self, double fraction):
         cdef int i
-        self.near_fraction = fraction
+        self.near = fraction
         for i in range(self.nrules):
             self.rules[i].near_at = fraction * self.rules[i].amount
 
