@@ -159,6 +159,20 @@ def _print_stats(stats: object) -> None:
               + (", ".join(f"{k}={v}" for k, v in stats.limit_denials.items()) or "none")
               + "; alerts: " + (", ".join(f"{k}={v}" for k, v in stats.limit_alerts.items())
                                 or "none"))
+    if stats.cache is not None:
+        cache = stats.cache
+        print()
+        print(f"cache {'on' if cache.enabled else 'off'}: max {cache.max_entries:,} entries, "
+              f"{cache.max_bytes:,} bytes; stores {cache.stores}, bypassed {cache.bypassed}; "
+              f"snapshot {cache.snapshot}")
+        print(f"{'tier':<10}{'entries':>9}{'bytes':>12}{'hits':>8}{'misses':>8}{'hit %':>7}"
+              f"{'stale':>7}{'evicted':>9}{'expired':>9}{'refused':>9}")
+        for name, t in cache.tiers.items():
+            print(f"{name:<10}{t.entries:>9}{t.bytes:>12}{t.hits:>8}{t.misses:>8}"
+                  f"{t.hit_rate_pct:>7.1f}{t.stale_serves:>7}{t.evictions:>9}"
+                  f"{t.expirations:>9}{t.verifier_refusals:>9}")
+        if cache.not_stored:
+            print("not stored: " + ", ".join(f"{k}={v}" for k, v in cache.not_stored.items()))
     print()
     print(f"build: {stats.build.python}; protocol {stats.build.protocol}; "
           + ", ".join(f"{k} {v}" for k, v in stats.build.libraries.items()))

@@ -27,7 +27,8 @@ from .errors import (
 )
 from .framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
 from .protocol import (
-    PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Count, CountReply, Error, Fingerprint,
+    PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, CacheGet, CacheGetReply,
+    CacheInvalidate, CachePut, CachePutReply, Count, CountReply, Error, Fingerprint,
     FingerprintReply, Hello, HelloReply, Limits, LimitsReply, Message, Ping, Pong, Release,
     ReleaseReply, Reply, Request, Settle, SettleReply, Stats, StatsReply,
 )
@@ -71,6 +72,11 @@ def _count_request(text, messages, tools, model, encoding, max_tokens, special) 
     # Plain dicts encode to the same msgpack maps as Message structs: passed as they are.
     return Count(text=text, messages=messages, tools=tools, model=model, encoding=encoding,
                  max_tokens=max_tokens, special=special)
+
+
+def _cache_put_request(response: Any, fields: dict[str, Any]) -> CachePut:
+    """``response`` is any msgpack-encodable value; the daemon stores its bytes as sent."""
+    return CachePut(response=msgspec.Raw(msgspec.msgpack.encode(response)), **fields)
 
 
 def _unwrap(replies: list[Reply | BaseException], return_exceptions: bool) -> list:
@@ -317,6 +323,25 @@ class Client:
     def limits(self, user: str | None = None, *, timeout: float | None = None) -> LimitsReply:
         return self.call(Limits(user=user), timeout=timeout)  # type: ignore[return-value]
 
+    def cache_get(self, *, timeout: float | None = None, **fields: Any) -> CacheGetReply:
+        """Look up a cached answer; fields as ``protocol.CacheGet`` (namespace, model,
+        messages or text, temperature, params, tools, response_format, allow_stale,
+        no_cache). ``reply.value()`` is the stored response on a hit."""
+        return self.call(CacheGet(**fields), timeout=timeout)  # type: ignore[return-value]
+
+    def cache_put(self, response: Any, *, timeout: float | None = None,
+                  **fields: Any) -> CachePutReply:
+        """Store ``response`` (any msgpack-encodable value) for the request described by
+        ``fields`` (as ``cache_get``, plus kind, ttl, error, tool_calls, no_store)."""
+        return self.call(_cache_put_request(response, fields), timeout=timeout)  # type: ignore
+
+    def cache_invalidate(self, *, key: bytes | None = None, namespace: str | None = None,
+                         all: bool = False, timeout: float | None = None) -> int:
+        """Remove one entry (``key``), a namespace's, or all; returns how many."""
+        reply = self.call(CacheInvalidate(key=key, namespace=namespace, all=all),
+                          timeout=timeout)
+        return reply.removed  # type: ignore[attr-defined]
+
     def count_tokens(self, text: str | None = None, *,
                      messages: Sequence[Message | Mapping[str, Any]] | None = None,
                      tools: Sequence[Mapping[str, Any]] | None = None, model: str = "",
@@ -536,6 +561,22 @@ class AsyncClient:
     async def limits(self, user: str | None = None, *,
                      timeout: float | None = None) -> LimitsReply:
         return await self.call(Limits(user=user), timeout=timeout)  # type: ignore
+
+    async def cache_get(self, *, timeout: float | None = None,
+                        **fields: Any) -> CacheGetReply:
+        return await self.call(CacheGet(**fields), timeout=timeout)  # type: ignore
+
+    async def cache_put(self, response: Any, *, timeout: float | None = None,
+                        **fields: Any) -> CachePutReply:
+        return await self.call(_cache_put_request(response, fields),  # type: ignore
+                               timeout=timeout)
+
+    async def cache_invalidate(self, *, key: bytes | None = None,
+                               namespace: str | None = None, all: bool = False,
+                               timeout: float | None = None) -> int:
+        reply = await self.call(CacheInvalidate(key=key, namespace=namespace, all=all),
+                                timeout=timeout)
+        return reply.removed  # type: ignore[attr-defined]
 
     async def count_tokens(self, text: str | None = None, *,
                            messages: Sequence[Message | Mapping[str, Any]] | None = None,

@@ -145,6 +145,46 @@ class PricingConfig(_Section):
     default: PriceConfig = PriceConfig(input=15.0, output=75.0)
 
 
+class CachePolicyConfig(_Section, kw_only=True):
+    """How one response type is cached: which tiers and for how long."""
+
+    #: "exact" (the normalised request must match), "semantic" (also a verified paraphrase
+    #: of the last user turn in the same scope), or "none" (never stored)
+    tier: Literal["exact", "semantic", "none"]
+    ttl: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 3600.0  # seconds
+
+
+#: Response type -> policy (the seeds' table, each TTL the middle of its range).
+DEFAULT_CACHE_POLICY: dict[str, CachePolicyConfig] = {
+    "classification": CachePolicyConfig(tier="exact", ttl=48 * 3600.0),  # 24-72 h
+    "factual_qa": CachePolicyConfig(tier="semantic", ttl=2 * 3600.0),  # 1-4 h
+    "summarization": CachePolicyConfig(tier="exact", ttl=8 * 3600.0),  # 4-12 h
+    "code": CachePolicyConfig(tier="exact", ttl=3 * 3600.0),  # 1-6 h
+    "extraction": CachePolicyConfig(tier="exact", ttl=36 * 3600.0),  # 24-48 h
+    "creative": CachePolicyConfig(tier="none", ttl=0.0),
+    "general": CachePolicyConfig(tier="exact", ttl=3600.0),  # no type given
+}
+
+
+class CacheConfig(_Section):
+    enabled: bool = True
+    max_entries: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 100_000
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024 * 1024
+    #: an expired entry is kept this long to be served flagged stale when asked
+    stale_for: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 86400.0
+    #: never store conversations with more user turns than this
+    max_turns: Annotated[int, msgspec.Meta(ge=1)] = 8
+    #: never store answers sampled at a higher temperature
+    max_temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    #: where the cache is snapshotted; "" = the state directory (one file per socket),
+    #: "off" = not persisted
+    snapshot: str = ""
+    snapshot_interval: Annotated[float, msgspec.Meta(ge=1)] = 300.0
+    #: response types; a table given in the file is merged over these defaults
+    policy: dict[str, CachePolicyConfig] = msgspec.field(
+        default_factory=lambda: dict(DEFAULT_CACHE_POLICY))
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -156,6 +196,7 @@ class Config(_Section):
     tokens: TokensConfig = TokensConfig()
     limits: LimitsConfig = LimitsConfig()
     pricing: PricingConfig = PricingConfig()
+    cache: CacheConfig = CacheConfig()
     log: LogConfig = LogConfig()
     #: Where the settings came from (file path or "defaults"); not a setting itself.
     source: str = "defaults"
@@ -181,6 +222,7 @@ HINTS: dict[str, str] = {
     "limits.timezone": 'an IANA zone for hour/day budgets, e.g. "UTC" or "Europe/Berlin"',
     "limits.lease_ttl": "seconds a reservation lives without a settle (then it keeps its estimate)",
     "limits.journal": 'a file path, "" for the state directory, or "off"',
+    "cache.snapshot": 'a file path, "" for the state directory, or "off"',
     "pricing.litellm_json": "path to a LiteLLM model_prices_and_context_window.json",
     "pricing.overrides": '[pricing.overrides] "my-model" = { input = 1.0, output = 2.0 }',
     "log.level": "one of debug, info, warning, error",
@@ -257,14 +299,17 @@ def _apply_env(raw: dict[str, Any], origin: dict[str, str], env: Mapping[str, st
 
 
 def _merge_tables(raw: dict[str, Any]) -> None:
-    """Tables of defaults (model maps) are extended by the file, not replaced."""
+    """Tables of defaults (model maps, cache policies) are extended by the file, not
+    replaced."""
     tokens = raw.get("tokens")
-    if not isinstance(tokens, dict):
-        return
-    for key, defaults in (("models", DEFAULT_MODEL_ENCODINGS),
-                          ("estimate_ratios", DEFAULT_ESTIMATE_RATIOS)):
-        if isinstance(tokens.get(key), dict):
-            tokens[key] = {**defaults, **tokens[key]}
+    if isinstance(tokens, dict):
+        for key, defaults in (("models", DEFAULT_MODEL_ENCODINGS),
+                              ("estimate_ratios", DEFAULT_ESTIMATE_RATIOS)):
+            if isinstance(tokens.get(key), dict):
+                tokens[key] = {**defaults, **tokens[key]}
+    cache = raw.get("cache")
+    if isinstance(cache, dict) and isinstance(cache.get("policy"), dict):
+        cache["policy"] = {**msgspec.to_builtins(DEFAULT_CACHE_POLICY), **cache["policy"]}
 
 
 def _explain(exc: msgspec.ValidationError, origin: dict[str, str], source: str) -> ConfigError:
@@ -405,13 +450,23 @@ def state_dir(env: Mapping[str, str] | None = None) -> Path:
 
 def journal_path(config: Config, socket_path: Path) -> Path | None:
     """The limits journal of the daemon serving ``socket_path`` (None when off)."""
-    setting = config.limits.journal
+    return _state_file(config.limits.journal, socket_path, "limits-{}.journal")
+
+
+def cache_snapshot_path(config: Config, socket_path: Path) -> Path | None:
+    """The cache snapshot of the daemon serving ``socket_path`` (None when off)."""
+    return _state_file(config.cache.snapshot, socket_path, "cache-{}.snapshot")
+
+
+def _state_file(setting: str, socket_path: Path, pattern: str) -> Path | None:
+    """``setting`` as a path: "off" is None, "" a file of the state directory named by
+    ``pattern`` after the socket path (so two daemons never share one)."""
     if setting == "off":
         return None
     if setting:
         return Path(setting)
     digest = hashlib.sha1(str(socket_path).encode()).hexdigest()[:12]
-    return state_dir() / f"limits-{digest}.journal"
+    return state_dir() / pattern.format(digest)
 
 
 def notify_socket(env: Mapping[str, str] | None = None) -> str | None:

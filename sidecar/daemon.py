@@ -23,6 +23,7 @@ from pathlib import Path
 import uvloop
 
 from . import config as config_mod
+from .cache import SnapshotError, write_snapshot
 from .config import Config
 from .errors import ConfigError, DaemonStartError, JournalError, TokenizerUnavailable
 from .handlers import Handlers
@@ -137,7 +138,11 @@ class Daemon:
         self.metrics = Metrics(OPS)
         where = config_mod.journal_path(config, path)
         self.journal = None if where is None else Journal(where)
-        self.handlers = Handlers(config, self.metrics, str(path), self.journal)
+        #: fixed at start, like the socket: a changed cache.snapshot needs a restart
+        self.cache_path = config_mod.cache_snapshot_path(config, path)
+        self.handlers = Handlers(config, self.metrics, str(path), self.journal,
+                                 str(self.cache_path) if self.cache_path else "off")
+        self._cache_written = -1  # the cache's change count at the last snapshot
         self.server = Server(config, self.handlers, self.metrics)
         self._stop = asyncio.Event()
 
@@ -167,6 +172,7 @@ class Daemon:
         lock_fd = None if self.inherited else _claim(self.path)
         if self.journal is not None:
             await self._restore()
+        self._restore_cache()
         try:
             sock = self.inherited or _bind(self.path, self.config.socket_mode)
             await self.server.start(sock)
@@ -185,6 +191,7 @@ class Daemon:
             self._unlink()
             busy = await self.server.drain(self.config.server.drain_timeout)
             housekeeping.cancel()
+            await self._snapshot_cache()
             if self.journal is not None:
                 await self.journal.aclose()
             if busy:
@@ -212,14 +219,62 @@ class Daemon:
         if compacted is not None:
             await compacted
 
+    def _restore_cache(self) -> None:
+        """Load the cache snapshot; an unusable one is reported, moved aside (kept for a
+        post-mortem) and skipped: the daemon starts with an empty cache."""
+        if self.cache_path is None:
+            return
+        try:
+            data = self.cache_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("cache snapshot %s unreadable (%s): starting with an empty cache",
+                      self.cache_path, exc)
+            return
+        try:
+            kept = self.handlers.cache.restore(data, time.time())
+        except SnapshotError as exc:
+            aside = self.cache_path.with_name(self.cache_path.name + ".corrupt")
+            with contextlib.suppress(OSError):  # best effort: the error is logged anyway
+                os.replace(self.cache_path, aside)
+            log.error("cache snapshot %s is unusable (%s): moved to %s, starting with an "
+                      "empty cache", self.cache_path, exc, aside)
+            return
+        self._cache_written = self.handlers.cache.changes
+        log.info("cache snapshot %s: %d entries restored", self.cache_path, kept)
+
+    async def _snapshot_cache(self) -> None:
+        """Write the cache snapshot if anything changed since the last one; the file is
+        written by a worker thread, replacing the old one atomically."""
+        cache = self.handlers.cache
+        if self.cache_path is None or cache.changes == self._cache_written:
+            return
+        changes = cache.changes
+        data = cache.snapshot()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, write_snapshot, self.cache_path, data)
+        except OSError as exc:
+            log.error("cache snapshot %s not written: %s", self.cache_path, exc)
+            return
+        self._cache_written = changes
+        cache.snapshot_at = time.time()
+
     async def _housekeeping(self) -> None:
-        """Once a second: lease expiry and idle-counter eviction in the limits engine."""
+        """Once a second: lease expiry and idle-counter eviction in the limits engine,
+        cache expiry; every ``cache.snapshot_interval`` a cache snapshot."""
+        loop = asyncio.get_running_loop()
+        next_snapshot = loop.time() + self.config.cache.snapshot_interval
         while True:
             await asyncio.sleep(1.0)
             try:
                 self.handlers.housekeeping(time.time())
             except Exception:
-                log.exception("limits housekeeping failed")
+                log.exception("housekeeping failed")
+            if loop.time() >= next_snapshot:
+                next_snapshot = loop.time() + self.config.cache.snapshot_interval
+                await self._snapshot_cache()
 
     def _unlink(self) -> None:
         if self.inherited:

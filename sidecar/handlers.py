@@ -20,6 +20,7 @@ import msgspec
 
 from . import __version__
 from ._native import MODULES as NATIVE_MODULES, load as load_native
+from .cache import Cache
 from .config import Config
 from .metrics import Metrics
 from .normalize import Normalizer
@@ -31,7 +32,9 @@ from .limits import (
 )
 from .pricing import Price, PricingRegistry, Usage as PricedUsage
 from .protocol import (
-    OPS, PROTOCOL_VERSION, Admit, AdmitReply, BuildInfo, Count, CountReply, Fingerprint,
+    OPS, PROTOCOL_VERSION, Admit, AdmitReply, BuildInfo, CacheGet, CacheGetReply,
+    CacheInvalidate, CacheInvalidateReply, CachePut, CachePutReply, Count, CountReply,
+    Fingerprint,
     FingerprintReply, Hello, HelloReply, Limits, LimitsReply, LimitUse, Ping, Pong,
     Release, ReleaseReply, Reply, Request, Settle, SettleReply, Stats, StatsReply,
 )
@@ -89,8 +92,9 @@ class Handlers:
     admit, a settle being synced) return a ``Deferred``."""
 
     def __init__(self, config: Config, metrics: Metrics, socket_path: str,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, cache_snapshot: str = "off") -> None:
         self.journal = journal
+        self.cache_snapshot = cache_snapshot
         self.metrics = metrics
         self.socket_path = socket_path
         self.started = time.monotonic()
@@ -105,6 +109,7 @@ class Handlers:
         self.near: dict[str, int] = {}  # limit name -> admits that left it near its amount
         self.shadow: dict[str, int] = {}  # shadow limit name -> admits it would have denied
         self.engine = Engine(compile_rules(config.limits), **self._engine_settings(config))
+        self.cache = Cache(config.cache, self.normalizer)
         #: FIFO queues of admits waiting for room, by the limit that denied them
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self.table: dict[type[Request], Handler] = {
@@ -117,6 +122,9 @@ class Handlers:
             Settle: self.settle,
             Release: self.release,
             Limits: self.limits,
+            CacheGet: self.cache_get,
+            CachePut: self.cache_put,
+            CacheInvalidate: self.cache_invalidate,
         }
         assert tuple(t.__struct_config__.tag for t in self.table) == OPS
 
@@ -150,6 +158,7 @@ class Handlers:
         tokenizer = self._tokenizer(config)
         self.pricing = self._pricing(config)
         self.engine.reconfigure(compile_rules(config.limits), **self._engine_settings(config))
+        self.cache.reconfigure(config.cache, normalizer)
         self.config = config
         self.normalizer = normalizer
         self.tokenizer = tokenizer
@@ -189,7 +198,8 @@ class Handlers:
     # -- limits ---------------------------------------------------------------------
 
     def housekeeping(self, now: float) -> None:
-        """Once a second: expire leases past their TTL, drop idle counters."""
+        """Once a second: expire leases past their TTL, drop idle counters and cache
+        entries past their stale window."""
         expired, spent = self.engine.expire(now)
         if expired:
             self._wake_waiters()
@@ -202,6 +212,7 @@ class Handlers:
             if compacted is not None:
                 compacted.add_done_callback(_log_failure)
         self.engine.evict_idle(now)
+        self.cache.housekeeping(now)
 
     def _estimate(self, req: Admit) -> tuple[Estimate, bool, bytes]:
         if req.input_tokens is not None:
@@ -408,6 +419,17 @@ class Handlers:
                                  used=st.used / scale, shadow=st.shadow))
         return LimitsReply(id=req.id, limits=rows, open_leases=self.engine.open_leases)
 
+    # -- caches -----------------------------------------------------------------------
+
+    def cache_get(self, req: CacheGet) -> CacheGetReply:
+        return self.cache.get(req, time.time())
+
+    def cache_put(self, req: CachePut) -> CachePutReply:
+        return self.cache.put(req, time.time())
+
+    def cache_invalidate(self, req: CacheInvalidate) -> CacheInvalidateReply:
+        return CacheInvalidateReply(id=req.id, removed=self.cache.invalidate(req))
+
     def stats(self, req: Stats) -> StatsReply:
         requests, errors = self.metrics.totals()
         return StatsReply(
@@ -427,6 +449,7 @@ class Handlers:
             limit_near=dict(self.near),
             limit_shadow=dict(self.shadow),
             open_leases=self.engine.open_leases,
+            cache=self.cache.stats(self.cache_snapshot),
         )
 
 

@@ -82,3 +82,10 @@ class Normalizer:
             raise TypeError(f"text must be str, not {type(text).__name__}")
         normalized, key = self._core.fingerprint(text)
         return Fingerprint(normalized, key, self._core.spec)
+
+    def key_of(self, data: bytes) -> bytes:
+        """16-byte XXH3-128 of ``data`` under this spec's seed, for keys of structures
+        (a whole chat request) whose texts went through ``normalize`` first."""
+        if not isinstance(data, bytes):
+            raise TypeError(f"data must be bytes, not {type(data).__name__}")
+        return self._core.key_of(data)

@@ -138,8 +138,58 @@ class Limits(Request, tag="limits"):
     user: str | None = None
 
 
+class CacheRequest(Request, tag="_cache"):
+    """What identifies a cached answer: the chat (``messages``, or ``text`` as one user
+    turn), ``model``, sampling (``temperature`` and any other ``params`` such as top_p,
+    seed, stop, max_tokens), ``tools``, ``response_format`` and a caller ``namespace``
+    (tenant). Texts are normalised (``native/normalize``) before keying."""
+
+    namespace: str = ""
+    model: str = ""
+    messages: list[Message] | None = None
+    text: str | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    params: dict[str, object] = {}
+    tools: list[dict[str, object]] | None = None
+    response_format: dict[str, object] | None = None
+
+
+class CacheGet(CacheRequest, tag="cache_get"):
+    """Look up a cached answer: exact tier first. ``allow_stale`` also serves an expired
+    entry (flagged; for when every provider fails); ``no_cache`` skips the lookup (a miss
+    that is counted as bypassed)."""
+
+    allow_stale: bool = False
+    no_cache: bool = False
+
+
+class CachePut(CacheRequest, tag="cache_put", kw_only=True):
+    """Store ``response`` (any msgpack value, kept as sent) for the request. ``kind`` is
+    the response type choosing tier and TTL from ``cache.policy`` ("" = "general");
+    ``ttl`` overrides the policy's. Never stored: ``error`` answers, answers with
+    ``tool_calls``, chats with tool turns or more user turns than ``cache.max_turns``,
+    temperature above ``cache.max_temperature``, and ``no_store`` requests."""
+
+    idempotent: ClassVar[bool] = True
+    response: msgspec.Raw
+    kind: str = ""
+    ttl: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] | None = None
+    error: bool = False
+    tool_calls: bool = False
+    no_store: bool = False
+
+
+class CacheInvalidate(Request, tag="cache_invalidate"):
+    """Remove entries: the one with ``key``, or all of ``namespace``, or all (``all``)."""
+
+    key: bytes | None = None
+    namespace: str | None = None
+    all: bool = False
+
+
 REQUEST_TYPES: tuple[type[Request], ...] = (
-    Hello, Ping, Fingerprint, Stats, Count, Admit, Settle, Release, Limits,
+    Hello, Ping, Fingerprint, Stats, Count, Admit, Settle, Release, Limits, CacheGet,
+    CachePut, CacheInvalidate,
 )
 OPS: tuple[str, ...] = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 
@@ -200,6 +250,7 @@ class StatsReply(Reply, tag="stats"):
     limit_near: dict[str, int] = {}  # limit name -> admits that left it >= near_fraction
     limit_shadow: dict[str, int] = {}  # shadow limit -> admits it would have denied
     open_leases: int = 0
+    cache: CacheStats | None = None
 
 
 class CountReply(Reply, tag="count"):
@@ -257,6 +308,62 @@ class LimitsReply(Reply, tag="limits"):
     open_leases: int
 
 
+_NIL = msgspec.Raw(b"\xc0")  # msgpack nil
+
+
+class CacheGetReply(Reply, tag="cache_get"):
+    hit: bool
+    key: bytes  # the exact-tier key of the request (16 bytes)
+    tier: str = ""  # "exact" or "semantic" on a hit
+    response: msgspec.Raw = _NIL  # as stored (msgpack; nil on a miss): see ``value()``
+    similarity: float = 0.0  # 1.0 for exact hits
+    verdict: str = ""  # the semantic verifier's verdict on a semantic hit
+    query: str = ""  # the last user turn the entry was stored for
+    cached_at: float = 0.0  # epoch seconds
+    stale: bool = False  # expired, served because allow_stale was set
+    reason: str = ""  # on a miss: "miss", "bypassed" or "disabled"
+
+    def value(self) -> object:
+        """The cached response decoded (None on a miss)."""
+        return msgspec.msgpack.decode(self.response)
+
+
+class CachePutReply(Reply, tag="cache_put"):
+    stored: bool
+    key: bytes
+    tier: str = ""  # the policy's tier when stored
+    ttl: float = 0.0
+    reason: str = ""  # why not stored: "error", "tool_calls", "tool_turns", ...
+
+
+class CacheInvalidateReply(Reply, tag="cache_invalidate"):
+    removed: int
+
+
+class TierStats(msgspec.Struct, frozen=True):
+    entries: int
+    bytes: int
+    hits: int
+    misses: int
+    hit_rate_pct: float
+    stale_serves: int
+    evictions: int
+    expirations: int
+    verifier_refusals: int = 0
+
+
+class CacheStats(msgspec.Struct, frozen=True):
+    enabled: bool
+    max_entries: int
+    max_bytes: int
+    tiers: dict[str, TierStats]  # "exact", "semantic"
+    stores: int
+    not_stored: dict[str, int]  # reason -> count
+    bypassed: int
+    snapshot: str  # path, or "off"
+    snapshot_at: float  # epoch seconds of the last snapshot written or restored, 0 = none
+
+
 class Error(Reply, tag="error", kw_only=True):
     id: RequestId | None = None
     code: ErrorCode
@@ -265,7 +372,7 @@ class Error(Reply, tag="error", kw_only=True):
 
 REPLY_TYPES: tuple[type[Reply], ...] = (
     HelloReply, Pong, FingerprintReply, StatsReply, CountReply, AdmitReply, SettleReply,
-    ReleaseReply, LimitsReply, Error,
+    ReleaseReply, LimitsReply, CacheGetReply, CachePutReply, CacheInvalidateReply, Error,
 )
 
 REQUEST_DECODER = msgspec.msgpack.Decoder(Union[REQUEST_TYPES])  # type: ignore[valid-type]
