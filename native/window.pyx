@@ -246,6 +246,10 @@ ctypedef struct Counter:
     bint live        # touched since the record was made (listed by ``counters``)
 
 
+cdef inline void _gauge_down(Counter* c, int64_t amount) noexcept nogil:
+    c.total = c.total - amount if c.total > amount else 0
+
+
 ctypedef struct Res:
     int rule
     int space
@@ -854,7 +858,7 @@ cdef class Core:
             key = k.key
             if r.kind == K_GAUGE:
                 if not expired:
-                    k.c[r.pos].total = max(0, k.c[r.pos].total - res.amount)
+                    _gauge_down(&k.c[r.pos], res.amount)
                 continue
             amount = res.amount if r.need_at == 0 else actual[r.need_at]
             if expired:  # its records may have been evicted (and made again) since
@@ -878,7 +882,6 @@ cdef class Core:
         cdef Keyed k
         if lease is None:
             return False
-        lease.hold(-1)
         for i in range(lease.n):
             res = &lease.res[i]
             r = &self.rules[res.rule]
@@ -886,11 +889,10 @@ cdef class Core:
             if k is None:
                 continue
             if r.kind == K_GAUGE:
-                k.c[r.pos].total = max(0, k.c[r.pos].total - res.amount)
+                _gauge_down(&k.c[r.pos], res.amount)
             else:
                 self._adjust(res, &k.c[r.pos], -res.amount, now)
-        lease.state = L_RELEASED
-        self._remember(lease)
+        self._close(lease, L_RELEASED)
         return True
 
     cdef int _expire(self, double now, list spent) except -1:
@@ -908,7 +910,6 @@ cdef class Core:
             due.append(lease)
         for lease in due:
             del self.leases[lease.id]
-            lease.hold(-1)
             for i in range(lease.n):
                 res = &lease.res[i]
                 r = &self.rules[res.rule]
@@ -916,13 +917,12 @@ cdef class Core:
                 if k is None:
                     continue
                 if r.kind == K_GAUGE:
-                    k.c[r.pos].total = max(0, k.c[r.pos].total - res.amount)
+                    _gauge_down(&k.c[r.pos], res.amount)
                 else:
                     spend = self._spend(res, k.key, res.amount)
                     if spend is not None:
                         spent.append(spend)
-            lease.state = L_EXPIRED
-            self._remember(lease)
+            self._close(lease, L_EXPIRED)
             count += 1
         return count
 
@@ -933,6 +933,12 @@ cdef class Core:
         spent, self.pending = self.pending, []
         count = self._expire(now, spent) if now >= self.oldest else 0
         return count, spent
+
+    cdef void _close(self, Lease lease, int state):
+        """An open lease ends: its records are no longer held, and it is remembered."""
+        lease.hold(-1)
+        lease.state = state
+        self._remember(lease)
 
     cdef void _remember(self, Lease lease):
         self.done[lease.id] = lease
