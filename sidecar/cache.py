@@ -17,20 +17,27 @@ file functions.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import logging
 import os
 import struct
+import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Coroutine, Iterable, NamedTuple, Sequence
 
 import msgspec
+import numpy as np
 
-from .config import CacheConfig
+from .config import CacheConfig, SemanticConfig
+from .embed import Embedder, client_space, make_embedder, unit_vector
 from .errors import InvalidValue
 from .normalize import Normalizer
+from .vectors import VectorIndex
+from .verify import Mode, Verifier
 from .protocol import (
     CacheGet, CacheGetReply, CacheInvalidate, CachePut, CachePutReply, CacheRequest,
     CacheStats, Message, TierStats,
@@ -50,7 +57,8 @@ class Tier(enum.Enum):
 
 class RequestKey(NamedTuple):
     key: bytes  # 16 bytes: the exact tier's key
-    scope: bytes  # 16 bytes: namespace + model + sampling + tools + format + system turns
+    scope: bytes  # 16 bytes: all of the key but the last user turn (what a paraphrase
+    # of that turn must share to be served the same answer)
     query: str  # the last user turn as sent ("" if none)
     user_turns: int
     tool_turns: bool  # a tool result or an assistant tool call is part of the chat
@@ -73,10 +81,11 @@ def request_key(normalizer: Normalizer, req: CacheRequest) -> RequestKey:
         raise InvalidValue("give messages or text, not both")
     norm = normalizer.normalize
     turns = []
-    system = []
+    context = []  # every turn but the last user turn: what a paraphrase must share
     query = ""
     user_turns = 0
     tool_turns = False
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     for m in messages:
         content = m.content
         if isinstance(content, list):
@@ -86,10 +95,10 @@ def request_key(normalizer: Normalizer, req: CacheRequest) -> RequestKey:
         elif isinstance(content, str):
             content = norm(content)
         row = (m.role, content, m.name, m.tool_call_id, m.tool_calls)
+        if len(turns) != last_user:
+            context.append(row)
         turns.append(row)
-        if m.role in ("system", "developer"):
-            system.append(row)
-        elif m.role == "user":
+        if m.role == "user":
             user_turns += 1
             query = _text_of(m.content)
         if m.role == "tool" or m.tool_calls:
@@ -97,16 +106,17 @@ def request_key(normalizer: Normalizer, req: CacheRequest) -> RequestKey:
     shape = [req.namespace, req.model, req.temperature, req.params, req.tools,
              req.response_format]
     key = normalizer.key_of(_CANONICAL.encode(["exact", *shape, turns]))
-    scope = normalizer.key_of(_CANONICAL.encode(["scope", *shape, system]))
+    scope = normalizer.key_of(_CANONICAL.encode(["scope", *shape, context]))
     return RequestKey(key, scope, query, user_turns, tool_turns)
 
 
 class Entry:
     __slots__ = ("key", "namespace", "scope", "response", "query", "model", "kind", "tier",
-                 "created", "expires")
+                 "created", "expires", "vector")
 
     def __init__(self, key: bytes, namespace: str, scope: bytes, response: bytes, query: str,
-                 model: str, kind: str, tier: str, created: float, expires: float) -> None:
+                 model: str, kind: str, tier: str, created: float, expires: float,
+                 vector: bytes = b"") -> None:
         self.key = key
         self.namespace = namespace
         self.scope = scope
@@ -117,16 +127,20 @@ class Entry:
         self.tier = tier
         self.created = created
         self.expires = expires
+        self.vector = vector  # a client-supplied unit vector (float32), kept to re-index
 
     @property
     def size(self) -> int:
         """Bytes charged against ``max_bytes``: the body, the query and a fixed overhead
         for the record and its index slot."""
-        return len(self.response) + len(self.query) + len(self.namespace) + 200
+        return len(self.response) + len(self.query) + len(self.namespace) + len(self.vector) + 200
 
     def as_row(self) -> tuple:
         return (self.key, self.namespace, self.scope, self.response, self.query, self.model,
-                self.kind, self.tier, self.created, self.expires)
+                self.kind, self.tier, self.created, self.expires, self.vector)
+
+    def client_vector(self) -> np.ndarray | None:
+        return np.frombuffer(self.vector, dtype=np.float32) if self.vector else None
 
 
 class _Counts:
@@ -147,6 +161,8 @@ class ExactTier:
         self.bytes = 0
         self.counts = _Counts()
         self._sweep: list[bytes] = []
+        #: called with every entry that leaves (evicted, expired, removed, replaced)
+        self.on_drop: Callable[[Entry], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -176,6 +192,7 @@ class ExactTier:
         old = self._entries.pop(entry.key, None)
         if old is not None:
             self.bytes -= old.size
+            self._dropped(old)
         self._entries[entry.key] = entry
         self.bytes += entry.size
         self.trim()
@@ -186,10 +203,26 @@ class ExactTier:
             _, victim = self._entries.popitem(last=False)
             self.bytes -= victim.size
             self.counts.evictions += 1
+            self._dropped(victim)
+
+    def _dropped(self, entry: Entry) -> None:
+        if self.on_drop is not None:
+            self.on_drop(entry)
 
     def _drop(self, entry: Entry) -> None:
         del self._entries[entry.key]
         self.bytes -= entry.size
+        self._dropped(entry)
+
+    def peek(self, key: bytes, now: float, allow_stale: bool) -> tuple[Entry | None, bool]:
+        """As ``get`` for an entry another tier found, counted there: refreshes its
+        recency, counts nothing here."""
+        entry = self._entries.get(key)
+        if entry is None or entry.expires + self.stale_for <= now or (
+                entry.expires <= now and not allow_stale):
+            return None, False
+        self._entries.move_to_end(key)
+        return entry, entry.expires <= now
 
     def remove(self, key: bytes) -> int:
         entry = self._entries.get(key)
@@ -236,9 +269,9 @@ class ExactTier:
 
 # --- snapshots ------------------------------------------------------------------------
 
-_MAGIC = b"LLMSCACHE1\n"
+_MAGIC = b"LLMSCACHE2\n"
 _BODY = msgspec.msgpack.Decoder(tuple[str, list[tuple[bytes, str, bytes, bytes, str, str, str,
-                                                       str, float, float]]])
+                                                       str, float, float, bytes]]])
 _PLAIN = msgspec.msgpack.Encoder()
 
 
@@ -289,6 +322,199 @@ def write_snapshot(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+# --- the semantic tier ------------------------------------------------------------------
+
+#: Similarity a semantic hit needs, by (embedder, verifier mode), measured at <= 1% false
+#: hits on labelled question pairs (``python -m bench cache --pairs FILE``). The lexical
+#: embedder matches near-duplicates only: its threshold asks for shared wording.
+DEFAULT_THRESHOLDS: dict[tuple[str, str], float] = {
+    ("minilm", "full"): 0.92, ("minilm", "cheap"): 0.94, ("minilm", "off"): 0.955,
+    ("lexical", "full"): 0.90, ("lexical", "cheap"): 0.90, ("lexical", "off"): 0.95,
+}
+
+
+class _Member(NamedTuple):
+    space: bytes  # scope key + vector space: one index each
+    key: bytes  # the exact tier's key of the entry
+    query: str  # the last user turn the entry was stored for
+
+
+class Candidate(NamedTuple):
+    vkey: int
+    similarity: float
+    reasons: tuple[str, ...]  # the verifier's objections; empty: may be served
+
+
+class SemanticTier:
+    """Entries stored under a semantic policy, searchable by the meaning of their last
+    user turn within their scope. The response bodies stay in the exact tier; this tier
+    holds a vector per entry in one ``VectorIndex`` per (scope, vector space).
+
+    Embedding, index writes and searches run on one worker thread, in submission order:
+    writes are queued by ``add``/``forget`` on the event loop and applied in batches, so
+    a paraphrase can match once its entry's write has run (milliseconds later; the exact
+    tier serves identical requests at once). The embedder is loaded on that thread when
+    the tier starts, so start-up never waits for it."""
+
+    def __init__(self, config: SemanticConfig, normalizer: Normalizer) -> None:
+        self.config = config
+        self.enabled = config.enabled
+        self.threshold = config.threshold or DEFAULT_THRESHOLDS[(config.embedder,
+                                                                  config.verifier)]
+        self.verifier = Verifier(Mode(config.verifier))
+        self.members: dict[int, _Member] = {}  # vkey -> member (event loop)
+        self.sizes: collections.Counter[bytes] = collections.Counter()  # space -> members
+        self.hits = self.misses = self.refusals = 0
+        self.broken = ""  # why the tier is off after a failure (logged once)
+        self._indexes: dict[bytes, VectorIndex] = {}  # worker thread only
+        self._ops: collections.deque[tuple] = collections.deque()  # ("add"|"remove", ...)
+        self._flush_queued = False
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="sidecar-semantic")
+        self._embedder: Future[Embedder] | None = (
+            self._worker.submit(make_embedder, config.embedder, normalizer)
+            if config.enabled else None)
+
+    def close(self) -> None:
+        """Stop the worker; queued writes are dropped (a restart rebuilds the tier from
+        the cache snapshot)."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    def _space(self, scope: bytes, vector: np.ndarray | None) -> bytes:
+        name = client_space(vector.shape[0]) if vector is not None else self._space_name()
+        return scope + name.encode()
+
+    def _space_name(self) -> str:
+        assert self._embedder is not None
+        if not self._embedder.done():
+            return self.config.embedder  # the name is settled by the time it matters
+        return self._embedder.result().name if self._embedder.exception() is None else ""
+
+    def client_vector(self, values: list[float] | None) -> np.ndarray | None:
+        return None if values is None else unit_vector(values, self.config.client_dim)
+
+    # -- writes (event loop) ------------------------------------------------------------
+
+    def add(self, entry: Entry) -> None:
+        """Index ``entry`` (by its client vector, or by its query's embedding)."""
+        if not self.enabled or not entry.query:
+            return
+        vkey = int.from_bytes(entry.key[:8], "big")
+        known = self.members.get(vkey)
+        if known is not None and known.key != entry.key:
+            return  # a 64-bit collision: this entry is served by the exact tier only
+        vector = entry.client_vector()
+        space = self._space(entry.scope, vector)
+        if known is not None:
+            self.sizes[known.space] -= 1
+        self.members[vkey] = _Member(space, entry.key, entry.query)
+        self.sizes[space] += 1
+        self._queue(("add", space, vkey, entry.query, vector))
+
+    def forget(self, entry: Entry) -> None:
+        """The exact tier dropped ``entry``: its vector goes too."""
+        vkey = int.from_bytes(entry.key[:8], "big")
+        member = self.members.get(vkey)
+        if member is None or member.key != entry.key:
+            return
+        del self.members[vkey]
+        self.sizes[member.space] -= 1
+        if self.sizes[member.space] <= 0:
+            del self.sizes[member.space]
+        self._queue(("remove", member.space, vkey))
+
+    def _queue(self, op: tuple) -> None:
+        self._ops.append(op)
+        if not self._flush_queued:
+            self._flush_queued = True
+            self._worker.submit(self._flush)
+
+    # -- worker thread ------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._flush_queued = False  # before draining: a later op queues another flush
+        try:
+            embedder = self._loaded()
+            while self._ops:
+                op = self._ops.popleft()
+                if op[0] == "remove":
+                    index = self._indexes.get(op[1])
+                    if index is not None:
+                        index.remove(np.asarray([op[2]], dtype=np.uint64))
+                    continue
+                _, space, vkey, query, vector = op
+                if vector is None:
+                    vector = embedder.embed([query])[0]
+                index = self._indexes.get(space)
+                if index is None:
+                    index = self._indexes[space] = VectorIndex(
+                        vector.shape[0], dtype=self.config.dtype,
+                        exact_below=self.config.exact_below)
+                index.add(np.asarray([vkey], dtype=np.uint64), vector.reshape(1, -1))
+        except Exception as exc:  # a broken model or index must not take the daemon down
+            self._fail(exc)
+
+    def _loaded(self) -> Embedder:
+        assert self._embedder is not None
+        return self._embedder.result()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.broken:
+            log.error("semantic cache tier off after an error: %s: %s",
+                      type(exc).__name__, exc)
+        self.broken = f"{type(exc).__name__}: {exc}"
+        self.enabled = False
+        self._ops.clear()
+
+    def _search(self, space: bytes, query: str, vector: np.ndarray | None,
+                threshold: float) -> list[Candidate]:
+        """Entries of ``space`` at or above ``threshold``, most similar first, each with
+        the verifier's objections."""
+        try:
+            index = self._indexes.get(space)
+            if index is None or not len(index):
+                return []
+            if vector is None:
+                vector = self._loaded().embed([query])[0]
+            found = index.search(vector, self.config.candidates)
+        except Exception as exc:
+            self._fail(exc)
+            return []
+        out = []
+        for vkey, similarity in zip(found.keys.tolist(), found.similarities.tolist()):
+            member = self.members.get(vkey)
+            if similarity < threshold or member is None or member.space != space:
+                continue
+            out.append(Candidate(vkey, similarity, tuple(self.verifier(query, member.query))))
+        return out
+
+    # -- reads (event loop) ------------------------------------------------------------
+
+    def searchable(self, rk: RequestKey, vector: np.ndarray | None) -> bytes | None:
+        """The space to search for ``rk``, or None when nothing there could match (no
+        embedding is computed then)."""
+        if not self.enabled or not rk.query:
+            return None
+        space = self._space(rk.scope, vector)
+        return space if self.sizes.get(space) else None
+
+    async def search(self, space: bytes, rk: RequestKey, vector: np.ndarray | None,
+                     threshold: float) -> list[Candidate]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self._search, space, rk.query,
+                                          vector, threshold)
+
+    def memory_bytes(self) -> int:
+        return sum(index.memory_bytes() for index in list(self._indexes.values()))
+
+    def stats(self) -> TierStats:
+        looked = self.hits + self.misses
+        return TierStats(entries=len(self.members), bytes=self.memory_bytes(),
+                         hits=self.hits, misses=self.misses,
+                         hit_rate_pct=round(100.0 * self.hits / looked, 2) if looked else 0.0,
+                         stale_serves=0, evictions=0, expirations=0,
+                         verifier_refusals=self.refusals)
+
+
 # --- the cache --------------------------------------------------------------------------
 
 
@@ -298,6 +524,8 @@ class Cache:
     def __init__(self, config: CacheConfig, normalizer: Normalizer) -> None:
         self.normalizer = normalizer
         self.exact = ExactTier(config.max_entries, config.max_bytes, config.stale_for)
+        self.semantic = SemanticTier(config.semantic, normalizer)
+        self.exact.on_drop = self.semantic.forget
         self.stores = 0
         self.bypassed = 0
         self.removed = 0
@@ -307,9 +535,17 @@ class Cache:
 
     def reconfigure(self, config: CacheConfig, normalizer: Normalizer) -> None:
         """New bounds and policy (SIGHUP); entries made under another normalisation
-        spec can never match again, so they are dropped."""
+        spec can never match again, so they are dropped. A changed ``[cache.semantic]``
+        starts a new semantic tier, refilled from the entries kept."""
         if normalizer.spec != self.normalizer.spec:
             self.exact.remove_where(lambda e: False)
+        if config.semantic != self.config.semantic:
+            self.semantic.close()
+            self.semantic = SemanticTier(config.semantic, normalizer)
+            self.exact.on_drop = self.semantic.forget
+            for entry in list(self.exact.entries()):
+                if entry.tier == Tier.SEMANTIC.value:
+                    self.semantic.add(entry)
         self.config = config
         self.normalizer = normalizer
         self.exact.max_entries = config.max_entries
@@ -317,19 +553,57 @@ class Cache:
         self.exact.stale_for = config.stale_for
         self.exact.trim()  # smaller bounds apply now
 
-    def get(self, req: CacheGet, now: float) -> CacheGetReply:
+    def get(self, req: CacheGet, now: float) -> CacheGetReply | Coroutine[
+            None, None, CacheGetReply]:
+        """The exact tier's answer, or a coroutine searching the semantic tier (run on
+        its worker thread) when the scope has entries there."""
         rk = request_key(self.normalizer, req)
         if not self.config.enabled:
             return CacheGetReply(id=req.id, hit=False, key=rk.key, reason="disabled")
         if req.no_cache:
             self.bypassed += 1
             return CacheGetReply(id=req.id, hit=False, key=rk.key, reason="bypassed")
+        vector = self.semantic.client_vector(req.vector)
         entry, stale = self.exact.get(rk.key, now, req.allow_stale)
-        if entry is None:
+        if entry is not None:
+            return self._hit(req, rk, entry, stale, Tier.EXACT, 1.0, "")
+        space = self.semantic.searchable(rk, vector)
+        if space is None:
             return CacheGetReply(id=req.id, hit=False, key=rk.key, reason="miss")
-        return CacheGetReply(id=req.id, hit=True, key=rk.key, tier=Tier.EXACT.value,
-                             response=msgspec.Raw(entry.response), similarity=1.0,
-                             query=entry.query, cached_at=entry.created, stale=stale)
+        threshold = max(self.semantic.threshold, req.threshold or 0.0)  # stricter only
+        return self._semantic_get(req, rk, space, vector, threshold)
+
+    async def _semantic_get(self, req: CacheGet, rk: RequestKey, space: bytes,
+                            vector: np.ndarray | None, threshold: float) -> CacheGetReply:
+        semantic = self.semantic
+        candidates = await semantic.search(space, rk, vector, threshold)
+        now = time.time()
+        for c in candidates:
+            member = semantic.members.get(c.vkey)
+            if c.reasons or member is None:
+                continue
+            entry, stale = self.exact.peek(member.key, now, req.allow_stale)
+            if entry is not None:
+                semantic.hits += 1
+                return self._hit(req, rk, entry, stale, Tier.SEMANTIC, c.similarity,
+                                 "verified" if semantic.verifier.mode is not Mode.OFF
+                                 else "unverified")
+        refused = next((c for c in candidates if c.reasons), None)
+        if refused is not None:
+            semantic.refusals += 1
+            semantic.misses += 1
+            return CacheGetReply(id=req.id, hit=False, key=rk.key, reason="refused",
+                                 similarity=refused.similarity,
+                                 verdict=",".join(refused.reasons))
+        semantic.misses += 1
+        return CacheGetReply(id=req.id, hit=False, key=rk.key, reason="miss")
+
+    def _hit(self, req: CacheGet, rk: RequestKey, entry: Entry, stale: bool, tier: Tier,
+             similarity: float, verdict: str) -> CacheGetReply:
+        return CacheGetReply(id=req.id, hit=True, key=rk.key, tier=tier.value,
+                             response=msgspec.Raw(entry.response), similarity=similarity,
+                             verdict=verdict, query=entry.query, cached_at=entry.created,
+                             stale=stale)
 
     def put(self, req: CachePut, now: float) -> CachePutReply:
         rk = request_key(self.normalizer, req)
@@ -342,11 +616,19 @@ class Cache:
         if reason:
             self.not_stored[reason] = self.not_stored.get(reason, 0) + 1
             return CachePutReply(id=req.id, stored=False, key=rk.key, reason=reason)
+        vector = self.semantic.client_vector(req.vector)
         ttl = policy.ttl if req.ttl is None else req.ttl
-        self.exact.put(Entry(rk.key, req.namespace, rk.scope, bytes(req.response), rk.query,
-                             req.model, kind, policy.tier, now, now + ttl))
+        entry = Entry(rk.key, req.namespace, rk.scope, bytes(req.response), rk.query,
+                      req.model, kind, policy.tier, now, now + ttl,
+                      b"" if vector is None else vector.tobytes())
+        self._store(entry)
         self.stores += 1
         return CachePutReply(id=req.id, stored=True, key=rk.key, tier=policy.tier, ttl=ttl)
+
+    def _store(self, entry: Entry) -> None:
+        self.exact.put(entry)
+        if entry.tier == Tier.SEMANTIC.value:
+            self.semantic.add(entry)
 
     def _refusal(self, req: CachePut, rk: RequestKey, tier: str) -> str:
         """Why ``req`` must not be stored ("" when it may)."""
@@ -396,7 +678,9 @@ class Cache:
     def stats(self, snapshot: str) -> CacheStats:
         return CacheStats(enabled=self.config.enabled, max_entries=self.config.max_entries,
                           max_bytes=self.config.max_bytes,
-                          tiers={Tier.EXACT.value: self.exact.stats()}, stores=self.stores,
+                          tiers={Tier.EXACT.value: self.exact.stats(),
+                                 Tier.SEMANTIC.value: self.semantic.stats()},
+                          stores=self.stores,
                           not_stored=dict(self.not_stored), bypassed=self.bypassed,
                           snapshot=snapshot, snapshot_at=self.snapshot_at)
 
@@ -418,7 +702,7 @@ class Cache:
         kept = 0
         for entry in entries:
             if entry.expires + self.config.stale_for > now:
-                self.exact.put(entry)
+                self._store(entry)  # semantic entries are indexed again, in the background
                 kept += 1
         self.snapshot_at = now
         return kept

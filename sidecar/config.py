@@ -166,6 +166,27 @@ DEFAULT_CACHE_POLICY: dict[str, CachePolicyConfig] = {
 }
 
 
+class SemanticConfig(_Section):
+    enabled: bool = True
+    #: "minilm" (all-MiniLM-L6-v2 int8, shipped by a PyPI package; real paraphrases) or
+    #: "lexical" (hashed n-grams: near-duplicates only, no model)
+    embedder: Literal["minilm", "lexical"] = "minilm"
+    #: pair verifier after the threshold: "full", "cheap" (numbers, names, question
+    #: words only) or "off"
+    verifier: Literal["full", "cheap", "off"] = "full"
+    #: cosine similarity a hit needs; unset = the measured default for the embedder and
+    #: verifier (see sidecar.cache.DEFAULT_THRESHOLDS)
+    threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    #: nearest entries looked at per lookup (the best that passes the verifier is served)
+    candidates: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    #: entries per scope below which search is exact brute force, above it HNSW
+    exact_below: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    #: HNSW storage: "f16" (no recall loss measured at dim 384), "f32" or "i8"
+    dtype: Literal["f16", "f32", "i8"] = "f16"
+    #: dimension of client-supplied vectors (0: any, one dimension per scope)
+    client_dim: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+
+
 class CacheConfig(_Section):
     enabled: bool = True
     max_entries: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 100_000
@@ -183,6 +204,7 @@ class CacheConfig(_Section):
     #: response types; a table given in the file is merged over these defaults
     policy: dict[str, CachePolicyConfig] = msgspec.field(
         default_factory=lambda: dict(DEFAULT_CACHE_POLICY))
+    semantic: SemanticConfig = SemanticConfig()
 
 
 class LogConfig(_Section):

@@ -152,15 +152,21 @@ class CacheRequest(Request, tag="_cache"):
     params: dict[str, object] = {}
     tools: list[dict[str, object]] | None = None
     response_format: dict[str, object] | None = None
+    #: the last user turn's embedding, when the app computes its own (it is normalised;
+    #: entries are only compared with vectors of the same dimension)
+    vector: list[float] | None = None
 
 
 class CacheGet(CacheRequest, tag="cache_get"):
-    """Look up a cached answer: exact tier first. ``allow_stale`` also serves an expired
-    entry (flagged; for when every provider fails); ``no_cache`` skips the lookup (a miss
-    that is counted as bypassed)."""
+    """Look up a cached answer: exact tier first, then the semantic tier (a verified
+    paraphrase of the last user turn in the same scope). ``allow_stale`` also serves an
+    expired entry (flagged; for when every provider fails); ``no_cache`` skips the lookup
+    (a miss counted as bypassed); ``threshold`` asks for a stricter similarity than the
+    configured one (a looser one is not honoured)."""
 
     allow_stale: bool = False
     no_cache: bool = False
+    threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
 
 
 class CachePut(CacheRequest, tag="cache_put", kw_only=True):
