@@ -24,7 +24,7 @@ from setuptools import Extension
 
 HERE = Path(__file__).parent
 NATIVE = "native"
-NATIVE_MODULES = ["normalize", "tokens", "window"]
+NATIVE_MODULES = ["normalize", "tokens", "window", "vectors"]
 INCLUDE_DIRS = [NATIVE + "/includes"]
 XXHASH_HEADER_DIRS = ["/usr/include", "/usr/local/include"]
 
