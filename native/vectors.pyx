@@ -58,7 +58,7 @@ MAGIC = b"SCVEC\x00\x00\x01"
 _HEADER = struct.Struct("<8sBBHIQQ")  # magic, tier, scalar, 0, dim, exact_below, count
 NO_KEY = 0xFFFFFFFFFFFFFFFF  # key of a search_batch slot beyond the matches found
 
-_F32 = np.float32
+_F32 = np.dtype(np.float32)
 _U64 = np.uint64
 _NEG_INF = float("-inf")
 
@@ -375,9 +375,10 @@ cdef class Core:
             finally:
                 PyThread_release_lock(self._state)
         keys, distances, counts, _, _ = self._search_many(queries, k, False, 1)
-        sims_arr = 1.0 - distances
+        # USearch leaves the slots beyond each count uninitialised
         pad = np.arange(k)[None, :] >= counts[:, None]
-        sims_arr[pad] = _NEG_INF
+        sims_arr = np.full(distances.shape, _NEG_INF, _F32)
+        np.subtract(_F32.type(1.0), distances, out=sims_arr, where=~pad)
         keys[pad] = NO_KEY
         return keys, sims_arr, counts
 
