@@ -380,14 +380,10 @@ class SemanticTier:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
     def _space(self, scope: bytes, vector: np.ndarray | None) -> bytes:
-        name = client_space(vector.shape[0]) if vector is not None else self._space_name()
+        """Index id: the scope key (seeded by the normalisation spec) and the vector
+        space (the configured embedder, or client vectors of one dimension)."""
+        name = client_space(vector.shape[0]) if vector is not None else self.config.embedder
         return scope + name.encode()
-
-    def _space_name(self) -> str:
-        assert self._embedder is not None
-        if not self._embedder.done():
-            return self.config.embedder  # the name is settled by the time it matters
-        return self._embedder.result().name if self._embedder.exception() is None else ""
 
     def client_vector(self, values: list[float] | None) -> np.ndarray | None:
         return None if values is None else unit_vector(values, self.config.client_dim)
@@ -506,6 +502,19 @@ class SemanticTier:
     def memory_bytes(self) -> int:
         return sum(index.memory_bytes() for index in list(self._indexes.values()))
 
+    @property
+    def status(self) -> str:
+        if self.broken:
+            return f"failed: {self.broken}"
+        if self._embedder is None:
+            return "off"
+        if not self._embedder.done():
+            return "loading"
+        if self._embedder.exception() is not None:
+            self._fail(self._embedder.exception())  # type: ignore[arg-type]
+            return f"failed: {self.broken}"
+        return "ready"
+
     def stats(self) -> TierStats:
         looked = self.hits + self.misses
         return TierStats(entries=len(self.members), bytes=self.memory_bytes(),
@@ -523,6 +532,7 @@ class Cache:
 
     def __init__(self, config: CacheConfig, normalizer: Normalizer) -> None:
         self.normalizer = normalizer
+        self.config = config
         self.exact = ExactTier(config.max_entries, config.max_bytes, config.stale_for)
         self.semantic = SemanticTier(config.semantic, normalizer)
         self.exact.on_drop = self.semantic.forget
@@ -537,9 +547,10 @@ class Cache:
         """New bounds and policy (SIGHUP); entries made under another normalisation
         spec can never match again, so they are dropped. A changed ``[cache.semantic]``
         starts a new semantic tier, refilled from the entries kept."""
-        if normalizer.spec != self.normalizer.spec:
+        respec = normalizer.spec != self.normalizer.spec
+        if respec:
             self.exact.remove_where(lambda e: False)
-        if config.semantic != self.config.semantic:
+        if respec or config.semantic != self.config.semantic:
             self.semantic.close()
             self.semantic = SemanticTier(config.semantic, normalizer)
             self.exact.on_drop = self.semantic.forget
@@ -682,7 +693,8 @@ class Cache:
                                  Tier.SEMANTIC.value: self.semantic.stats()},
                           stores=self.stores,
                           not_stored=dict(self.not_stored), bypassed=self.bypassed,
-                          snapshot=snapshot, snapshot_at=self.snapshot_at)
+                          snapshot=snapshot, snapshot_at=self.snapshot_at,
+                          semantic=self.semantic.status, threshold=self.semantic.threshold)
 
     # -- snapshots -----------------------------------------------------------------------
 

@@ -192,6 +192,7 @@ class Daemon:
             busy = await self.server.drain(self.config.server.drain_timeout)
             housekeeping.cancel()
             await self._snapshot_cache()
+            self.handlers.cache.semantic.close()
             if self.journal is not None:
                 await self.journal.aclose()
             if busy:

@@ -12,8 +12,8 @@
 - client vectors: apps that already pay for an embedding API send their own vectors
   (``unit_vector`` checks and normalises them).
 
-Every embedder has a ``name`` that identifies its vector space: vectors of different
-spaces are never compared (the cache keys its indexes by it). ``embed`` is blocking and
+The cache keys its indexes by the configured embedder (or ``client_space``): vectors of
+different spaces are never compared. ``embed`` is blocking and
 releases the GIL in the native parts: call it from a worker thread, never on the loop.
 """
 from __future__ import annotations
@@ -40,7 +40,6 @@ MAX_TOKENS = 128  # the model was trained on sequences up to this length
 
 
 class Embedder(Protocol):
-    name: str  # the vector space: vectors of two names are never compared
     dim: int
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -64,7 +63,6 @@ class MiniLM:
     """all-MiniLM-L6-v2 (int8 ONNX), 384 dimensions. Thread-safe: one session, calls
     serialised by a lock (the session runs one thread by design)."""
 
-    name = "all-MiniLM-L6-v2-int8"
     dim = 384
 
     def __init__(self, threads: int = 1) -> None:
@@ -107,7 +105,6 @@ class Lexical:
 
     def __init__(self, normalizer: Normalizer) -> None:
         self.normalizer = normalizer
-        self.name = f"lexical-{self.dim}:{normalizer.spec}"
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)

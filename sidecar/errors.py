@@ -129,5 +129,15 @@ class JournalError(SidecarError):
     writing (after which the journal refuses appends until it is opened again)."""
 
 
+class VectorIndexError(SidecarError):
+    """The vector index failed: a file that is not an index (or of another dim/dtype),
+    or a USearch failure (out of memory, ...). The message names the operation."""
+
+
+class VectorInputError(VectorIndexError, ValueError):
+    """Vectors or keys of the wrong shape, dtype, dimension or memory layout; the message
+    says what was expected and how to convert."""
+
+
 class DaemonStartError(SidecarError):
     """The daemon cannot start: socket owned by a live daemon, unsafe directory, ..."""

@@ -421,8 +421,12 @@ class Handlers:
 
     # -- caches -----------------------------------------------------------------------
 
-    def cache_get(self, req: CacheGet) -> CacheGetReply:
-        return self.cache.get(req, time.time())
+    def cache_get(self, req: CacheGet) -> CacheGetReply | Deferred:
+        reply = self.cache.get(req, time.time())
+        if isinstance(reply, CacheGetReply):
+            return reply
+        # a semantic search: embedding and search run on the cache's worker thread
+        return Deferred(asyncio.ensure_future(reply), req.id)
 
     def cache_put(self, req: CachePut) -> CachePutReply:
         return self.cache.put(req, time.time())

@@ -368,6 +368,8 @@ class CacheStats(msgspec.Struct, frozen=True):
     bypassed: int
     snapshot: str  # path, or "off"
     snapshot_at: float  # epoch seconds of the last snapshot written or restored, 0 = none
+    semantic: str = ""  # "loading", "ready", "off", or "failed: <why>" (the tier stopped)
+    threshold: float = 0.0  # the similarity a semantic hit needs
 
 
 class Error(Reply, tag="error", kw_only=True):

@@ -52,6 +52,17 @@ class Daemon:
                     time.sleep(0.02)
         raise AssertionError(f"daemon did not start: {self.log()}")
 
+    def wait_semantic_ready(self, timeout: float = 60.0) -> None:
+        """Until the semantic cache's model has loaded (it loads after start)."""
+        from sidecar import Client
+
+        deadline = time.monotonic() + timeout
+        with Client(self.path) as c:
+            while (status := c.stats().cache.semantic) == "loading":
+                assert time.monotonic() < deadline, "semantic tier still loading"
+                time.sleep(0.05)
+        assert status == "ready", status
+
     @property
     def pid(self) -> int:
         return self.proc.pid

@@ -193,6 +193,7 @@ def test_rss_stays_flat_under_10000_bad_frames(daemon):
             r.send_bytes((1 << 31).to_bytes(4, "big"))
             assert r.recv().code == ErrorCode.TOO_LARGE
 
+    daemon.wait_semantic_ready()  # its model loads in the background after start
     blast(1000)  # warm up caches and allocator pools
     before = proc.memory_info().rss
     for _ in range(10):

@@ -7,7 +7,7 @@ import importlib
 from types import ModuleType
 
 #: Every compiled module the build produces (kept in step with setup.py).
-MODULES = ("normalize", "tokens", "window", "lexical")
+MODULES = ("normalize", "tokens", "window", "lexical", "vectors")
 
 
 def load(name: str) -> ModuleType:
