@@ -442,9 +442,10 @@ class SemanticTier:
                     vector = embedder.embed([query])[0]
                 index = self._indexes.get(space)
                 if index is None:
+                    sizes = {} if self.config.exact_below is None else {
+                        "exact_below": self.config.exact_below}
                     index = self._indexes[space] = VectorIndex(
-                        vector.shape[0], dtype=self.config.dtype,
-                        exact_below=self.config.exact_below)
+                        vector.shape[0], dtype=self.config.dtype, **sizes)
                 index.add(np.asarray([vkey], dtype=np.uint64), vector.reshape(1, -1))
         except Exception as exc:  # a broken model or index must not take the daemon down
             self._fail(exc)

@@ -179,8 +179,9 @@ class SemanticConfig(_Section):
     threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     #: nearest entries looked at per lookup (the best that passes the verifier is served)
     candidates: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
-    #: entries per scope below which search is exact brute force, above it HNSW
-    exact_below: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    #: entries per scope below which search is exact brute force, above it HNSW; unset =
+    #: the measured crossover (sidecar.vectors.DEFAULT_EXACT_BELOW)
+    exact_below: Annotated[int, msgspec.Meta(ge=0)] | None = None
     #: HNSW storage: "f16" (no recall loss measured at dim 384), "f32" or "i8"
     dtype: Literal["f16", "f32", "i8"] = "f16"
     #: dimension of client-supplied vectors (0: any, one dimension per scope)
