@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
                         "in-process, against the seed's Redis Lua and INCRBY+EXPIRE baselines")
     sp.add_argument("--quick", action="store_true", help="short run")
     sp.add_argument("--json", action="store_true", help="print all rows as JSON")
+    sp = sub.add_parser("cache", help="semantic cache: vector search latency (exact vs HNSW, "
+                        "f32/f16/i8), recall@1, memory per entry, build time")
+    sp.add_argument("--quick", action="store_true", help="short run (10k entries)")
+    sp.add_argument("--json", action="store_true", help="print all rows as JSON")
+    sp.add_argument("--sizes", help="comma-separated entry counts (default 10000,100000,1000000)")
+    sp.add_argument("--dtypes", help="comma-separated HNSW dtypes (default f32,f16,i8)")
     return p
 
 
@@ -45,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import limits
 
             return limits.run(args)
+        if args.command == "cache":
+            from . import cache
+
+            return cache.run(args)
     except KeyboardInterrupt:
         print("interrupted (servers stopped, temporary files removed)", file=sys.stderr)
         return 130
