@@ -27,12 +27,17 @@ def _parser() -> argparse.ArgumentParser:
                         "in-process, against the seed's Redis Lua and INCRBY+EXPIRE baselines")
     sp.add_argument("--quick", action="store_true", help="short run")
     sp.add_argument("--json", action="store_true", help="print all rows as JSON")
-    sp = sub.add_parser("cache", help="semantic cache: vector search latency (exact vs HNSW, "
-                        "f32/f16/i8), recall@1, memory per entry, build time")
+    sp = sub.add_parser("cache", help="response cache: exact hits over the socket, vector "
+                        "search latency (exact vs HNSW, f32/f16/i8), recall@1, memory per "
+                        "entry, build time; semantic quality on labelled pairs (--pairs)")
     sp.add_argument("--quick", action="store_true", help="short run (10k entries)")
     sp.add_argument("--json", action="store_true", help="print all rows as JSON")
     sp.add_argument("--sizes", help="comma-separated entry counts (default 10000,100000,1000000)")
     sp.add_argument("--dtypes", help="comma-separated HNSW dtypes (default f32,f16,i8)")
+    sp.add_argument("--sections", help="comma-separated sections (default exact,search,quality)")
+    sp.add_argument("--pairs", help="labelled question pairs (JSON lines a, b, label) for the "
+                    "quality section; read in place, never copied")
+    sp.add_argument("--audit", help="label audit for --pairs (default: audit_neg.jsonl beside it)")
     return p
 
 

@@ -1,9 +1,17 @@
-"""``python -m bench cache``: the semantic cache's costs that do not include embedding.
+"""``python -m bench cache``: the response cache's hit paths, vector search, and quality.
 
-The module is a list of sections (``SECTIONS``); each appends rows and targets to one
-``Report``. Today there is one, ``search``: ``sidecar.vectors.VectorIndex`` on dim-384
-unit vectors (the shape of MiniLM embeddings). The exact cache's hit path is the next
-section; add it as another function in ``SECTIONS``.
+The module is a list of sections (``SECTIONS``, chosen with ``--sections``); each appends
+rows and targets to one ``Report``:
+
+* ``exact``: the daemon (``python -m sidecar serve``, default config, temporary state
+  directory) holding 1,000 entries with 1 KB bodies; ``Client.cache_get`` exact hits timed
+  one by one, against ``Client.ping`` (the bare round trip) in interleaved rounds, in two
+  placements (daemon and client on one CPU; on two CPUs), plus semantic hits (a
+  paraphrase: embedding, search and verification included) for context. Target: exact hit
+  p50 <= 20 us.
+* ``search``: see below.
+* ``quality`` (with ``--pairs FILE``): recall at <= 1% false hits on labelled question
+  pairs, per embedder and verifier mode (``bench/cache_quality.py``).
 
 ``search`` measures, in one run:
 
@@ -41,13 +49,15 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from sidecar.vectors import Dtype, VectorIndex
 
-from .roundtrip import host_meta, percentile
+from . import cache_quality
+from .roundtrip import ServerProcess, _placements, host_meta, percentile, pin_process
 
 DIM = 384
 SEED = 20261123
@@ -78,6 +88,9 @@ class Report:
     dtypes: list[str]
     search_cpu: int
     explicit: bool = False  # --sizes/--dtypes given: every dtype and data set at every size
+    pairs: str = ""  # labelled question pairs for the quality section
+    audit: str = ""
+    quality: dict = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -321,8 +334,120 @@ def evaluate_search(report: Report) -> None:
                         "measured": f"{m:.4f} vs {b:.4f}"})
 
 
+# --- exact hits over the socket ---------------------------------------------------------
+
+EXACT_ENTRIES = 1_000
+BODY = {"choices": [{"message": {"role": "assistant", "content": "x" * 960}}]}  # ~1 KB
+TARGET_EXACT_P50_US = 20.0
+
+
+def _question(i: int) -> str:
+    return f"What is the status of order number {i} in the warehouse system?"
+
+
+def section_exact(report: Report) -> None:
+    import tempfile
+
+    import sidecar
+
+    calls = 1_000 if report.quick else 5_000
+    rounds = 5 if report.quick else 10
+    placements, skipped = _placements()
+    if skipped:
+        report.notes.append(skipped)
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-cache-") as workdir:
+        sock = os.path.join(workdir, "daemon.sock")
+        server = ServerProcess("daemon", [sys.executable, "-m", "sidecar", "serve", "--socket",
+                                          sock], sock, workdir, placements[0].server_cpu)
+        try:
+            server.wait_ready()
+            with sidecar.Client(sock) as c:
+                for i in range(EXACT_ENTRIES):
+                    c.cache_put(BODY, text=_question(i), model="gpt-4o", kind="factual_qa")
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:  # model loaded, every entry indexed
+                    cache = c.stats().cache
+                    if cache.semantic != "loading" and not cache.semantic_pending:
+                        break
+                    time.sleep(0.1)
+                pin_process(server.proc.pid, placements[0].server_cpu)  # threads started since
+                for pl in placements:
+                    _exact_placement(report, c, pl, calls, rounds)
+                in_daemon = c.stats().ops["cache_get"]
+                report.notes.append(
+                    f"in-daemon cache_get p50 {in_daemon.p50_us:.1f} us, p99 "
+                    f"{in_daemon.p99_us:.1f} us over its last requests (exact and semantic)")
+        finally:
+            server.proc.terminate()
+            server.proc.wait(30)
+    same = [r for r in report.rows if r.section == "exact" and r.data == "same-cpu"]
+    hit = next(r for r in same if r.what.startswith("cache_get exact"))
+    ping = next(r for r in same if r.what.startswith("ping"))
+    report.targets.append({
+        "target": f"exact hit p50 <= {TARGET_EXACT_P50_US:g} us [same-cpu]",
+        "pass": (hit.p50_us or 0) <= TARGET_EXACT_P50_US,
+        "measured": f"{hit.p50_us:.1f} us; floor: ping {ping.p50_us:.1f} us on this host, "
+                    f"hit - ping = {(hit.p50_us or 0) - (ping.p50_us or 0):.1f} us"})
+
+
+def _exact_placement(report: Report, c, pl, calls: int, rounds: int) -> None:
+    """Exact hits and pings in interleaved rounds, then paraphrase lookups, the client
+    pinned to the placement's CPU."""
+    clock = time.perf_counter_ns
+    hits: list[int] = []
+    pings: list[int] = []
+    semantic: list[int] = []
+    served = 0
+    with _pinned(pl.client_cpu):
+        for r in range(rounds):
+            for j in range(calls // rounds):
+                q = _question((r * calls + j * 7919) % EXACT_ENTRIES)
+                t0 = clock()
+                reply = c.cache_get(text=q, model="gpt-4o")
+                hits.append(clock() - t0)
+                if not reply.hit or reply.tier != "exact":
+                    raise RuntimeError(f"expected an exact hit for {q!r}")
+            for _ in range(calls // rounds):
+                t0 = clock()
+                c.ping()
+                pings.append(clock() - t0)
+        for i in range(40 if report.quick else 200):
+            t0 = clock()
+            reply = c.cache_get(text=f"what's the status of warehouse order number {i}?",
+                                model="gpt-4o")
+            semantic.append(clock() - t0)
+            served += reply.hit
+    body = len(BODY["choices"][0]["message"]["content"])
+    for what, xs, note in ((f"cache_get exact hit, ~{body // 1000 + 1} KB body", hits, ""),
+                           ("ping (the bare round trip)", pings, ""),
+                           ("cache_get paraphrase (embedding incl.)", semantic,
+                            f"{served} of {len(semantic)} served")):
+        xs.sort()
+        report.rows.append(Row("exact", what, EXACT_ENTRIES, "", pl.name,
+                               p50_us=percentile(xs, 0.5), p99_us=percentile(xs, 0.99),
+                               note=f"{len(xs)} calls" + (f"; {note}" if note else "")))
+
+
+# --- quality on labelled pairs ------------------------------------------------------------
+
+
+def section_quality(report: Report) -> None:
+    if not report.pairs:
+        report.targets.append({"target": "semantic quality on labelled pairs", "pass": None,
+                               "measured": "not run: pass --pairs FILE"})
+        return
+    pairs = Path(report.pairs)
+    audit = Path(report.audit) if report.audit else pairs.with_name("audit_neg.jsonl")
+    _progress(f"quality: embedding the questions of {pairs} (minilm, lexical)")
+    with _pinned(report.search_cpu):
+        report.quality = cache_quality.measure(pairs, audit if audit.exists() else None,
+                                               report.quick)
+    report.targets += cache_quality.targets(report.quality)
+
+
 #: Sections in run order; each takes the report and appends rows, notes and targets.
-SECTIONS: dict[str, Callable[[Report], None]] = {"search": section_search}
+SECTIONS: dict[str, Callable[[Report], None]] = {
+    "exact": section_exact, "search": section_search, "quality": section_quality}
 
 
 # --- report -----------------------------------------------------------------------------
@@ -348,6 +473,8 @@ def print_report(meta: dict, report: Report) -> None:
               f"{fmt(r.p50_us, '.1f'):>8} {fmt(r.p99_us, '.1f'):>8} "
               f"{fmt(r.recall_at_1, '.4f'):>8} {fmt(r.build_s, '.1f'):>8} "
               f"{fmt(r.bytes_per_entry, '.0f'):>8}" + (f"  {r.note}" if r.note else ""))
+    if report.quality:
+        cache_quality.print_quality(report.quality)
     print()
     for note in report.notes:
         print(f"note: {note}")
@@ -365,17 +492,24 @@ def run(args: argparse.Namespace) -> int:
     dtypes = args.dtypes.split(",") if getattr(args, "dtypes", None) else \
         [d.value for d in Dtype]
     allowed = sorted(os.sched_getaffinity(0))
-    report = Report(args.quick, sizes, dtypes, search_cpu=allowed[-1], explicit=explicit)
-    for name, section in SECTIONS.items():
+    report = Report(args.quick, sizes, dtypes, search_cpu=allowed[-1], explicit=explicit,
+                    pairs=args.pairs or "", audit=args.audit or "")
+    chosen = args.sections.split(",") if args.sections else list(SECTIONS)
+    unknown = [name for name in chosen if name not in SECTIONS]
+    if unknown:
+        print(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}", file=sys.stderr)
+        return 2
+    for name in chosen:
         _progress(f"section {name}")
-        section(report)
+        SECTIONS[name](report)
     meta = {**host_meta(args.quick),
             "versions": {p: importlib.metadata.version(p) for p in ("usearch", "numpy")},
             "search_cpu": report.search_cpu, "dim": DIM, "seed": SEED,
             "wall_s": round(time.monotonic() - started, 1)}
     if args.json:
         json.dump({"meta": meta, "rows": [asdict(r) for r in report.rows],
-                   "notes": report.notes, "targets": report.targets}, sys.stdout, indent=2)
+                   "quality": report.quality, "notes": report.notes,
+                   "targets": report.targets}, sys.stdout, indent=2)
         print()
     else:
         print_report(meta, report)

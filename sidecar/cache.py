@@ -27,7 +27,7 @@ import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Coroutine, Iterable, NamedTuple, Sequence
+from typing import Callable, Coroutine, Iterable, NamedTuple
 
 import msgspec
 import numpy as np
@@ -40,7 +40,7 @@ from .vectors import VectorIndex
 from .verify import Mode, Verifier
 from .protocol import (
     CacheGet, CacheGetReply, CacheInvalidate, CachePut, CachePutReply, CacheRequest,
-    CacheStats, Message, TierStats,
+    CacheStats, TierStats,
 )
 
 log = logging.getLogger("sidecar.cache")
@@ -55,13 +55,27 @@ class Tier(enum.Enum):
     NONE = "none"
 
 
-class RequestKey(NamedTuple):
-    key: bytes  # 16 bytes: the exact tier's key
-    scope: bytes  # 16 bytes: all of the key but the last user turn (what a paraphrase
-    # of that turn must share to be served the same answer)
-    query: str  # the last user turn as sent ("" if none)
-    user_turns: int
-    tool_turns: bool  # a tool result or an assistant tool call is part of the chat
+class RequestKey:
+    """The keys of a request: ``key`` (16 bytes, the exact tier's) and, computed when
+    first asked for, ``scope`` (16 bytes: all of the key but the last user turn, which a
+    paraphrase of that turn must share to be served the same answer)."""
+
+    __slots__ = ("key", "query", "user_turns", "tool_turns", "_scope", "_scope_of")
+
+    def __init__(self, key: bytes, query: str, user_turns: int, tool_turns: bool,
+                 scope_of: Callable[[], bytes]) -> None:
+        self.key = key
+        self.query = query  # the last user turn as sent ("" if none)
+        self.user_turns = user_turns
+        self.tool_turns = tool_turns  # a tool result or an assistant tool call is in the chat
+        self._scope: bytes | None = None
+        self._scope_of = scope_of
+
+    @property
+    def scope(self) -> bytes:
+        if self._scope is None:
+            self._scope = self._scope_of()
+        return self._scope
 
 
 def _text_of(content: object) -> str:
@@ -75,11 +89,17 @@ def _text_of(content: object) -> str:
 
 def request_key(normalizer: Normalizer, req: CacheRequest) -> RequestKey:
     """The keys of ``req`` under ``normalizer``'s spec."""
-    messages: Sequence[Message] = req.messages if req.messages is not None else (
-        [Message(role="user", content=req.text)] if req.text is not None else [])
     if req.messages is not None and req.text is not None:
         raise InvalidValue("give messages or text, not both")
     norm = normalizer.normalize
+    shape = [req.namespace, req.model, req.temperature, req.params, req.tools,
+             req.response_format]
+    if req.messages is None:  # one user turn (or none): the common case, kept short
+        turns = [] if req.text is None else [("user", norm(req.text), None, None, None)]
+        key = normalizer.key_of(_CANONICAL.encode(["exact", *shape, turns]))
+        return RequestKey(key, req.text or "", len(turns), False, lambda: normalizer.key_of(
+            _CANONICAL.encode(["scope", *shape, []])))
+    messages = req.messages
     turns = []
     context = []  # every turn but the last user turn: what a paraphrase must share
     query = ""
@@ -103,11 +123,9 @@ def request_key(normalizer: Normalizer, req: CacheRequest) -> RequestKey:
             query = _text_of(m.content)
         if m.role == "tool" or m.tool_calls:
             tool_turns = True
-    shape = [req.namespace, req.model, req.temperature, req.params, req.tools,
-             req.response_format]
     key = normalizer.key_of(_CANONICAL.encode(["exact", *shape, turns]))
-    scope = normalizer.key_of(_CANONICAL.encode(["scope", *shape, context]))
-    return RequestKey(key, scope, query, user_turns, tool_turns)
+    return RequestKey(key, query, user_turns, tool_turns, lambda: normalizer.key_of(
+        _CANONICAL.encode(["scope", *shape, context])))
 
 
 class Entry:
@@ -350,11 +368,14 @@ class SemanticTier:
     user turn within their scope. The response bodies stay in the exact tier; this tier
     holds a vector per entry in one ``VectorIndex`` per (scope, vector space).
 
-    Embedding, index writes and searches run on one worker thread, in submission order:
-    writes are queued by ``add``/``forget`` on the event loop and applied in batches, so
-    a paraphrase can match once its entry's write has run (milliseconds later; the exact
-    tier serves identical requests at once). The embedder is loaded on that thread when
-    the tier starts, so start-up never waits for it."""
+    Writes (embedding an entry's question, adding or removing its vector) are queued by
+    ``add``/``forget`` on the event loop and applied in order on a writer thread, so a
+    paraphrase can match once its entry's write has run (milliseconds later; the exact
+    tier serves identical requests at once). Searches (embedding the question, searching,
+    verifying) run on a second thread, so a backlog of writes never delays a lookup by
+    more than one embedding (the model's session is shared under a lock; the index takes
+    searches while it is written). The embedder is loaded on the writer thread when the
+    tier starts, so start-up never waits for it."""
 
     def __init__(self, config: SemanticConfig, normalizer: Normalizer) -> None:
         self.config = config
@@ -369,7 +390,8 @@ class SemanticTier:
         self._indexes: dict[bytes, VectorIndex] = {}  # worker thread only
         self._ops: collections.deque[tuple] = collections.deque()  # ("add"|"remove", ...)
         self._flush_queued = False
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="sidecar-semantic")
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="sidecar-semantic-write")
+        self._searcher = ThreadPoolExecutor(1, thread_name_prefix="sidecar-semantic-search")
         self._embedder: Future[Embedder] | None = (
             self._worker.submit(make_embedder, config.embedder, normalizer)
             if config.enabled else None)
@@ -378,6 +400,7 @@ class SemanticTier:
         """Stop the worker; queued writes are dropped (a restart rebuilds the tier from
         the cache snapshot)."""
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self._searcher.shutdown(wait=False, cancel_futures=True)
 
     def _space(self, scope: bytes, vector: np.ndarray | None) -> bytes:
         """Index id: the scope key (seeded by the normalisation spec) and the vector
@@ -451,6 +474,7 @@ class SemanticTier:
             self._fail(exc)
 
     def _loaded(self) -> Embedder:
+        """The embedder (waits for it to load, on the thread that asks)."""
         assert self._embedder is not None
         return self._embedder.result()
 
@@ -497,8 +521,13 @@ class SemanticTier:
     async def search(self, space: bytes, rk: RequestKey, vector: np.ndarray | None,
                      threshold: float) -> list[Candidate]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self._search, space, rk.query,
+        return await loop.run_in_executor(self._searcher, self._search, space, rk.query,
                                           vector, threshold)
+
+    @property
+    def pending(self) -> int:
+        """Writes queued and not yet applied."""
+        return len(self._ops)
 
     def memory_bytes(self) -> int:
         return sum(index.memory_bytes() for index in list(self._indexes.values()))
@@ -695,7 +724,8 @@ class Cache:
                           stores=self.stores,
                           not_stored=dict(self.not_stored), bypassed=self.bypassed,
                           snapshot=snapshot, snapshot_at=self.snapshot_at,
-                          semantic=self.semantic.status, threshold=self.semantic.threshold)
+                          semantic=self.semantic.status, threshold=self.semantic.threshold,
+                          semantic_pending=self.semantic.pending)
 
     # -- snapshots -----------------------------------------------------------------------
 

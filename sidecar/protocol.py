@@ -370,6 +370,7 @@ class CacheStats(msgspec.Struct, frozen=True):
     snapshot_at: float  # epoch seconds of the last snapshot written or restored, 0 = none
     semantic: str = ""  # "loading", "ready", "off", or "failed: <why>" (the tier stopped)
     threshold: float = 0.0  # the similarity a semantic hit needs
+    semantic_pending: int = 0  # semantic writes queued, not yet applied
 
 
 class Error(Reply, tag="error", kw_only=True):
