@@ -33,7 +33,7 @@ import msgspec
 import numpy as np
 
 from .config import CacheConfig, SemanticConfig
-from .embed import Embedder, client_space, make_embedder, unit_vector
+from .embed import BATCH, Embedder, client_space, make_embedder, unit_vector
 from .errors import InvalidValue
 from .normalize import Normalizer
 from .vectors import VectorIndex
@@ -386,6 +386,7 @@ class SemanticTier:
         self.members: dict[int, _Member] = {}  # vkey -> member (event loop)
         self.sizes: collections.Counter[bytes] = collections.Counter()  # space -> members
         self.hits = self.misses = self.refusals = 0
+        self.dropped = 0  # vectors removed because their entry left the exact tier
         self.broken = ""  # why the tier is off after a failure (logged once)
         self._indexes: dict[bytes, VectorIndex] = {}  # worker thread only
         self._ops: collections.deque[tuple] = collections.deque()  # ("add"|"remove", ...)
@@ -436,6 +437,7 @@ class SemanticTier:
         if member is None or member.key != entry.key:
             return
         del self.members[vkey]
+        self.dropped += 1
         self.sizes[member.space] -= 1
         if self.sizes[member.space] <= 0:
             del self.sizes[member.space]
@@ -460,18 +462,26 @@ class SemanticTier:
                     if index is not None:
                         index.remove(np.asarray([op[2]], dtype=np.uint64))
                     continue
-                _, space, vkey, query, vector = op
-                if vector is None:
-                    vector = embedder.embed([query])[0]
-                index = self._indexes.get(space)
-                if index is None:
-                    sizes = {} if self.config.exact_below is None else {
-                        "exact_below": self.config.exact_below}
-                    index = self._indexes[space] = VectorIndex(
-                        vector.shape[0], dtype=self.config.dtype, **sizes)
-                index.add(np.asarray([vkey], dtype=np.uint64), vector.reshape(1, -1))
+                adds = [op]  # consecutive adds are embedded in one model run
+                while self._ops and self._ops[0][0] == "add" and len(adds) < BATCH:
+                    adds.append(self._ops.popleft())
+                texts = [a[3] for a in adds if a[4] is None]
+                vectors = iter(embedder.embed(texts)) if texts else iter(())
+                for _, space, vkey, _query, vector in adds:
+                    if vector is None:
+                        vector = next(vectors)
+                    self._index_for(space, vector.shape[0]).add(
+                        np.asarray([vkey], dtype=np.uint64), vector.reshape(1, -1))
         except Exception as exc:  # a broken model or index must not take the daemon down
             self._fail(exc)
+
+    def _index_for(self, space: bytes, dim: int) -> VectorIndex:
+        index = self._indexes.get(space)
+        if index is None:
+            sizes = {} if self.config.exact_below is None else {
+                "exact_below": self.config.exact_below}
+            index = self._indexes[space] = VectorIndex(dim, dtype=self.config.dtype, **sizes)
+        return index
 
     def _loaded(self) -> Embedder:
         """The embedder (waits for it to load, on the thread that asks)."""
@@ -550,7 +560,7 @@ class SemanticTier:
         return TierStats(entries=len(self.members), bytes=self.memory_bytes(),
                          hits=self.hits, misses=self.misses,
                          hit_rate_pct=round(100.0 * self.hits / looked, 2) if looked else 0.0,
-                         stale_serves=0, evictions=0, expirations=0,
+                         stale_serves=0, evictions=self.dropped, expirations=0,
                          verifier_refusals=self.refusals)
 
 

