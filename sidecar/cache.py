@@ -478,9 +478,10 @@ class SemanticTier:
     def _index_for(self, space: bytes, dim: int) -> VectorIndex:
         index = self._indexes.get(space)
         if index is None:
-            sizes = {} if self.config.exact_below is None else {
-                "exact_below": self.config.exact_below}
-            index = self._indexes[space] = VectorIndex(dim, dtype=self.config.dtype, **sizes)
+            options = {name: value for name, value in (
+                ("exact_below", self.config.exact_below), ("dtype", self.config.dtype))
+                if value is not None}  # unset: the vectors module's measured defaults
+            index = self._indexes[space] = VectorIndex(dim, **options)
         return index
 
     def _loaded(self) -> Embedder:

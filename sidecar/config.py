@@ -182,8 +182,9 @@ class SemanticConfig(_Section):
     #: entries per scope below which search is exact brute force, above it HNSW; unset =
     #: the measured crossover (sidecar.vectors.DEFAULT_EXACT_BELOW)
     exact_below: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    #: HNSW storage: "f16" (no recall loss measured at dim 384), "f32" or "i8"
-    dtype: Literal["f16", "f32", "i8"] = "f16"
+    #: HNSW storage: "f32", "f16" or "i8"; unset = sidecar.vectors' default (f32: f16 and
+    #: i8 were measured to lose recall@1, see python -m bench cache)
+    dtype: Literal["f16", "f32", "i8"] | None = None
     #: dimension of client-supplied vectors (0: any, one dimension per scope)
     client_dim: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
 
