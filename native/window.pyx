@@ -961,6 +961,17 @@ cdef class Core:
         out.sort()
         return out
 
+    def usage_of(self, str who, double now):
+        """``(rule index, used)`` of the user and tier counters of ``who`` in use."""
+        cdef Keyed k = self.who.get(who)
+        cdef int i
+        cdef CRule* r
+        if k is None:
+            return []
+        return [(i, self._used(&self.rules[i], &k.c[self.rules[i].pos], now))
+                for i in range(self.nrules)
+                if self.rules[i].space == S_WHO and k.c[self.rules[i].pos].live]
+
     cdef list _records(self):
         """``(key space, record)`` of every key."""
         out = [] if self.glob is None else [(S_GLOBAL, self.glob)]

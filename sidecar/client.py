@@ -16,19 +16,21 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import msgspec
 
-from . import __version__
+from . import __version__, guard
+from .guard import CallResult, Guarded
 from .config import client_socket_path
 from .errors import (
     FrameTooLarge, ProtocolError, SidecarTimeout, SidecarUnavailable, error_from_reply,
 )
 from .framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
 from .protocol import (
-    PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, CacheGet, CacheGetReply,
-    CacheInvalidate, CachePut, CachePutReply, Count, CountReply, Error, Fingerprint,
+    PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
+    CacheGetReply, CacheInvalidate, CachePut, CachePutReply, ChainModel, Count, CountReply,
+    End, EndReply, Error, Fingerprint, Report, ReportReply, Route, RouteReply,
     FingerprintReply, Hello, HelloReply, Limits, LimitsReply, Message, Ping, Pong, Release,
     ReleaseReply, Reply, Request, Settle, SettleReply, Stats, StatsReply,
 )
@@ -77,6 +79,12 @@ def _count_request(text, messages, tools, model, encoding, max_tokens, special) 
 def _cache_put_request(response: Any, fields: dict[str, Any]) -> CachePut:
     """``response`` is any msgpack-encodable value; the daemon stores its bytes as sent."""
     return CachePut(response=msgspec.Raw(msgspec.msgpack.encode(response)), **fields)
+
+
+def _end_request(lease: str, fields: dict[str, Any]) -> End:
+    if "response" in fields:
+        fields = dict(fields, response=msgspec.Raw(msgspec.msgpack.encode(fields["response"])))
+    return End(lease=lease, **fields)
 
 
 def _unwrap(replies: list[Reply | BaseException], return_exceptions: bool) -> list:
@@ -342,6 +350,28 @@ class Client:
                           timeout=timeout)
         return reply.removed  # type: ignore[attr-defined]
 
+    def begin(self, *, timeout: float | None = None, **fields: Any) -> BeginReply:
+        """Before an LLM call: cache, count, route, admit in one round trip; fields as
+        ``protocol.Begin``."""
+        return self.call(Begin(**fields), timeout=timeout)  # type: ignore[return-value]
+
+    def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
+        """After it: attempts, usage, and the ``response`` to cache (any msgpack-encodable
+        value); fields as ``protocol.End``."""
+        return self.call(_end_request(lease, fields), timeout=timeout)  # type: ignore
+
+    def route(self, *, timeout: float | None = None, **fields: Any) -> RouteReply:
+        return self.call(Route(**fields), timeout=timeout)  # type: ignore[return-value]
+
+    def report(self, model: str, ok: bool, *, timeout: float | None = None,
+               **fields: Any) -> ReportReply:
+        return self.call(Report(model=model, ok=ok, **fields), timeout=timeout)  # type: ignore
+
+    def guarded(self, call: Callable[[ChainModel, float], CallResult], **fields: Any) -> Guarded:
+        """Run ``call(model, timeout)`` under the guard: cache, limits, the route's chain
+        with back-off and one deadline, circuits, fallbacks (``sidecar.guard``)."""
+        return guard.run(self, call, **fields)
+
     def count_tokens(self, text: str | None = None, *,
                      messages: Sequence[Message | Mapping[str, Any]] | None = None,
                      tools: Sequence[Mapping[str, Any]] | None = None, model: str = "",
@@ -577,6 +607,25 @@ class AsyncClient:
         reply = await self.call(CacheInvalidate(key=key, namespace=namespace, all=all),
                                 timeout=timeout)
         return reply.removed  # type: ignore[attr-defined]
+
+    async def begin(self, *, timeout: float | None = None, **fields: Any) -> BeginReply:
+        return await self.call(Begin(**fields), timeout=timeout)  # type: ignore
+
+    async def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
+        return await self.call(_end_request(lease, fields), timeout=timeout)  # type: ignore
+
+    async def route(self, *, timeout: float | None = None, **fields: Any) -> RouteReply:
+        return await self.call(Route(**fields), timeout=timeout)  # type: ignore
+
+    async def report(self, model: str, ok: bool, *, timeout: float | None = None,
+                     **fields: Any) -> ReportReply:
+        return await self.call(Report(model=model, ok=ok, **fields),  # type: ignore
+                               timeout=timeout)
+
+    async def guarded(self, call: Callable[[ChainModel, float], Awaitable[CallResult]],
+                      **fields: Any) -> Guarded:
+        """``Client.guarded`` for asyncio: ``call`` is a coroutine function."""
+        return await guard.arun(self, call, **fields)
 
     async def count_tokens(self, text: str | None = None, *,
                            messages: Sequence[Message | Mapping[str, Any]] | None = None,

@@ -209,6 +209,84 @@ class CacheConfig(_Section):
     semantic: SemanticConfig = SemanticConfig()
 
 
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+
+
+class RouteModelConfig(_Section, kw_only=True):
+    model: str
+    provider: str = ""  # "openai", "anthropic", "local", ...: for the app and the logs
+    timeout: Seconds = 30.0  # per attempt
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 4096
+
+
+class RouteConfig(_Section, kw_only=True):
+    """A named chain of models, tried in order."""
+
+    models: tuple[RouteModelConfig, ...]
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 4  # per call, all models
+    deadline: Seconds = 60.0  # for the whole call: every attempt and pause
+    backoff_base: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.25  # seconds
+    backoff_max: Annotated[float, msgspec.Meta(ge=0, le=600)] = 8.0
+    #: served (flagged) when every attempt failed and no stale cache entry exists; "" none
+    static_fallback: str = ""
+
+
+def _chain(*specs: tuple[str, str]) -> tuple[RouteModelConfig, ...]:
+    return tuple(RouteModelConfig(model=m, provider=p) for m, p in specs)
+
+
+#: The seeds' chains: frontier first, then cheaper, then a local model.
+DEFAULT_ROUTES: dict[str, RouteConfig] = {
+    "default": RouteConfig(models=_chain(("claude-sonnet-4", "anthropic"), ("gpt-4o", "openai"),
+                                         ("gpt-4o-mini", "openai"), ("local", "local"))),
+    "small": RouteConfig(models=_chain(("gpt-4o-mini", "openai"), ("claude-haiku", "anthropic"),
+                                       ("local", "local"))),
+    "frontier": RouteConfig(models=_chain(("claude-sonnet-4", "anthropic"), ("gpt-4o", "openai"))),
+}
+
+
+class RoutingRuleConfig(_Section, kw_only=True):
+    """Requests whose task is one of ``tasks`` (any, if empty) and whose input is within
+    the token bounds go to ``route``; the first matching rule wins."""
+
+    route: str
+    tasks: tuple[str, ...] = ()
+    min_input_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_input_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: no bound
+
+
+class DowngradeConfig(_Section):
+    """A user at or past ``budget_fraction`` of any of their hour or day budgets loses
+    the ``skip`` leading (dearest) models of the chain."""
+
+    enabled: bool = True
+    budget_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+    skip: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class RoutingConfig(_Section):
+    default_route: str = "default"
+    rules: tuple[RoutingRuleConfig, ...] = (
+        RoutingRuleConfig(route="small", tasks=("classify", "extract", "yes_no", "sentiment",
+                                                "short_qa")),
+        RoutingRuleConfig(route="frontier", tasks=("code", "reasoning", "analysis")),
+        RoutingRuleConfig(route="frontier", min_input_tokens=10_000),
+    )
+    downgrade: DowngradeConfig = DowngradeConfig()
+    #: for a request naming a model and no route (a one-model chain)
+    model_timeout: Seconds = 30.0
+    model_max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 4096
+
+
+class CircuitConfig(_Section):
+    consecutive_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
+    error_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    window: Seconds = 60.0
+    min_requests: Annotated[int, msgspec.Meta(ge=1)] = 10
+    open_for: Seconds = 60.0
+    half_open_probes: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -221,6 +299,9 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     pricing: PricingConfig = PricingConfig()
     cache: CacheConfig = CacheConfig()
+    routes: dict[str, RouteConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_ROUTES))
+    routing: RoutingConfig = RoutingConfig()
+    circuits: CircuitConfig = CircuitConfig()
     log: LogConfig = LogConfig()
     #: Where the settings came from (file path or "defaults"); not a setting itself.
     source: str = "defaults"
@@ -334,6 +415,8 @@ def _merge_tables(raw: dict[str, Any]) -> None:
     cache = raw.get("cache")
     if isinstance(cache, dict) and isinstance(cache.get("policy"), dict):
         cache["policy"] = {**msgspec.to_builtins(DEFAULT_CACHE_POLICY), **cache["policy"]}
+    if isinstance(raw.get("routes"), dict):
+        raw["routes"] = {**msgspec.to_builtins(DEFAULT_ROUTES), **raw["routes"]}
 
 
 def _explain(exc: msgspec.ValidationError, origin: dict[str, str], source: str) -> ConfigError:
@@ -371,6 +454,19 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
     from .limits import compile_rules
 
     compile_rules(config.limits, "" if config.source == "defaults" else config.source)
+    where = "" if config.source == "defaults" else config.source
+    routing = config.routing
+    for key, route in [("routing.default_route", routing.default_route)] + [
+            (f"routing.rules[{i}].route", r.route) for i, r in enumerate(routing.rules)]:
+        if route not in config.routes:
+            raise ConfigError(f"route {route!r} is not defined", source=where, key=key,
+                              hint="define it as [routes." + route + "] or name one of: "
+                                   + ", ".join(sorted(config.routes)))
+    for name, route in config.routes.items():
+        if not route.models:
+            raise ConfigError(f"route {name!r} has no models", source=where,
+                              key=f"routes.{name}.models",
+                              hint='models = [{model = "gpt-4o", provider = "openai"}]')
     if "default" not in config.tokens.estimate_ratios:
         key = "tokens.estimate_ratios"
         raise ConfigError("needs a \"default\" ratio for models matching no prefix",

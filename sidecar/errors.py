@@ -141,3 +141,36 @@ class VectorInputError(VectorIndexError, ValueError):
 
 class DaemonStartError(SidecarError):
     """The daemon cannot start: socket owned by a live daemon, unsafe directory, ..."""
+
+
+class GuardError(SidecarError):
+    """A guarded call could not be made (``sidecar.guard``)."""
+
+
+class Denied(GuardError):
+    """The sidecar refused the call before it reached a provider: a limit (``reason``
+    "limit", "burst" or "retry_loop", naming ``limit``) or no model available ("no_model",
+    every circuit open). ``retry_after`` is in seconds, None when no time is promised."""
+
+    def __init__(self, reason: str, limit: str, retry_after: float | None) -> None:
+        self.reason = reason
+        self.limit = limit
+        self.retry_after = retry_after
+        when = "" if retry_after is None else f"; retry after {retry_after:g} s"
+        super().__init__(f"denied by the sidecar: {reason}"
+                         + (f" ({limit})" if limit else "") + when)
+
+
+class AllAttemptsFailed(GuardError):
+    """Every attempt of a guarded call failed, and there was neither a stale cached answer
+    nor a static fallback. ``attempts`` lists each (model, status, error)."""
+
+    def __init__(self, attempts: list) -> None:
+        self.attempts = attempts
+        tried = "; ".join(f"{a.model}: {a.error or a.status}" for a in attempts) or "none"
+        super().__init__(f"every attempt failed ({len(attempts)}): {tried}")
+
+
+class BudgetExhausted(GuardError):
+    """A streamed answer was cut because a budget ran out mid-stream; what was received
+    was settled."""

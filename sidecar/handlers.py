@@ -14,7 +14,7 @@ import math
 import os
 import platform
 import time
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import msgspec
 
@@ -27,17 +27,18 @@ from .normalize import Normalizer
 from .errors import JournalError, Overloaded
 from .journal import Journal
 from .limits import (
-    MICRO, Decision, Engine, Estimate, Spend, Subject, Usage, compile_rules, decode_spend,
-    encode_spend,
+    MICRO, Decision, Engine, Estimate, SettleResult, Spend, Subject, Usage, compile_rules,
+    decode_spend, encode_spend,
 )
 from .pricing import Price, PricingRegistry, Usage as PricedUsage
 from .protocol import (
-    OPS, PROTOCOL_VERSION, Admit, AdmitReply, BuildInfo, CacheGet, CacheGetReply,
-    CacheInvalidate, CacheInvalidateReply, CachePut, CachePutReply, Count, CountReply,
-    Fingerprint,
-    FingerprintReply, Hello, HelloReply, Limits, LimitsReply, LimitUse, Ping, Pong,
-    Release, ReleaseReply, Reply, Request, Settle, SettleReply, Stats, StatsReply,
+    NIL, OPS, PROTOCOL_VERSION, Admit, AdmitReply, Begin, BeginReply, BuildInfo, CacheGet,
+    CacheGetReply, CacheInvalidate, CacheInvalidateReply, CachePut, CachePutReply,
+    ChainModel, Count, CountReply, End, EndReply, Fingerprint, FingerprintReply, Hello,
+    HelloReply, Limits, LimitsReply, LimitUse, Ping, Pong, Release, ReleaseReply, Reply,
+    Report, ReportReply, Request, Route, RouteReply, Settle, SettleReply, Stats, StatsReply,
 )
+from .routing import Router, backoff_schedule, budget_fraction
 from .tokens import ESTIMATE_ENCODING, Tokenizer, get_encoding
 
 
@@ -52,6 +53,7 @@ class Deferred:
 
 
 Handler = Callable[[Request], "Reply | Deferred"]
+R = TypeVar("R", SettleReply, EndReply)
 log = logging.getLogger("sidecar.handlers")
 
 
@@ -59,6 +61,10 @@ def _log_failure(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("limits journal write failed: %s", future.exception())
 
+
+#: The fields that identify a cached answer (``protocol.CacheRequest``'s own).
+_CACHE_FIELDS = ("namespace", "model", "messages", "text", "temperature", "params", "tools",
+                 "response_format", "vector")
 
 #: Denial reasons that time cures: an admit may wait them out (a retry loop it may not).
 _WAITABLE = ("limit", "burst")
@@ -110,6 +116,9 @@ class Handlers:
         self.shadow: dict[str, int] = {}  # shadow limit name -> admits it would have denied
         self.engine = Engine(compile_rules(config.limits), **self._engine_settings(config))
         self.cache = Cache(config.cache, self.normalizer)
+        self.router = Router(config.routing, config.routes, config.circuits)
+        #: lease -> (the begin request as the cache sees it, when the lease ends); for end
+        self._begun: dict[str, tuple[Begin, float]] = {}
         #: FIFO queues of admits waiting for room, by the limit that denied them
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self.table: dict[type[Request], Handler] = {
@@ -125,6 +134,10 @@ class Handlers:
             CacheGet: self.cache_get,
             CachePut: self.cache_put,
             CacheInvalidate: self.cache_invalidate,
+            Begin: self.begin,
+            End: self.end,
+            Route: self.route,
+            Report: self.report,
         }
         assert tuple(t.__struct_config__.tag for t in self.table) == OPS
 
@@ -159,6 +172,7 @@ class Handlers:
         self.pricing = self._pricing(config)
         self.engine.reconfigure(compile_rules(config.limits), **self._engine_settings(config))
         self.cache.reconfigure(config.cache, normalizer)
+        self.router.reconfigure(config.routing, config.routes, config.circuits)
         self.config = config
         self.normalizer = normalizer
         self.tokenizer = tokenizer
@@ -213,26 +227,32 @@ class Handlers:
                 compacted.add_done_callback(_log_failure)
         self.engine.evict_idle(now)
         self.cache.housekeeping(now)
+        for lease in [k for k, (_, until) in self._begun.items() if until <= now]:
+            del self._begun[lease]
 
-    def _estimate(self, req: Admit) -> tuple[Estimate, bool, bytes]:
+    def _input_tokens(self, req: Admit | Begin, model: str) -> int:
         if req.input_tokens is not None:
-            input_tokens = req.input_tokens
-        elif req.text is not None or req.messages is not None:
-            input_tokens = self.tokenizer.count(
-                req.text, messages=req.messages, tools=req.tools,
-                model=req.model or "", encoding="" if req.model else ESTIMATE_ENCODING,
-            ).input_tokens
-        else:
-            input_tokens = 0
+            return req.input_tokens
+        if req.text is None and req.messages is None:
+            return 0
+        return self.tokenizer.count(
+            req.text, messages=req.messages, tools=req.tools, model=model,
+            encoding="" if model else ESTIMATE_ENCODING).input_tokens
+
+    def _estimate(self, req: Admit | Begin, model: str,
+                  input_tokens: int | None = None) -> tuple[Estimate, bool, bytes]:
+        if input_tokens is None:
+            input_tokens = self._input_tokens(req, model)
         output_tokens = req.max_tokens or 0
-        if req.usd is not None:
-            micro, known = round(req.usd * MICRO), True
+        usd = getattr(req, "usd", None)
+        if usd is not None:
+            micro, known = round(usd * MICRO), True
         else:
-            cost = self.pricing.estimate(req.model, input_tokens, output_tokens)
+            cost = self.pricing.estimate(model, input_tokens, output_tokens)
             micro, known = cost.micro_usd, cost.known
         return Estimate(input_tokens, output_tokens, micro), known, self._prompt_key(req)
 
-    def _prompt_key(self, req: Admit) -> bytes:
+    def _prompt_key(self, req: Admit | Begin) -> bytes:
         """Fingerprint of what is asked (the last user turn), for the retry-loop guard."""
         if req.text is not None:
             return self.normalizer.fingerprint(req.text).key
@@ -283,7 +303,7 @@ class Handlers:
 
     def admit(self, req: Admit) -> AdmitReply | Deferred:
         subject = Subject(req.user, req.key, req.model, req.route)
-        estimate, known, prompt = self._estimate(req)
+        estimate, known, prompt = self._estimate(req, req.model)
         decision = self.engine.admit(subject, estimate, time.time(), prompt)
         self._observe(subject, decision)
         denial = decision.denial
@@ -347,31 +367,42 @@ class Handlers:
             if queue and not queue[0].done():
                 queue[0].set_result(None)
 
-    def settle(self, req: Settle) -> SettleReply:
-        subject = self.engine.lease_subject(req.lease)
-        if req.usd is not None:
-            micro = round(req.usd * MICRO)
-        elif subject is not None:
-            micro = self.pricing.cost(subject.model, PricedUsage(
-                req.input_tokens, req.output_tokens, req.cached_input_tokens,
-                req.reasoning_tokens)).micro_usd
-        else:
-            micro = 0
-        result = self.engine.settle(req.lease, Usage(req.input_tokens, req.output_tokens, micro),
-                                    time.time())
-        if result.found and not result.duplicate:
-            self._wake_waiters()
+    def settle(self, req: Settle) -> SettleReply | Deferred:
+        result, micro = self._settle(req.lease, req.input_tokens, req.output_tokens,
+                                     req.cached_input_tokens, req.reasoning_tokens, req.usd, "")
         reply = SettleReply(id=req.id, found=result.found, duplicate=result.duplicate,
                             expired=result.expired, usd=micro / MICRO,
                             durable=self.journal is not None)
+        return self._durably(req.lease, result, reply)
+
+    def _settle(self, lease: str, input_tokens: int, output_tokens: int, cached: int,
+                reasoning: int, usd: float | None, model: str) -> tuple[SettleResult, int]:
+        """Settle ``lease``, priced for ``model`` (default: the model it was admitted for)
+        unless ``usd`` is given. Returns the engine's result and the micro-dollars."""
+        if usd is not None:
+            micro = round(usd * MICRO)
+        else:
+            subject = self.engine.lease_subject(lease)
+            model = model or (subject.model if subject is not None else "")
+            micro = self.pricing.cost(model, PricedUsage(
+                input_tokens, output_tokens, cached, reasoning)).micro_usd if (
+                    subject is not None) else 0
+        result = self.engine.settle(lease, Usage(input_tokens, output_tokens, micro),
+                                    time.time())
+        if result.found and not result.duplicate:
+            self._wake_waiters()
+        return result, micro
+
+    def _durably(self, lease: str, result: SettleResult, reply: R) -> R | Deferred:
+        """``reply`` once the settle's spend is on disk (``durable=False`` if it could not
+        be written: the settle stands)."""
         if result.spent and self.journal is not None:
-            # acknowledged only once the spend is on disk
             try:
                 durable = self._persist(result.spent)
             except (JournalError, Overloaded) as exc:
-                log.error("settle %s applied but not persisted: %s", req.lease, exc)
+                log.error("settle %s applied but not persisted: %s", lease, exc)
                 return msgspec.structs.replace(reply, durable=False)
-            return Deferred(asyncio.ensure_future(self._after(durable, reply)), req.id)
+            return Deferred(asyncio.ensure_future(self._after(durable, reply)), reply.id)
         return reply
 
     def _persist(self, spent: Sequence[Spend]) -> asyncio.Future[None] | None:
@@ -380,7 +411,7 @@ class Handlers:
         return self.journal.append_nowait(encode_spend(spent))
 
     @staticmethod
-    async def _after(durable: asyncio.Future[None] | None, reply: SettleReply) -> SettleReply:
+    async def _after(durable: asyncio.Future[None] | None, reply: R) -> R:
         """The reply once the spend is synced; if the write fails, the settle stands
         (it was applied, and a retry would be a duplicate) but says it is not durable."""
         try:
@@ -434,6 +465,114 @@ class Handlers:
     def cache_invalidate(self, req: CacheInvalidate) -> CacheInvalidateReply:
         return CacheInvalidateReply(id=req.id, removed=self.cache.invalidate(req))
 
+    # -- the guarded call ---------------------------------------------------------------
+
+    def begin(self, req: Begin) -> BeginReply | Deferred:
+        """Exact cache, then (when the scope has entries) the semantic tier on its
+        thread, then route and admit."""
+        view = self._cache_view(req)
+        found = self.cache.get(view, time.time())
+        if isinstance(found, CacheGetReply):
+            return self._begin_after_cache(req, view, found)
+        return Deferred(asyncio.ensure_future(self._begin_semantic(req, view, found)), req.id)
+
+    @staticmethod
+    def _cache_view(req: Begin) -> Begin:
+        """The request as the cache keys it: a routed request is keyed by its route (or
+        task), so answers of different routes never mix."""
+        if req.model:
+            return req
+        return msgspec.structs.replace(req, model=f"route:{req.route or req.task or '-'}")
+
+    async def _begin_semantic(self, req: Begin, view: Begin, search) -> BeginReply:
+        return self._begin_after_cache(req, view, await search)
+
+    def _begin_after_cache(self, req: Begin, view: Begin, found: CacheGetReply) -> BeginReply:
+        if found.hit:
+            return BeginReply(id=req.id, outcome="hit", key=found.key, response=found.response,
+                              tier=found.tier, similarity=found.similarity,
+                              verdict=found.verdict, stale=found.stale)
+        now = time.time()
+        who = req.user or req.key
+        used = budget_fraction(self.engine.budgets(who, now))
+        input_tokens = self._input_tokens(req, req.model)
+        picked = self.router.pick_route(req.route, req.model, req.task, input_tokens)
+        cfg = self.config.routes.get(picked)
+        deadline = cfg.deadline if cfg is not None else self.config.routing.model_timeout
+        chain = self.router.chain(req.route, req.model, req.task, input_tokens, used, now,
+                                  now + deadline)
+        if not chain.models:
+            return BeginReply(id=req.id, outcome="deny", key=found.key, reason="no_model",
+                              route=chain.route, skipped=list(chain.skipped),
+                              retry_after=round(chain.retry_after, 6),
+                              static_fallback=cfg.static_fallback if cfg else "")
+        first = chain.models[0].model
+        subject = Subject(req.user, req.key, first, chain.route)
+        estimate, known, prompt = self._estimate(req, first, input_tokens)
+        decision = self.engine.admit(subject, estimate, now, prompt)
+        self._observe(subject, decision)
+        if decision.denial is not None:
+            d = decision.denial
+            return BeginReply(id=req.id, outcome="deny", key=found.key, reason=d.reason,
+                              limit=d.limit, retry_after=_seconds(d.retry_after),
+                              route=chain.route, input_tokens=estimate.input_tokens,
+                              output_tokens=estimate.output_tokens,
+                              usd=estimate.micro_usd / MICRO)
+        self._begun[decision.lease] = (view, now + self.engine.lease_ttl)
+        attempts = cfg.max_attempts if cfg is not None else 1
+        return BeginReply(
+            id=req.id, outcome="go", key=found.key, lease=decision.lease, route=chain.route,
+            chain=[ChainModel(*m) for m in chain.models], skipped=list(chain.skipped),
+            downgraded=chain.downgraded, deadline=deadline,
+            backoff=backoff_schedule(cfg.backoff_base, cfg.backoff_max, attempts)
+            if cfg is not None else [], max_attempts=attempts,
+            static_fallback=cfg.static_fallback if cfg is not None else "",
+            input_tokens=estimate.input_tokens, output_tokens=estimate.output_tokens,
+            usd=estimate.micro_usd / MICRO)
+
+    def end(self, req: End) -> EndReply | Deferred:
+        now = time.time()
+        for a in req.attempts:
+            self.router.report(a.model, a.ok, now, a.retry_after)
+        result, micro = self._settle(req.lease, req.input_tokens, req.output_tokens,
+                                     req.cached_input_tokens, req.reasoning_tokens, req.usd,
+                                     req.model)
+        stored, reason = False, ""
+        begun = self._begun.pop(req.lease, None)
+        if result.duplicate:
+            reason = "duplicate"
+        elif bytes(req.response) == NIL:
+            reason = "no_response"
+        elif begun is None:
+            reason = "unknown_lease"
+        else:
+            put = self.cache.put(CachePut(
+                id=req.id, response=req.response, kind=begun[0].kind, error=req.error,
+                tool_calls=req.tool_calls, no_store=begun[0].no_store,
+                **{f: getattr(begun[0], f) for f in _CACHE_FIELDS}), now)
+            stored, reason = put.stored, put.reason
+        reply = EndReply(id=req.id, found=result.found, duplicate=result.duplicate,
+                         usd=micro / MICRO, durable=self.journal is not None, stored=stored,
+                         reason=reason)
+        return self._durably(req.lease, result, reply)
+
+    def route(self, req: Route) -> RouteReply:
+        now = time.time()
+        used = budget_fraction(self.engine.budgets(req.user, now)) if req.user else 0.0
+        picked = self.router.pick_route(req.route, req.model, req.task, req.input_tokens)
+        cfg = self.config.routes.get(picked)
+        deadline = cfg.deadline if cfg is not None else self.config.routing.model_timeout
+        chain = self.router.chain(req.route, req.model, req.task, req.input_tokens, used, now,
+                                  now + deadline)
+        return RouteReply(id=req.id, route=chain.route,
+                          chain=[ChainModel(*m) for m in chain.models],
+                          skipped=list(chain.skipped), downgraded=chain.downgraded,
+                          retry_after=round(chain.retry_after, 6))
+
+    def report(self, req: Report) -> ReportReply:
+        state = self.router.report(req.model, req.ok, time.time(), req.retry_after)
+        return ReportReply(id=req.id, state=state.value)
+
     def stats(self, req: Stats) -> StatsReply:
         requests, errors = self.metrics.totals()
         return StatsReply(
@@ -454,6 +593,7 @@ class Handlers:
             limit_shadow=dict(self.shadow),
             open_leases=self.engine.open_leases,
             cache=self.cache.stats(self.cache_snapshot),
+            circuits=self.router.states(time.time()),
         )
 
 

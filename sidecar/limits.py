@@ -329,6 +329,11 @@ class Engine(_native.Core):
                 applied += self._restore_one(found[0], spend.key, spend.slot, spend.amount, now)
         return applied
 
+    def budgets(self, who: str, now: float) -> list[tuple[int, int]]:
+        """``(used, amount)`` of ``who``'s hour and day budgets (user and tier rules)."""
+        return [(used, self.rules[i].amount) for i, used in self.usage_of(who, now)
+                if self.rules[i].kind in (Kind.HOUR, Kind.DAY)]
+
     def state(self, now: float, user: str | None = None) -> list[LimitState]:
         """Current use of every counter (of ``user``'s keyed counters when given)."""
         out = []

@@ -18,6 +18,9 @@ PROTOCOL_VERSION = 1
 
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
+NIL = b"\xc0"  # msgpack nil: the default of opaque ``Raw`` fields (no value)
+_NIL = msgspec.Raw(NIL)
+
 
 class ErrorCode(enum.IntEnum):
     """Integer codes carried by ``Error`` replies."""
@@ -193,9 +196,80 @@ class CacheInvalidate(Request, tag="cache_invalidate"):
     all: bool = False
 
 
+class Begin(CacheRequest, tag="begin"):
+    """Before an LLM call, in one round trip: exact cache, token count, semantic cache,
+    route (open circuits skipped, downgrade applied), admit. Identity as ``CacheGet``
+    (the cache's view) plus who asks (``user``, ``key``), the ``route`` (or ``task`` and
+    input size choose one; ``model`` alone is a one-model chain), ``max_tokens`` (the
+    output estimate), cache controls and the response ``kind`` that ``end`` stores under."""
+
+    idempotent: ClassVar[bool] = False  # a resend could admit twice
+    user: str = ""
+    key: str = ""
+    route: str = ""
+    task: str = ""
+    input_tokens: NonNegative | None = None
+    max_tokens: NonNegative | None = None
+    kind: str = ""
+    no_cache: bool = False
+    no_store: bool = False
+    allow_stale: bool = False
+    threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One provider call of a guarded request, as the client saw it."""
+
+    model: str
+    ok: bool
+    status: int = 0  # HTTP status when there was one
+    error: str = ""  # exception type or message, "" when ok
+    retry_after: float = 0.0  # the provider's Retry-After, seconds
+    latency: float = 0.0  # seconds
+
+
+class End(Request, tag="end"):
+    """After the call: every attempt's outcome (for the circuits), the usage of the one
+    that answered (settles the lease, priced for ``model``), and the ``response`` to
+    cache (omitted: nothing stored; ``error`` or ``tool_calls``: never stored)."""
+
+    idempotent: ClassVar[bool] = True  # settling and reporting twice change nothing
+    lease: str
+    attempts: list[Attempt] = []
+    model: str = ""  # the model that answered ("" when none did)
+    input_tokens: NonNegative = 0
+    output_tokens: NonNegative = 0
+    cached_input_tokens: NonNegative = 0
+    reasoning_tokens: NonNegative = 0
+    usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    response: msgspec.Raw = _NIL  # nil: nothing to cache
+    error: bool = False
+    tool_calls: bool = False
+
+
+class Route(Request, tag="route"):
+    """The model chain a request would get now (circuits and downgrade applied), without
+    admitting anything; each half-open model in it takes a probe."""
+
+    route: str = ""
+    model: str = ""
+    task: str = ""
+    input_tokens: NonNegative = 0
+    user: str = ""
+
+
+class Report(Request, tag="report"):
+    """One provider call's outcome, for the model's circuit breaker."""
+
+    model: str
+    ok: bool
+    status: int = 0
+    retry_after: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello, Ping, Fingerprint, Stats, Count, Admit, Settle, Release, Limits, CacheGet,
-    CachePut, CacheInvalidate,
+    CachePut, CacheInvalidate, Begin, End, Route, Report,
 )
 OPS: tuple[str, ...] = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 
@@ -257,6 +331,7 @@ class StatsReply(Reply, tag="stats"):
     limit_shadow: dict[str, int] = {}  # shadow limit -> admits it would have denied
     open_leases: int = 0
     cache: CacheStats | None = None
+    circuits: dict[str, str] = {}  # model -> "closed" | "open" | "half_open"
 
 
 class CountReply(Reply, tag="count"):
@@ -312,9 +387,6 @@ class LimitUse(msgspec.Struct, frozen=True):
 class LimitsReply(Reply, tag="limits"):
     limits: list[LimitUse]
     open_leases: int
-
-
-_NIL = msgspec.Raw(b"\xc0")  # msgpack nil
 
 
 class CacheGetReply(Reply, tag="cache_get"):
@@ -373,6 +445,69 @@ class CacheStats(msgspec.Struct, frozen=True):
     semantic_pending: int = 0  # semantic writes queued, not yet applied
 
 
+class ChainModel(msgspec.Struct, frozen=True):
+    model: str
+    provider: str
+    timeout: float  # seconds per attempt
+    max_tokens: int
+
+
+class BeginReply(Reply, tag="begin", kw_only=True):
+    """``outcome``: "hit" (a cached answer: ``response``, ``tier``, ``similarity``,
+    ``stale``), "go" (call: ``lease``, ``chain``, ``deadline`` seconds for everything,
+    ``backoff`` bounds of the pauses between attempts, ``max_attempts``), or "deny"
+    (``reason``: a limit's "limit"/"burst"/"retry_loop", or "no_model" when every
+    model's circuit is open; ``limit``, ``retry_after``)."""
+
+    outcome: str
+    key: bytes = b""  # the request's exact cache key
+    response: msgspec.Raw = _NIL
+    tier: str = ""
+    similarity: float = 0.0
+    verdict: str = ""
+    stale: bool = False
+    lease: str = ""
+    route: str = ""
+    chain: list[ChainModel] = []
+    skipped: list[str] = []  # models left out: circuit open
+    downgraded: bool = False
+    deadline: float = 0.0
+    backoff: list[float] = []
+    max_attempts: int = 0
+    static_fallback: str = ""
+    reason: str = ""
+    limit: str = ""
+    retry_after: float | None = None
+    input_tokens: int = 0  # the estimate admitted
+    output_tokens: int = 0
+    usd: float = 0.0
+
+    def value(self) -> object:
+        """A hit's cached response decoded (None otherwise)."""
+        return msgspec.msgpack.decode(self.response)
+
+
+class EndReply(Reply, tag="end"):
+    found: bool  # the lease was known
+    duplicate: bool  # ended before: nothing changed
+    usd: float  # what the call cost (priced for the answering model)
+    durable: bool
+    stored: bool  # the response went into the cache
+    reason: str = ""  # why it was not stored
+
+
+class RouteReply(Reply, tag="route"):
+    route: str
+    chain: list[ChainModel]
+    skipped: list[str]
+    downgraded: bool
+    retry_after: float  # when the chain is empty: seconds until a model may be tried
+
+
+class ReportReply(Reply, tag="report"):
+    state: str  # the model's circuit now: "closed", "open", "half_open"
+
+
 class Error(Reply, tag="error", kw_only=True):
     id: RequestId | None = None
     code: ErrorCode
@@ -381,7 +516,8 @@ class Error(Reply, tag="error", kw_only=True):
 
 REPLY_TYPES: tuple[type[Reply], ...] = (
     HelloReply, Pong, FingerprintReply, StatsReply, CountReply, AdmitReply, SettleReply,
-    ReleaseReply, LimitsReply, CacheGetReply, CachePutReply, CacheInvalidateReply, Error,
+    ReleaseReply, LimitsReply, CacheGetReply, CachePutReply, CacheInvalidateReply, BeginReply,
+    EndReply, RouteReply, ReportReply, Error,
 )
 
 REQUEST_DECODER = msgspec.msgpack.Decoder(Union[REQUEST_TYPES])  # type: ignore[valid-type]
