@@ -873,6 +873,50 @@ cdef class Core:
         self._remember(lease)
         return self.settle_type(True, False, expired, tuple(spent))
 
+    def extend(self, str lease_id, usage_, double now):
+        """Grow an open lease's reservation to ``usage`` ``(input, output, micro_usd)``
+        when that is more than it holds (a stream past its estimate), on every rule or
+        none. Returns a denial (as ``admit``'s) or None."""
+        cdef Lease lease = self.leases.get(lease_id)
+        cdef int64_t want[5]
+        cdef int64_t delta, used
+        cdef int i
+        cdef Res* res
+        cdef CRule* r
+        cdef Keyed k
+        if lease is None:
+            return self.denial_type("lease", "unknown_lease", 0, 0, INFINITY, True)
+        if not isinstance(usage_, tuple):
+            raise TypeError("usage must be a (named) tuple")
+        cdef tuple usage = <tuple>usage_
+        want[0] = 1
+        want[1] = usage[0]
+        want[2] = usage[1]
+        want[3] = want[1] + want[2]
+        want[4] = usage[2]
+        for i in range(lease.n):  # check everything first: all or none
+            res = &lease.res[i]
+            r = &self.rules[res.rule]
+            k = lease.keyed(res.space)
+            delta = want[r.need_at] - res.amount
+            if k is None or delta <= 0 or r.kind == K_GAUGE or r.shadow:
+                continue
+            used = self._used(r, &k.c[r.pos], now)
+            if used + delta > r.amount:
+                return self.denial_type(self.names[res.rule], "limit", used, r.amount,
+                                        self._window_retry(r, &k.c[r.pos], delta, now),
+                                        delta > r.amount)
+        for i in range(lease.n):
+            res = &lease.res[i]
+            r = &self.rules[res.rule]
+            k = lease.keyed(res.space)
+            delta = want[r.need_at] - res.amount
+            if k is None or delta <= 0 or r.kind == K_GAUGE:
+                continue
+            self._adjust(res, &k.c[r.pos], delta, now)
+            res.amount += delta
+        return None
+
     def release(self, str lease_id, double now):
         """Cancel an unused reservation: every amount it reserved is given back."""
         cdef Lease lease = self.leases.pop(lease_id, None)

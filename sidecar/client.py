@@ -30,7 +30,8 @@ from .framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
 from .protocol import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePut, CachePutReply, ChainModel, Count, CountReply,
-    End, EndReply, Error, Fingerprint, Report, ReportReply, Route, RouteReply,
+    End, EndReply, Error, Extend, ExtendReply, Fingerprint, Report, ReportReply, Route,
+    RouteReply,
     FingerprintReply, Hello, HelloReply, Limits, LimitsReply, Message, Ping, Pong, Release,
     ReleaseReply, Reply, Request, Settle, SettleReply, Stats, StatsReply,
 )
@@ -360,6 +361,11 @@ class Client:
         value); fields as ``protocol.End``."""
         return self.call(_end_request(lease, fields), timeout=timeout)  # type: ignore
 
+    def extend(self, lease: str, *, timeout: float | None = None,
+               **fields: Any) -> ExtendReply:
+        """Grow a lease to a stream's usage so far (``protocol.Extend``)."""
+        return self.call(Extend(lease=lease, **fields), timeout=timeout)  # type: ignore
+
     def route(self, *, timeout: float | None = None, **fields: Any) -> RouteReply:
         return self.call(Route(**fields), timeout=timeout)  # type: ignore[return-value]
 
@@ -613,6 +619,10 @@ class AsyncClient:
 
     async def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
         return await self.call(_end_request(lease, fields), timeout=timeout)  # type: ignore
+
+    async def extend(self, lease: str, *, timeout: float | None = None,
+                     **fields: Any) -> ExtendReply:
+        return await self.call(Extend(lease=lease, **fields), timeout=timeout)  # type: ignore
 
     async def route(self, *, timeout: float | None = None, **fields: Any) -> RouteReply:
         return await self.call(Route(**fields), timeout=timeout)  # type: ignore

@@ -34,7 +34,7 @@ from .pricing import Price, PricingRegistry, Usage as PricedUsage
 from .protocol import (
     NIL, OPS, PROTOCOL_VERSION, Admit, AdmitReply, Begin, BeginReply, BuildInfo, CacheGet,
     CacheGetReply, CacheInvalidate, CacheInvalidateReply, CachePut, CachePutReply,
-    ChainModel, Count, CountReply, End, EndReply, Fingerprint, FingerprintReply, Hello,
+    ChainModel, Count, CountReply, End, EndReply, Extend, ExtendReply, Fingerprint, FingerprintReply, Hello,
     HelloReply, Limits, LimitsReply, LimitUse, Ping, Pong, Release, ReleaseReply, Reply,
     Report, ReportReply, Request, Route, RouteReply, Settle, SettleReply, Stats, StatsReply,
 )
@@ -136,6 +136,7 @@ class Handlers:
             CacheInvalidate: self.cache_invalidate,
             Begin: self.begin,
             End: self.end,
+            Extend: self.extend,
             Route: self.route,
             Report: self.report,
         }
@@ -555,6 +556,21 @@ class Handlers:
                          usd=micro / MICRO, durable=self.journal is not None, stored=stored,
                          reason=reason)
         return self._durably(req.lease, result, reply)
+
+    def extend(self, req: Extend) -> ExtendReply:
+        subject = self.engine.lease_subject(req.lease)
+        model = req.model or (subject.model if subject is not None else "")
+        micro = self.pricing.cost(model, PricedUsage(req.input_tokens, req.output_tokens, 0,
+                                                     0)).micro_usd
+        denial = self.engine.extend(req.lease, Usage(req.input_tokens, req.output_tokens,
+                                                     micro), time.time())
+        if denial is None:
+            return ExtendReply(id=req.id, allowed=True)
+        self.denials[denial.limit] = self.denials.get(denial.limit, 0) + 1
+        scale = self._scale_of(denial.limit)
+        return ExtendReply(id=req.id, allowed=False, reason=denial.reason, limit=denial.limit,
+                           used=denial.used / scale, amount=denial.amount / scale,
+                           retry_after=_seconds(denial.retry_after))
 
     def route(self, req: Route) -> RouteReply:
         now = time.time()

@@ -247,6 +247,18 @@ class End(Request, tag="end"):
     tool_calls: bool = False
 
 
+class Extend(Request, tag="extend"):
+    """A streamed answer outgrew its lease's estimate: grow the reservation to the usage
+    so far (``model`` prices it; default the lease's), on every limit or none. A denial
+    means a budget ran out mid-stream."""
+
+    idempotent: ClassVar[bool] = True  # growing to the same total twice adds nothing
+    lease: str
+    input_tokens: NonNegative = 0
+    output_tokens: NonNegative = 0
+    model: str = ""
+
+
 class Route(Request, tag="route"):
     """The model chain a request would get now (circuits and downgrade applied), without
     admitting anything; each half-open model in it takes a probe."""
@@ -269,7 +281,7 @@ class Report(Request, tag="report"):
 
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello, Ping, Fingerprint, Stats, Count, Admit, Settle, Release, Limits, CacheGet,
-    CachePut, CacheInvalidate, Begin, End, Route, Report,
+    CachePut, CacheInvalidate, Begin, End, Extend, Route, Report,
 )
 OPS: tuple[str, ...] = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 
@@ -496,6 +508,15 @@ class EndReply(Reply, tag="end"):
     reason: str = ""  # why it was not stored
 
 
+class ExtendReply(Reply, tag="extend"):
+    allowed: bool
+    reason: str = ""  # "limit" (a budget ran out) or "unknown_lease"
+    limit: str = ""
+    used: float = 0.0
+    amount: float = 0.0
+    retry_after: float | None = None
+
+
 class RouteReply(Reply, tag="route"):
     route: str
     chain: list[ChainModel]
@@ -517,7 +538,7 @@ class Error(Reply, tag="error", kw_only=True):
 REPLY_TYPES: tuple[type[Reply], ...] = (
     HelloReply, Pong, FingerprintReply, StatsReply, CountReply, AdmitReply, SettleReply,
     ReleaseReply, LimitsReply, CacheGetReply, CachePutReply, CacheInvalidateReply, BeginReply,
-    EndReply, RouteReply, ReportReply, Error,
+    EndReply, ExtendReply, RouteReply, ReportReply, Error,
 )
 
 REQUEST_DECODER = msgspec.msgpack.Decoder(Union[REQUEST_TYPES])  # type: ignore[valid-type]

@@ -589,3 +589,17 @@ def test_eviction_is_incremental_and_spares_held_counters():
     assert evicted[:3] == [20, 20, 10]  # the keeper's empty counter is held by its lease
     assert e.settle(held.lease, Usage(0, 4, 0), 20.0).found
     assert {s.key: s.used for s in e.state(20.0)} == {"keeper": 4}
+
+
+def test_extend_grows_a_lease_all_or_none():
+    e = Engine([rule("tpm", "user", "total_tokens", "60s", 1000),
+                rule("day", "global", "output_tokens", "day", 500)])
+    d = e.admit(ALICE, Estimate(100, 100, 0), 0.0)
+    assert e.extend(d.lease, Usage(100, 300, 0), 1.0) is None  # a stream past its estimate
+    assert {s.name: s.used for s in e.state(1.0)} == {"tpm": 400, "day": 300}
+    denied = e.extend(d.lease, Usage(100, 600, 0), 2.0)
+    assert denied.limit == "day" and denied.used == 300 and denied.amount == 500
+    assert {s.name: s.used for s in e.state(2.0)} == {"tpm": 400, "day": 300}  # none grew
+    e.settle(d.lease, Usage(100, 350, 0), 3.0)
+    assert {s.name: s.used for s in e.state(3.0)} == {"tpm": 450, "day": 350}
+    assert e.extend("nope", Usage(1, 1, 0), 3.0).reason == "unknown_lease"
