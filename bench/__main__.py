@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--pairs", help="labelled question pairs (JSON lines a, b, label) for the "
                     "quality section; read in place, never copied")
     sp.add_argument("--audit", help="label audit for --pairs (default: audit_neg.jsonl beside it)")
+    sp = sub.add_parser("guard", help="guarded call: begin (+end) over the socket for an exact "
+                        "hit, a miss + admit, a miss with the semantic tier")
+    sp.add_argument("--quick", action="store_true", help="short run")
+    sp.add_argument("--json", action="store_true", help="print all rows as JSON")
     return p
 
 
@@ -56,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import limits
 
             return limits.run(args)
+        if args.command == "guard":
+            from . import guard
+
+            return guard.run(args)
         if args.command == "cache":
             from . import cache
 

@@ -226,6 +226,7 @@ class Tokenizer:
         self.models = dict(config_mod.DEFAULT_MODEL_ENCODINGS if models is None else models)
         self.estimate_ratios = dict(config_mod.DEFAULT_ESTIMATE_RATIOS
                                     if estimate_ratios is None else estimate_ratios)
+        self._resolved: dict[str, tuple[str, float]] = {}  # model -> resolve(model)
 
     def resolve(self, model: str = "", encoding: str = "") -> tuple[str, float]:
         """``(encoding, ratio)``; ratio 1.0 means exact, anything else an estimate."""
@@ -235,11 +236,19 @@ class Tokenizer:
         if not model:
             raise UnknownEncoding("give a model or an encoding; known encodings: "
                                   + ", ".join(ENCODINGS))
+        known = self._resolved.get(model)
+        if known is not None:
+            return known
         found = _longest_prefix(model, self.models)
         if found is not None:
-            return found, 1.0
-        ratio = _longest_prefix(model, self.estimate_ratios)
-        return ESTIMATE_ENCODING, self.estimate_ratios["default"] if ratio is None else ratio
+            known = (found, 1.0)
+        else:
+            ratio = _longest_prefix(model, self.estimate_ratios)
+            known = (ESTIMATE_ENCODING,
+                     self.estimate_ratios["default"] if ratio is None else ratio)
+        if len(self._resolved) < 4096:  # model names come from requests: bounded
+            self._resolved[model] = known
+        return known
 
     def count(self, text: str | None = None, *, messages: Sequence[Any] | None = None,
               tools: Sequence[Mapping[str, Any]] | None = None, model: str = "",
