@@ -258,21 +258,14 @@ cdef class Normalizer:
         cdef str norm = self.normalize(text)
         cdef Py_ssize_t size
         cdef const char* utf8 = PyUnicode_AsUTF8AndSize(norm, &size)
-        cdef XXH128_hash_t h
-        cdef XXH128_canonical_t canon
-        if size >= NOGIL_MIN:
-            with nogil:
-                h = XXH3_128bits_withSeed(utf8, size, self.seed)
-        else:
-            h = XXH3_128bits_withSeed(utf8, size, self.seed)
-        XXH128_canonicalFromHash(&canon, h)
-        return norm, (<char*>canon.digest)[:16]
+        return norm, self._key(utf8, size)
 
     cpdef bytes key_of(self, bytes data):
         """16-byte big-endian XXH3-128 of ``data`` under this spec's seed: the key of a
         structure whose text parts were normalised by this spec (cache requests)."""
-        cdef const char* p = data
-        cdef Py_ssize_t size = len(data)
+        return self._key(data, len(data))
+
+    cdef bytes _key(self, const char* p, Py_ssize_t size):
         cdef XXH128_hash_t h
         cdef XXH128_canonical_t canon
         if size >= NOGIL_MIN:
