@@ -39,8 +39,9 @@ _native = load("vectors")
 
 #: Below this many entries search is exact brute force. ``python -m bench cache`` on the
 #: 2-vCPU reference VM (dim 384): an exact scan costs about 100-130 us at 5k entries and
-#: 320 us at 10k, an f16 HNSW query 90-200 us at 10k; so up to 5k exact search is as fast,
-#: has recall 1, and its inserts are copies instead of graph inserts.
+#: 270-320 us at 10k; an HNSW query at 10k 110-220 us (f16) or 190-390 us (f32); so up
+#: to 5k exact search is as fast, has recall 1, and its inserts are copies instead of
+#: graph inserts. With f32 storage the crossover is nearer 10k (not yet re-measured).
 DEFAULT_EXACT_BELOW = 5_000
 #: Inserts per USearch call when adding to the HNSW tier: the longest a search waits.
 DEFAULT_ADD_CHUNK = 32
