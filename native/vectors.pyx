@@ -39,6 +39,12 @@ import struct
 import sys
 
 import numpy as np
+
+# onnxruntime (the embedder's runtime, a dependency) must be loaded before usearch's
+# compiled module: the other way round, onnxruntime's initialisation crashes the process
+# (its libstdc++ locale calls resolve into the copy usearch's extension carries). Here,
+# where usearch is imported, the order holds whoever imports this module first.
+import onnxruntime  # noqa: F401  (imported for its load order only)
 from usearch import compiled as _us
 
 # Scalar codes shared with sidecar.vectors (its Dtype enum maps to these numbers).

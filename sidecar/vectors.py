@@ -26,12 +26,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-# onnxruntime (the embedder's runtime) must be loaded before usearch's compiled module:
-# the other way round, onnxruntime's initialisation crashes the process (its libstdc++
-# locale calls resolve into the copy usearch's extension carries). Importing it here
-# keeps the order whatever imports this module first.
-import onnxruntime  # noqa: F401  (imported for its load order only)
-
 from ._native import load
 from .errors import VectorIndexError, VectorInputError
 

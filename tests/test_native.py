@@ -124,3 +124,15 @@ def test_type_errors():
         Normalizer().normalize(b"bytes")
     with pytest.raises(TypeError):
         Normalizer().fingerprint(None)
+
+
+def test_usearch_and_onnxruntime_load_in_any_order():
+    # loaded after usearch's extension, onnxruntime used to crash the process at import
+    import subprocess
+    import sys
+
+    for first, second in (("sidecar._native.vectors", "onnxruntime"),
+                          ("onnxruntime", "sidecar._native.vectors")):
+        r = subprocess.run([sys.executable, "-c", f"import {first}, {second}"],
+                           capture_output=True, text=True, timeout=120, cwd="/")
+        assert r.returncode == 0, (first, second, r.returncode, r.stderr[-500:])
