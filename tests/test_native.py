@@ -2,6 +2,8 @@
 import importlib
 import importlib.machinery
 import os
+import subprocess
+import sys
 
 import pytest
 import xxhash
@@ -128,9 +130,6 @@ def test_type_errors():
 
 def test_usearch_and_onnxruntime_load_in_any_order():
     # loaded after usearch's extension, onnxruntime used to crash the process at import
-    import subprocess
-    import sys
-
     for first, second in (("sidecar._native.vectors", "onnxruntime"),
                           ("onnxruntime", "sidecar._native.vectors")):
         r = subprocess.run([sys.executable, "-c", f"import {first}, {second}"],
