@@ -390,6 +390,8 @@ class SemanticTier:
         self.broken = ""  # why the tier is off after a failure (logged once)
         self._indexes: dict[bytes, VectorIndex] = {}  # worker thread only
         self._ops: collections.deque[tuple] = collections.deque()  # ("add"|"remove", ...)
+        self._queued = 0  # ops ever queued (event loop only)
+        self._applied = 0  # ops ever applied or dropped (writer thread only)
         self._flush_queued = False
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="sidecar-semantic-write")
         self._searcher = ThreadPoolExecutor(1, thread_name_prefix="sidecar-semantic-search")
@@ -444,6 +446,7 @@ class SemanticTier:
         self._queue(("remove", member.space, vkey))
 
     def _queue(self, op: tuple) -> None:
+        self._queued += 1
         self._ops.append(op)
         if not self._flush_queued:
             self._flush_queued = True
@@ -461,6 +464,7 @@ class SemanticTier:
                     index = self._indexes.get(op[1])
                     if index is not None:
                         index.remove(np.asarray([op[2]], dtype=np.uint64))
+                    self._applied += 1
                     continue
                 adds = [op]  # consecutive adds are embedded in one model run
                 while self._ops and self._ops[0][0] == "add" and len(adds) < BATCH:
@@ -472,6 +476,7 @@ class SemanticTier:
                         vector = next(vectors)
                     self._index_for(space, vector.shape[0]).add(
                         np.asarray([vkey], dtype=np.uint64), vector.reshape(1, -1))
+                    self._applied += 1
         except Exception as exc:  # a broken model or index must not take the daemon down
             self._fail(exc)
 
@@ -537,8 +542,8 @@ class SemanticTier:
 
     @property
     def pending(self) -> int:
-        """Writes queued and not yet applied."""
-        return len(self._ops)
+        """Writes queued and not yet applied (including the one being applied)."""
+        return 0 if self.broken else self._queued - self._applied
 
     def memory_bytes(self) -> int:
         return sum(index.memory_bytes() for index in list(self._indexes.values()))

@@ -143,6 +143,17 @@ def test_paraphrases_hit_near_misses_are_refused(start_daemon):
     assert d.stop() == 0
 
 
+def test_pending_counts_a_write_until_it_is_searchable(start_daemon):
+    d = start_daemon()
+    d.wait_semantic_ready()
+    with Client(d.path) as c:
+        c.cache_put("42", text="What is the answer to everything?", kind="factual_qa")
+        while c.stats().cache.semantic_pending:
+            time.sleep(0.005)
+        assert c.cache_get(text="What's the answer to everything?").hit  # no polling
+    assert d.stop() == 0
+
+
 def test_exact_kinds_never_match_paraphrases(start_daemon):
     d = start_daemon()
     d.wait_semantic_ready()
