@@ -165,6 +165,8 @@ def _print_stats(stats: object) -> None:
         print(f"cache {'on' if cache.enabled else 'off'}: max {cache.max_entries:,} entries, "
               f"{cache.max_bytes:,} bytes; stores {cache.stores}, bypassed {cache.bypassed}; "
               f"snapshot {cache.snapshot}")
+        print(f"semantic tier: {cache.semantic}, threshold {cache.threshold:g}, "
+              f"{cache.semantic_pending} writes pending")
         print(f"{'tier':<10}{'entries':>9}{'bytes':>12}{'hits':>8}{'misses':>8}{'hit %':>7}"
               f"{'stale':>7}{'evicted':>9}{'expired':>9}{'refused':>9}")
         for name, t in cache.tiers.items():
@@ -173,6 +175,9 @@ def _print_stats(stats: object) -> None:
                   f"{t.expirations:>9}{t.verifier_refusals:>9}")
         if cache.not_stored:
             print("not stored: " + ", ".join(f"{k}={v}" for k, v in cache.not_stored.items()))
+    if stats.circuits:
+        print()
+        print("circuits: " + ", ".join(f"{m} {state}" for m, state in stats.circuits.items()))
     print()
     print(f"build: {stats.build.python}; protocol {stats.build.protocol}; "
           + ", ".join(f"{k} {v}" for k, v in stats.build.libraries.items()))
