@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import anthropic
@@ -19,7 +20,7 @@ from sidecar.errors import AllAttemptsFailed, BudgetExhausted, Denied
 from sidecar.integrations import (
     FALLBACK_ID, AsyncGuardedStream, GuardedStream, guard_anthropic, guard_openai,
 )
-from stub_llm import BreakStream, Fail, Hang, Reply, StubLLM, stub_llm  # noqa: F401
+from stub_llm import BreakStream, Fail, Hang, Malformed, Reply, StubLLM, stub_llm  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -239,6 +240,7 @@ def test_stale_then_static_fallback(start_daemon, stub_llm, kit):
         stub_llm.script(*[Fail(500)] * 8)
         stale = kit.ask(w)
         assert w.last_outcome.source == "stale" and stale == fresh
+        assert w.last_outcome.value is stale
         assert len(w.last_outcome.attempts) == 4
         static = kit.ask(w, "a question never answered")
         assert w.last_outcome.source == "static" and static.id == FALLBACK_ID
@@ -285,6 +287,7 @@ def test_cache_hit_never_touches_the_provider(start_daemon, stub_llm, kit):
         assert w.last_outcome.source == "provider"
         hit = kit.ask(w)
         assert hit == first and w.last_outcome.source == "cache"
+        assert w.last_outcome.value is hit
         extra = {"stream_options": {"include_usage": True}} if kit.name == "openai" else {}
         with kit.ask(w, stream=True, **extra) as stream:
             chunks = list(stream)
@@ -356,6 +359,25 @@ def test_mid_stream_failure_settles_and_raises(start_daemon, stub_llm):
     assert d.stop() == 0
 
 
+@KITS
+def test_malformed_first_chunk_falls_back_and_unread_stream_settles(start_daemon, stub_llm,
+                                                                     kit):
+    d = start_daemon(CONFIG)
+    stub_llm.script(Malformed(), model=kit.first)
+    with Client(d.path) as sc, kit.client(stub_llm) as raw:
+        w = kit.guard(raw, sc, user="alice", route=kit.route, no_store=True)
+        with kit.ask(w, stream=True) as stream:
+            assert kit.stream_text(list(stream)) == "stub answer"
+        assert stub_llm.models() == [kit.first, kit.second]
+        assert stream.outcome.attempts[0].status == 0  # a malformed answer: retryable
+        stream = kit.ask(w, "never read", stream=True)
+        assert sc.stats().open_leases == 1
+        stream.close()  # closed before its first chunk was asked for
+        assert sc.stats().open_leases == 0 and stream.response.is_closed
+        assert stream.outcome.usd > 0  # the first chunk (and prompt) was settled
+    assert d.stop() == 0
+
+
 def test_mismatched_clients_are_refused(daemon, stub_llm):
     with Client(daemon.path) as sc, ANTHROPIC.client(stub_llm) as raw:
         with pytest.raises(TypeError, match="AsyncClient"):
@@ -409,4 +431,17 @@ def test_async(start_daemon, stub_llm, run_async, kit):
                 await raw.close()
 
     run_async(main())
+    assert d.stop() == 0
+
+
+def test_readme_snippet(start_daemon, stub_llm, monkeypatch):
+    d = start_daemon(CONFIG)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## OpenAI and Anthropic SDKs", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("LLM_SIDECAR_SOCKET", str(d.path))
+    monkeypatch.setenv("OPENAI_BASE_URL", stub_llm.openai_base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    exec(compile(code, "README.md", "exec"), {})
+    assert stub_llm.models() == ["gpt-4o"]  # the streamed repeat was served by the cache
     assert d.stop() == 0

@@ -244,6 +244,14 @@ async def _aiter(items: list[Any]) -> AsyncIterator[Any]:
         yield item
 
 
+def _sync_replay(items: list[Any]) -> GuardedStream:
+    return GuardedStream(iter(items))
+
+
+def _async_replay(items: list[Any]) -> AsyncGuardedStream:
+    return AsyncGuardedStream(_aiter(items))
+
+
 class _Streamed:
     """The bookkeeping of one live stream: the extend schedule and the final settle."""
 
@@ -300,14 +308,17 @@ class GuardedCreate:
         return kwargs, {**self._adapter.fields(kwargs), **self._defaults, **overrides}
 
     def _finish(self, g: Guarded, kwargs: dict[str, Any]) -> Any:
+        if g.source != "provider":  # a cached answer or fallback text, as the SDK's type
+            g = g._replace(value=self._adapter.answer(g.value, kwargs))
         self._outcome.set(g)
-        if g.source == "provider":
-            return g.value
-        return self._adapter.answer(g.value, kwargs)
+        return g.value
 
-    def _replayed(self, g: Guarded, kwargs: dict[str, Any], wants_usage: bool) -> list[Any]:
-        self._outcome.set(g)
-        return self._adapter.replay(self._adapter.answer(g.value, kwargs), wants_usage)
+    def _replayed(self, g: Guarded, kwargs: dict[str, Any], wants_usage: bool,
+                  wrap: Callable[[list[Any]], Any]) -> Any:
+        """A cached or fallback answer as a stream of the SDK's chunks."""
+        stream = wrap(self._adapter.replay(self._finish(g, kwargs), wants_usage))
+        stream.outcome = self._outcome.get()
+        return stream
 
     def __call__(self, **kwargs: Any) -> Any:
         kwargs, fields = self._prepare(kwargs)
@@ -326,10 +337,8 @@ class GuardedCreate:
         view = _ProviderClient(self._sidecar, self._adapter.provider)
         b = view.begin(**fields)
         if b.outcome == "hit":
-            g = guard._from_cache(b)
-            stream = GuardedStream(iter(self._replayed(g, kwargs, wants_usage)))
-            stream.outcome = g
-            return stream
+            return self._replayed(guard._from_cache(b), kwargs, wants_usage,
+                                  _sync_replay)
         attempts: list = []
         if b.outcome == "go":
             plan = guard._Plan(b, random.Random())
@@ -362,10 +371,8 @@ class GuardedCreate:
         elif b.reason != "no_model":
             raise Denied(b.reason, b.limit, b.retry_after)
         stale = self._sidecar.cache_get(allow_stale=True, **guard._fallback_fields(fields))
-        g = guard._fallback_or_raise(stale, b, attempts)
-        stream = GuardedStream(iter(self._replayed(g, kwargs, wants_usage)))
-        stream.outcome = g
-        return stream
+        return self._replayed(guard._fallback_or_raise(stale, b, attempts), kwargs,
+                              wants_usage, _sync_replay)
 
     def _pump(self, live: _Streamed, sdk: Any, first: Any, chunks: Iterator[Any],
               stream: GuardedStream) -> Iterator[Any]:
@@ -421,10 +428,8 @@ class AsyncGuardedCreate(GuardedCreate):
         view = _AsyncProviderClient(self._sidecar, self._adapter.provider)
         b = await view.begin(**fields)
         if b.outcome == "hit":
-            g = guard._from_cache(b)
-            stream = AsyncGuardedStream(_aiter(self._replayed(g, kwargs, wants_usage)))
-            stream.outcome = g
-            return stream
+            return self._replayed(guard._from_cache(b), kwargs, wants_usage,
+                                  _async_replay)
         attempts: list = []
         if b.outcome == "go":
             plan = guard._Plan(b, random.Random())
@@ -460,10 +465,8 @@ class AsyncGuardedCreate(GuardedCreate):
             raise Denied(b.reason, b.limit, b.retry_after)
         stale = await self._sidecar.cache_get(allow_stale=True,
                                               **guard._fallback_fields(fields))
-        g = guard._fallback_or_raise(stale, b, attempts)
-        stream = AsyncGuardedStream(_aiter(self._replayed(g, kwargs, wants_usage)))
-        stream.outcome = g
-        return stream
+        return self._replayed(guard._fallback_or_raise(stale, b, attempts), kwargs,
+                              wants_usage, _async_replay)
 
     async def _apump(self, live: _Streamed, sdk: Any, first: Any,
                      chunks: AsyncIterator[Any], stream: AsyncGuardedStream
