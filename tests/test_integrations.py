@@ -352,7 +352,8 @@ def test_mid_stream_failure_settles_and_raises(start_daemon, stub_llm):
                 got.append(chunk)
         assert not isinstance(info.value, BudgetExhausted)
         assert len(got) == 4 and stub_llm.models() == ["gpt-4o"]  # no fallback after it
-        assert w.last_outcome.model == "gpt-4o"
+        a = w.last_outcome.attempts[-1]
+        assert w.last_outcome.model == "gpt-4o" and a.model == "gpt-4o" and not a.ok
         assert sc.stats().open_leases == 0
         again = OPENAI.ask(w)  # the cut answer was not cached
         assert w.last_outcome.source == "provider" and OPENAI.text(again)

@@ -17,9 +17,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 from .. import guard
 from ..client import AsyncClient, Client
-from ..errors import BudgetExhausted, Denied
+from ..errors import BudgetExhausted, Denied, SidecarError
 from ..guard import CallResult, Guarded
-from ..protocol import BeginReply
+from ..protocol import Attempt, BeginReply
 
 #: a stream extends its lease each time its output passes the reservation by this much
 EXTEND_STEP = 64
@@ -276,6 +276,14 @@ class _Streamed:
     def input_tokens(self) -> int:
         return self.acc.input_tokens or self.b.input_tokens
 
+    def failed(self, exc: BaseException) -> None:
+        """The answering attempt broke mid-stream: report it failed (for its circuit)."""
+        f = guard.classify(exc)
+        last = self.attempts[-1]
+        self.attempts[-1] = Attempt(model=last.model, ok=False, status=f.status,
+                                    error=f.error, retry_after=f.retry_after,
+                                    latency=last.latency)
+
     def outcome(self, usd: float) -> Guarded:
         return Guarded(self.acc.answer(), "provider", self.model, tuple(self.attempts), usd)
 
@@ -304,6 +312,8 @@ class GuardedCreate:
     def _prepare(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         overrides = kwargs.pop("sidecar", None) or {}
         kwargs = given(kwargs)
+        if "messages" in kwargs:  # an iterable is read twice: for the key and the SDK
+            kwargs["messages"] = list(kwargs["messages"])
         kwargs.pop("timeout", None)  # each attempt's timeout is the guard's
         return kwargs, {**self._adapter.fields(kwargs), **self._defaults, **overrides}
 
@@ -390,6 +400,11 @@ class GuardedCreate:
                     yield chunk
                 chunk = next(chunks, None)
             complete = True
+        except SidecarError:  # a cut stream, or the daemon: not the provider's failure
+            raise
+        except Exception as exc:  # the provider broke mid-stream: no fallback after it
+            live.failed(exc)
+            raise
         finally:  # ended, cut, failed or closed early: settle what was received
             self._settle(live, sdk, None, stream, complete)
 
@@ -486,6 +501,11 @@ class AsyncGuardedCreate(GuardedCreate):
                     yield chunk
                 chunk = await anext(chunks, None)
             complete = True
+        except SidecarError:  # a cut stream, or the daemon: not the provider's failure
+            raise
+        except Exception as exc:  # the provider broke mid-stream: no fallback after it
+            live.failed(exc)
+            raise
         finally:  # ended, cut, failed or closed early: settle what was received
             await self._asettle(live, sdk, None, stream, complete)
 
