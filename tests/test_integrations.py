@@ -379,6 +379,19 @@ def test_malformed_first_chunk_falls_back_and_unread_stream_settles(start_daemon
     assert d.stop() == 0
 
 
+def test_a_route_without_the_sdks_provider_uses_the_requests_model(start_daemon, stub_llm):
+    d = start_daemon(CONFIG)
+    with Client(d.path) as sc, ANTHROPIC.client(stub_llm) as raw:
+        w = guard_anthropic(raw, sc, user="alice", route="solo")  # only an openai model
+        assert ANTHROPIC.text(ANTHROPIC.ask(w)) == "stub answer"
+        assert stub_llm.models() == ["claude-stub-1"] and w.last_outcome.model == "claude-stub-1"
+        assert sc.stats().open_leases == 0  # the route's lease was released
+        stub_llm.script(Fail(500), model="claude-stub-1")
+        r = ANTHROPIC.ask(w, "fails")  # the route's static fallback still applies
+        assert r.id == FALLBACK_ID and w.last_outcome.source == "static"
+    assert d.stop() == 0
+
+
 def test_mismatched_clients_are_refused(daemon, stub_llm):
     with Client(daemon.path) as sc, ANTHROPIC.client(stub_llm) as raw:
         with pytest.raises(TypeError, match="AsyncClient"):
@@ -439,7 +452,8 @@ def test_readme_snippet(start_daemon, stub_llm, monkeypatch):
     d = start_daemon(CONFIG)
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     section = readme.split("## OpenAI and Anthropic SDKs", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    # fenced "py", not "python": test_lifecycle runs those against a daemon with no provider
+    code = section.split("```py\n", 1)[1].split("```", 1)[0]
     monkeypatch.setenv("LLM_SIDECAR_SOCKET", str(d.path))
     monkeypatch.setenv("OPENAI_BASE_URL", stub_llm.openai_base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")

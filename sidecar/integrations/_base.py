@@ -285,7 +285,11 @@ class _Streamed:
                                     latency=last.latency)
 
     def outcome(self, usd: float) -> Guarded:
-        return Guarded(self.acc.answer(), "provider", self.model, tuple(self.attempts), usd)
+        try:
+            value = self.acc.answer()
+        except ValueError:  # cut before enough arrived to make a whole answer
+            value = None
+        return Guarded(value, "provider", self.model, tuple(self.attempts), usd)
 
     def end_fields(self, complete: bool) -> dict[str, Any]:
         result = self.acc.result()
