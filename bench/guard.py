@@ -12,7 +12,12 @@ bench limits`` measures): one with the semantic cache tier off, one with it on
   count, route, admit; then settle, price, report the attempt, nothing stored;
 * (c) the same miss with the semantic tier on (the scope holds entries, so every miss is
   embedded and searched: milliseconds, on the daemon's worker threads);
-* ``ping`` for context: the bare round trip; (b) is two round trips.
+* ``ping`` for context: the bare round trip; (b) is two round trips;
+* (d) an OpenAI SDK ``chat.completions.create`` through ``guard_openai`` against the same
+  call made directly, both to the local stub server of the tests (``tests/stub_llm.py``,
+  an HTTP/1.1 server in this process's threads), interleaved; every question distinct,
+  so every guarded call misses the cache and reaches the stub: the difference is what
+  the guard adds to a provider call. Skipped when ``openai`` is not installed.
 
 Placements: daemon and client on one CPU ("same-cpu") and on two ("cross-cpu"), rounds
 interleaved. Target: (b) p50 <= 50 us [same-cpu], reported PASS/MISS, never failing.
@@ -28,7 +33,8 @@ import time
 
 import sidecar
 
-from .roundtrip import ServerProcess, _placements, host_meta, percentile, pin_process
+from .roundtrip import (REPO_ROOT, ServerProcess, _placements, host_meta, percentile,
+                        pin_process)
 
 TARGET_MISS_US = 50.0
 LIMITS = """
@@ -56,6 +62,49 @@ def _timed(fn, n: int) -> list[int]:
         fn(i)
         out.append(clock() - t0)
     return out
+
+
+def _sdk_overhead(rows: list, sock: str, pl, calls: int, rounds: int) -> str:
+    """(d): the OpenAI SDK through the guard against the SDK alone, same stub, same run."""
+    try:
+        import openai
+    except ImportError:
+        return "openai not installed: SDK overhead not measured (pip install -e '.[bench]')"
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from stub_llm import StubLLM
+
+    from sidecar.integrations import guard_openai
+
+    counter = [0]
+
+    def ask(client) -> callable:
+        def go(i: int) -> None:
+            counter[0] += 1
+            client.chat.completions.create(model="gpt-4o", max_tokens=20, messages=[
+                {"role": "user", "content": f"Bench question number {counter[0]}?"}])
+        return go
+
+    with StubLLM(reply="stub answer") as stub, \
+            openai.OpenAI(base_url=stub.openai_base_url, api_key="sk-bench",
+                          max_retries=0) as sdk, sidecar.Client(sock) as side:
+        guarded = guard_openai(sdk, side, user="bench", model="gpt-4o")
+        own = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {pl.client_cpu})
+        try:
+            ask(sdk)(0)
+            ask(guarded)(0)  # warm both paths
+            series: dict[str, list[int]] = {}
+            for _ in range(rounds):
+                for name, client in (("(d) OpenAI SDK -> stub, direct", sdk),
+                                     ("(d) OpenAI SDK -> stub, guarded", guarded)):
+                    series.setdefault(name, []).extend(_timed(ask(client), calls // rounds))
+        finally:
+            os.sched_setaffinity(0, own)
+    for name, xs in series.items():
+        xs.sort()
+        rows.append({"placement": pl.name, "workload": name, "calls": len(xs),
+                     "p50_us": percentile(xs, 0.5), "p99_us": percentile(xs, 0.99)})
+    return ""
 
 
 def _daemon(workdir: str, name: str, config: str, cpu: int) -> ServerProcess:
@@ -125,19 +174,27 @@ def run(args: argparse.Namespace) -> int:
                                      "p50_us": percentile(xs, 0.5),
                                      "p99_us": percentile(xs, 0.99)})
                 in_daemon = {op: c.stats().ops[op] for op in ("begin", "end")}
+                skipped_sdk = _sdk_overhead(rows, plain.path, placements[0], calls // 5, rounds)
         finally:
             for server in (plain, semantic):
                 server.proc.terminate()
                 server.proc.wait(30)
     same = {r["workload"]: r for r in rows if r["placement"] == "same-cpu"}
     b, ping = same["(b) begin+end, miss + admit"], same["ping"]
+    direct = same.get("(d) OpenAI SDK -> stub, direct")
+    via = same.get("(d) OpenAI SDK -> stub, guarded")
+    if direct and via:
+        rows.append({"placement": "same-cpu", "workload": "(d) guard overhead per SDK call "
+                     "(p50 difference)", "calls": via["calls"],
+                     "p50_us": via["p50_us"] - direct["p50_us"],
+                     "p99_us": via["p99_us"] - direct["p99_us"]})
     targets = [{"target": f"(b) begin+end miss p50 <= {TARGET_MISS_US:g} us [same-cpu]",
                 "pass": b["p50_us"] <= TARGET_MISS_US,
                 "measured": f"{b['p50_us']:.1f} us; floor: two round trips = 2 x ping "
                             f"{ping['p50_us']:.1f} us on this host; in-daemon begin p50 "
                             f"{in_daemon['begin'].p50_us:.1f} us, end p50 "
                             f"{in_daemon['end'].p50_us:.1f} us"}]
-    meta = {**host_meta(args.quick), "skipped": skipped}
+    meta = {**host_meta(args.quick), "skipped": "; ".join(x for x in (skipped, skipped_sdk) if x)}
     if args.json:
         json.dump({"meta": meta, "rows": rows, "targets": targets}, sys.stdout, indent=2)
         print()
