@@ -96,8 +96,9 @@ def classify(exc: BaseException) -> Failure:
     return Failure(True, 0, retry_after, error)  # timeouts, resets, malformed answers
 
 
-class _Plan:
-    """The attempt loop's state; shared by the blocking and the asyncio runner."""
+class Plan:
+    """The attempt loop's state: which model next, after which pause, with which timeout.
+    Shared by ``run``, ``arun`` and the SDK integrations' streamed calls."""
 
     def __init__(self, b: BeginReply, rng: random.Random) -> None:
         self.begin = b
@@ -166,12 +167,13 @@ def _end_fields(result: CallResult | None, model: str) -> dict[str, Any]:
     return fields
 
 
-def _from_cache(b: BeginReply) -> Guarded:
+def from_cache(b: BeginReply) -> Guarded:
+    """The outcome of a ``begin`` answered from the cache."""
     return Guarded(b.value(), "stale" if b.stale else "cache", "", (), 0.0, b.tier,
                    b.similarity)
 
 
-def _fallback_fields(fields: dict[str, Any]) -> dict[str, Any]:
+def cache_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """The begin fields a stale lookup takes (the cache's view of the request)."""
     keep = ("namespace", "model", "messages", "text", "temperature", "params", "tools",
             "response_format", "vector")
@@ -187,13 +189,13 @@ def run(client: Client, call: Callable[[ChainModel, float], CallResult], *,
     """The blocking guarded call (see the module docstring)."""
     b = client.begin(**fields)
     if b.outcome == "hit":
-        return _from_cache(b)
+        return from_cache(b)
     if b.outcome == "deny":
         if b.reason != "no_model":
             raise Denied(b.reason, b.limit, b.retry_after)
-        return _fallback_or_raise(client.cache_get(allow_stale=True, **_fallback_fields(fields)),
+        return fallback_or_raise(client.cache_get(allow_stale=True, **cache_fields(fields)),
                                   b, [])
-    plan = _Plan(b, rng or random.Random())
+    plan = Plan(b, rng or random.Random())
     while (picked := plan.pick()) is not None:
         model, wait = picked
         time.sleep(max(wait, plan.pause()))
@@ -209,8 +211,8 @@ def run(client: Client, call: Callable[[ChainModel, float], CallResult], *,
         done = client.end(b.lease, attempts=plan.attempts, **_end_fields(result, model.model))
         return Guarded(result.value, "provider", model.model, tuple(plan.attempts), done.usd)
     client.end(b.lease, attempts=plan.attempts)
-    stale = client.cache_get(allow_stale=True, **_fallback_fields(fields))
-    return _fallback_or_raise(stale, b, plan.attempts)
+    stale = client.cache_get(allow_stale=True, **cache_fields(fields))
+    return fallback_or_raise(stale, b, plan.attempts)
 
 
 async def arun(client: AsyncClient, call: Callable[[ChainModel, float], Awaitable[CallResult]],
@@ -219,13 +221,13 @@ async def arun(client: AsyncClient, call: Callable[[ChainModel, float], Awaitabl
     """``run`` for asyncio: ``call`` is a coroutine function."""
     b = await client.begin(**fields)
     if b.outcome == "hit":
-        return _from_cache(b)
+        return from_cache(b)
     if b.outcome == "deny":
         if b.reason != "no_model":
             raise Denied(b.reason, b.limit, b.retry_after)
-        stale = await client.cache_get(allow_stale=True, **_fallback_fields(fields))
-        return _fallback_or_raise(stale, b, [])
-    plan = _Plan(b, rng or random.Random())
+        stale = await client.cache_get(allow_stale=True, **cache_fields(fields))
+        return fallback_or_raise(stale, b, [])
+    plan = Plan(b, rng or random.Random())
     while (picked := plan.pick()) is not None:
         model, wait = picked
         await asyncio.sleep(max(wait, plan.pause()))
@@ -243,11 +245,11 @@ async def arun(client: AsyncClient, call: Callable[[ChainModel, float], Awaitabl
                                 **_end_fields(result, model.model))
         return Guarded(result.value, "provider", model.model, tuple(plan.attempts), done.usd)
     await client.end(b.lease, attempts=plan.attempts)
-    stale = await client.cache_get(allow_stale=True, **_fallback_fields(fields))
-    return _fallback_or_raise(stale, b, plan.attempts)
+    stale = await client.cache_get(allow_stale=True, **cache_fields(fields))
+    return fallback_or_raise(stale, b, plan.attempts)
 
 
-def _fallback_or_raise(stale: Any, b: BeginReply, attempts: list[Attempt]) -> Guarded:
+def fallback_or_raise(stale: Any, b: BeginReply, attempts: list[Attempt]) -> Guarded:
     """When no provider answered (every attempt failed, or every circuit is open): a
     stale cached answer, the route's static fallback, or raise. (A limit's denial is
     raised before: serving cached answers past a limit would be spending for free.)"""

@@ -351,11 +351,11 @@ class GuardedCreate:
         view = _ProviderClient(self._sidecar, self._adapter.provider)
         b = view.begin(**fields)
         if b.outcome == "hit":
-            return self._replayed(guard._from_cache(b), kwargs, wants_usage,
+            return self._replayed(guard.from_cache(b), kwargs, wants_usage,
                                   _sync_replay)
         attempts: list = []
         if b.outcome == "go":
-            plan = guard._Plan(b, random.Random())
+            plan = guard.Plan(b, random.Random())
             attempts = plan.attempts
             while (picked := plan.pick()) is not None:
                 model, wait = picked
@@ -384,8 +384,8 @@ class GuardedCreate:
             self._sidecar.end(b.lease, attempts=plan.attempts)
         elif b.reason != "no_model":
             raise Denied(b.reason, b.limit, b.retry_after)
-        stale = self._sidecar.cache_get(allow_stale=True, **guard._fallback_fields(fields))
-        return self._replayed(guard._fallback_or_raise(stale, b, attempts), kwargs,
+        stale = self._sidecar.cache_get(allow_stale=True, **guard.cache_fields(fields))
+        return self._replayed(guard.fallback_or_raise(stale, b, attempts), kwargs,
                               wants_usage, _sync_replay)
 
     def _pump(self, live: _Streamed, sdk: Any, first: Any, chunks: Iterator[Any],
@@ -447,11 +447,11 @@ class AsyncGuardedCreate(GuardedCreate):
         view = _AsyncProviderClient(self._sidecar, self._adapter.provider)
         b = await view.begin(**fields)
         if b.outcome == "hit":
-            return self._replayed(guard._from_cache(b), kwargs, wants_usage,
+            return self._replayed(guard.from_cache(b), kwargs, wants_usage,
                                   _async_replay)
         attempts: list = []
         if b.outcome == "go":
-            plan = guard._Plan(b, random.Random())
+            plan = guard.Plan(b, random.Random())
             attempts = plan.attempts
             while (picked := plan.pick()) is not None:
                 model, wait = picked
@@ -483,8 +483,8 @@ class AsyncGuardedCreate(GuardedCreate):
         elif b.reason != "no_model":
             raise Denied(b.reason, b.limit, b.retry_after)
         stale = await self._sidecar.cache_get(allow_stale=True,
-                                              **guard._fallback_fields(fields))
-        return self._replayed(guard._fallback_or_raise(stale, b, attempts), kwargs,
+                                              **guard.cache_fields(fields))
+        return self._replayed(guard.fallback_or_raise(stale, b, attempts), kwargs,
                               wants_usage, _async_replay)
 
     async def _apump(self, live: _Streamed, sdk: Any, first: Any,
