@@ -1,19 +1,24 @@
-"""Response caches: request keys, the store policy, the exact tier, bounds and snapshots.
+"""Response caches: request keys, the store policy, the exact and semantic tiers, bounds
+and snapshots.
 
 A request's exact key is the XXH3-128 (under the normalisation spec's seed) of a canonical
 msgpack encoding of everything that shapes the answer: namespace, model, temperature and
 the other sampling parameters, tools, response format, and every message's role and
 content, each text normalised by ``native/normalize``; so "Please, what is 2+2?" and
 "what is 2+2" share a key, while another model, temperature, system prompt or tool set
-never does. The scope key (the same without the conversation's user and assistant turns)
-groups entries a semantic search may compare.
+never does. The scope key (the same without the last user turn) groups the entries a
+semantic search may compare.
 
 The exact tier is a bounded LRU (``cache.max_entries``, ``cache.max_bytes``) with a TTL
 per entry from the response type's policy; an expired entry is kept ``cache.stale_for``
 seconds longer and served, flagged stale, only to a caller that asks. ``snapshot`` and
 ``restore`` carry entries across restarts in one checksummed file written atomically.
-Every method takes ``now``: nothing here reads a clock or does I/O except the snapshot
-file functions.
+
+The semantic tier (``SemanticTier``) indexes the entries of semantic kinds by the
+embedding of their last user turn, one vector index per scope; a hit needs the similarity
+threshold and the pair verifier's consent (``sidecar.verify``). Its embedding and index
+work runs on its own threads. Apart from those and the snapshot file functions, methods
+take ``now``: nothing reads a clock or does I/O.
 """
 from __future__ import annotations
 
@@ -23,7 +28,6 @@ import enum
 import logging
 import os
 import struct
-import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -628,13 +632,14 @@ class Cache:
         if space is None:
             return CacheGetReply(id=req.id, hit=False, key=rk.key, reason="miss")
         threshold = max(self.semantic.threshold, req.threshold or 0.0)  # stricter only
-        return self._semantic_get(req, rk, space, vector, threshold)
+        return self._semantic_get(req, rk, space, vector, threshold, now)
 
     async def _semantic_get(self, req: CacheGet, rk: RequestKey, space: bytes,
-                            vector: np.ndarray | None, threshold: float) -> CacheGetReply:
+                            vector: np.ndarray | None, threshold: float,
+                            now: float) -> CacheGetReply:
+        """Freshness is judged at ``now``, the time the lookup was asked."""
         semantic = self.semantic
         candidates = await semantic.search(space, rk, vector, threshold)
-        now = time.time()
         for c in candidates:
             member = semantic.members.get(c.vkey)
             if c.reasons or member is None:
