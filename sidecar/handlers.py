@@ -24,7 +24,7 @@ from .cache import Cache
 from .config import Config
 from .metrics import Metrics
 from .normalize import Normalizer
-from .errors import JournalError, Overloaded
+from .errors import InvalidValue, JournalError, Overloaded
 from .journal import Journal
 from .limits import (
     MICRO, Decision, Engine, Estimate, SettleResult, Spend, Subject, Usage, compile_rules,
@@ -471,6 +471,10 @@ class Handlers:
     def begin(self, req: Begin) -> BeginReply | Deferred:
         """Exact cache, then (when the scope has entries) the semantic tier on its
         thread, then route and admit."""
+        if req.kind and req.kind not in self.config.cache.policy:
+            # refused now: at end the call would be paid for and its answer unstorable
+            raise InvalidValue(f"unknown response kind {req.kind!r}; known: "
+                               + ", ".join(sorted(self.config.cache.policy)))
         view = self._cache_view(req)
         found = self.cache.get(view, time.time())
         if isinstance(found, CacheGetReply):
@@ -547,11 +551,14 @@ class Handlers:
         elif begun is None:
             reason = "unknown_lease"
         else:
-            put = self.cache.put(CachePut(
-                id=req.id, response=req.response, kind=begun[0].kind, error=req.error,
-                tool_calls=req.tool_calls, no_store=begun[0].no_store,
-                **{f: getattr(begun[0], f) for f in _CACHE_FIELDS}), now)
-            stored, reason = put.stored, put.reason
+            try:
+                put = self.cache.put(CachePut(
+                    id=req.id, response=req.response, kind=begun[0].kind, error=req.error,
+                    tool_calls=req.tool_calls, no_store=begun[0].no_store,
+                    **{f: getattr(begun[0], f) for f in _CACHE_FIELDS}), now)
+                stored, reason = put.stored, put.reason
+            except InvalidValue as exc:  # e.g. a kind dropped by a reload since begin:
+                stored, reason = False, f"invalid: {exc}"  # the settle above stands
         reply = EndReply(id=req.id, found=result.found, duplicate=result.duplicate,
                          usd=micro / MICRO, durable=self.journal is not None, stored=stored,
                          reason=reason)

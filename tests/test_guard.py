@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from sidecar import CallResult, Client
-from sidecar.errors import AllAttemptsFailed, Denied
+from sidecar.errors import AllAttemptsFailed, Denied, InvalidValue
 from sidecar.pricing import PricingRegistry, Usage
 
 CONFIG = """
@@ -254,4 +254,14 @@ def test_async_guarded(start_daemon, run_async):
             assert again.source == "cache"
 
     run_async(main())
+    assert d.stop() == 0
+
+
+def test_an_unknown_kind_is_refused_at_begin(start_daemon):
+    d = start_daemon(CONFIG)
+    p = Provider()
+    with Client(d.path) as c:
+        with pytest.raises(InvalidValue, match="unknown response kind"):
+            c.guarded(p, route="chain", kind="poetry", **QUESTION)
+        assert p.calls == [] and c.limits().open_leases == 0  # nothing called, nothing held
     assert d.stop() == 0
