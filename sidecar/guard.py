@@ -109,6 +109,7 @@ class Plan:
         self.not_before: dict[str, float] = {}
         self.next = 0
         self.rng = rng
+        self.started = 0.0  # when the current attempt began
 
     def pick(self) -> tuple[ChainModel, float] | None:
         """The next model and how long to wait for it first; None when done."""
@@ -139,9 +140,32 @@ class Plan:
     def timeout(self, model: ChainModel) -> float:
         return max(0.001, min(model.timeout, self.deadline - time.monotonic()))
 
-    def failed(self, model: ChainModel, exc: BaseException, latency: float,
-               classify_: Callable[[BaseException], Failure]) -> None:
+    def _begin_try(self, picked: tuple[ChainModel, float] | None
+                   ) -> tuple[ChainModel, float] | None:
+        if picked is None or time.monotonic() >= self.deadline:
+            return None
+        self.started = time.monotonic()
+        return picked[0], self.timeout(picked[0])
+
+    def next_try(self) -> tuple[ChainModel, float] | None:
+        """The next attempt's ``(model, timeout)`` after its pause, or None when the
+        plan is done. Report each attempt with ``failed`` or ``succeeded``."""
+        picked = self.pick()
+        if picked is not None:
+            time.sleep(max(picked[1], self.pause()))
+        return self._begin_try(picked)
+
+    async def anext_try(self) -> tuple[ChainModel, float] | None:
+        """``next_try`` pausing with ``asyncio.sleep``."""
+        picked = self.pick()
+        if picked is not None:
+            await asyncio.sleep(max(picked[1], self.pause()))
+        return self._begin_try(picked)
+
+    def failed(self, model: ChainModel, exc: BaseException,
+               classify_: Callable[[BaseException], Failure] = classify) -> None:
         f = classify_(exc)
+        latency = time.monotonic() - self.started
         self.attempts.append(Attempt(model=model.model, ok=False, status=f.status,
                                      error=f.error, retry_after=f.retry_after, latency=latency))
         if not f.retryable:
@@ -150,8 +174,9 @@ class Plan:
             self.not_before[model.model] = time.monotonic() + f.retry_after
         self.next = (self.chain.index(model) + 1) % len(self.chain)
 
-    def succeeded(self, model: ChainModel, latency: float) -> None:
-        self.attempts.append(Attempt(model=model.model, ok=True, latency=latency))
+    def succeeded(self, model: ChainModel) -> None:
+        self.attempts.append(Attempt(model=model.model, ok=True,
+                                     latency=time.monotonic() - self.started))
 
 
 def _end_fields(result: CallResult | None, model: str) -> dict[str, Any]:
@@ -196,18 +221,14 @@ def run(client: Client, call: Callable[[ChainModel, float], CallResult], *,
         return fallback_or_raise(client.cache_get(allow_stale=True, **cache_fields(fields)),
                                   b, [])
     plan = Plan(b, rng or random.Random())
-    while (picked := plan.pick()) is not None:
-        model, wait = picked
-        time.sleep(max(wait, plan.pause()))
-        if time.monotonic() >= plan.deadline:
-            break
-        start = time.monotonic()
+    while (tried := plan.next_try()) is not None:
+        model, timeout = tried
         try:
-            result = call(model, plan.timeout(model))
+            result = call(model, timeout)
         except Exception as exc:  # every provider failure is an attempt to report
-            plan.failed(model, exc, time.monotonic() - start, classify_)
+            plan.failed(model, exc, classify_)
             continue
-        plan.succeeded(model, time.monotonic() - start)
+        plan.succeeded(model)
         done = client.end(b.lease, attempts=plan.attempts, **_end_fields(result, model.model))
         return Guarded(result.value, "provider", model.model, tuple(plan.attempts), done.usd)
     client.end(b.lease, attempts=plan.attempts)
@@ -228,19 +249,14 @@ async def arun(client: AsyncClient, call: Callable[[ChainModel, float], Awaitabl
         stale = await client.cache_get(allow_stale=True, **cache_fields(fields))
         return fallback_or_raise(stale, b, [])
     plan = Plan(b, rng or random.Random())
-    while (picked := plan.pick()) is not None:
-        model, wait = picked
-        await asyncio.sleep(max(wait, plan.pause()))
-        if time.monotonic() >= plan.deadline:
-            break
-        start = time.monotonic()
+    while (tried := await plan.anext_try()) is not None:
+        model, timeout = tried
         try:
-            result = await asyncio.wait_for(call(model, plan.timeout(model)),
-                                            plan.timeout(model) + 0.5)
+            result = await asyncio.wait_for(call(model, timeout), timeout + 0.5)
         except Exception as exc:  # every provider failure is an attempt to report
-            plan.failed(model, exc, time.monotonic() - start, classify_)
+            plan.failed(model, exc, classify_)
             continue
-        plan.succeeded(model, time.monotonic() - start)
+        plan.succeeded(model)
         done = await client.end(b.lease, attempts=plan.attempts,
                                 **_end_fields(result, model.model))
         return Guarded(result.value, "provider", model.model, tuple(plan.attempts), done.usd)

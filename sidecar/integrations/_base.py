@@ -14,7 +14,6 @@ import abc
 import asyncio
 import contextvars
 import random
-import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import msgspec
@@ -364,24 +363,19 @@ class GuardedCreate:
         if b.outcome == "go":
             plan = guard.Plan(b, random.Random())
             attempts = plan.attempts
-            while (picked := plan.pick()) is not None:
-                model, wait = picked
-                time.sleep(max(wait, plan.pause()))
-                if time.monotonic() >= plan.deadline:
-                    break
-                start = time.monotonic()
+            while (tried := plan.next_try()) is not None:
+                model, timeout = tried
                 sdk = None
                 try:  # a failure before the first chunk moves on along the chain
-                    sdk = self._create(**{**skw, "model": model.model,
-                                          "timeout": plan.timeout(model)})
+                    sdk = self._create(**{**skw, "model": model.model, "timeout": timeout})
                     chunks = iter(sdk)
                     first = next(chunks, None)
                 except Exception as exc:  # every provider failure is an attempt to report
                     if sdk is not None:
                         sdk.close()
-                    plan.failed(model, exc, time.monotonic() - start, guard.classify)
+                    plan.failed(model, exc)
                     continue
-                plan.succeeded(model, time.monotonic() - start)
+                plan.succeeded(model)
                 live = _Streamed(b, model.model, plan.attempts,
                                  self._adapter.accumulator(wants_usage))
                 stream = GuardedStream(iter(()), getattr(sdk, "response", None))
@@ -460,15 +454,10 @@ class AsyncGuardedCreate(GuardedCreate):
         if b.outcome == "go":
             plan = guard.Plan(b, random.Random())
             attempts = plan.attempts
-            while (picked := plan.pick()) is not None:
-                model, wait = picked
-                await asyncio.sleep(max(wait, plan.pause()))
-                if time.monotonic() >= plan.deadline:
-                    break
-                start = time.monotonic()
+            while (tried := await plan.anext_try()) is not None:
+                model, timeout = tried
                 sdk = None
                 try:  # a failure before the first chunk moves on along the chain
-                    timeout = plan.timeout(model)
                     sdk = await asyncio.wait_for(
                         self._create(**{**skw, "model": model.model, "timeout": timeout}),
                         timeout + 0.5)
@@ -477,9 +466,9 @@ class AsyncGuardedCreate(GuardedCreate):
                 except Exception as exc:  # every provider failure is an attempt to report
                     if sdk is not None:
                         await sdk.close()
-                    plan.failed(model, exc, time.monotonic() - start, guard.classify)
+                    plan.failed(model, exc)
                     continue
-                plan.succeeded(model, time.monotonic() - start)
+                plan.succeeded(model)
                 live = _Streamed(b, model.model, plan.attempts,
                                  self._adapter.accumulator(wants_usage))
                 stream = AsyncGuardedStream(_aiter([]), getattr(sdk, "response", None))
