@@ -1,6 +1,17 @@
 """Alerts: thresholds that fire exactly once when crossed, and their delivery to the log,
 stats, a counter and an operator's command or webhook.
 
+Four kinds: the average cost of a provider call up more than ``cost_increase`` day over day
+(both days with at least ``min_requests`` calls); a budget crossing one of the limits'
+``alert_thresholds`` (the limits engine detects the crossing); a call with tokens priced
+at $0 (the bug class that hides real spend: a model missing from the price list, or
+priced 0 by mistake; ``free_models`` exempts the ones meant to be free); and a model's
+error ratio reaching ``error_ratio`` over a window of ``error_window`` seconds with at
+least ``error_min_calls`` calls. Windows are aligned to the epoch, so with a pinned clock
+a test knows exactly which call fires. The same kind and subject fire at most once per
+day (cost), per window (errors) or per ``repeat`` seconds (zero price). Every method
+takes ``now``.
+
 Delivery to the operator is the ``Notifier``: ``send`` puts a payload on a bounded queue
 without blocking the event loop (dropping it when the queue is full), and one daemon
 worker thread hands each payload, in order, to the operator's command (as one JSON line
@@ -11,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import fnmatch
 import http.client
 import logging
 import subprocess
@@ -19,11 +31,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from fractions import Fraction
 from typing import Any, NamedTuple, Sequence
 
+import msgspec
 import orjson
 
+from .config import AlertsConfig
 from .errors import ConfigError
+from .ledger.costs import DayTotals
+from .protocol import AlertInfo
 
 log = logging.getLogger("sidecar.alerts")
 
@@ -311,3 +328,119 @@ class Notifier:
         log.error("notifier: %s (%d failures so far%s; next report in %.0f s at the "
                   "earliest)", self._last_error, self._failed, suppressed,
                   ERROR_LOG_INTERVAL)
+
+
+# --- the rules ------------------------------------------------------------------------
+
+#: Alerts kept for ``stats``.
+RECENT = 50
+
+
+def _exact(value: float) -> tuple[int, int]:
+    """``value`` as the decimal fraction it was written as (0.2 is 1/5, not the binary
+    float just below), so a threshold is met exactly where the operator put it."""
+    f = Fraction(repr(value))
+    return f.numerator, f.denominator
+
+
+class Kind(enum.Enum):
+    COST_PER_REQUEST = "cost_per_request"
+    BUDGET = "budget"
+    ZERO_PRICE = "zero_price"
+    ERROR_RATIO = "error_ratio"
+
+
+class Alerts:
+    """Decides when an alert fires; a fired alert is logged, counted, kept for ``stats``
+    and handed to ``notifier`` (when the operator configured a command or webhook)."""
+
+    def __init__(self, cfg: AlertsConfig, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier
+        self.recent: collections.deque[AlertInfo] = collections.deque(maxlen=RECENT)
+        self.counts: dict[str, int] = {}
+        self._cost_day = -1  # the day the cost alert last fired
+        self._zero: dict[str, float] = {}  # model -> when its zero-price alert last fired
+        #: model -> [window start, calls, failures, fired in this window]
+        self._errors: dict[str, list] = {}
+
+    def reconfigure(self, cfg: AlertsConfig) -> None:
+        self.cfg = cfg
+
+    def fire(self, kind: Kind, subject: str, message: str, now: float, value: float = 0.0,
+             threshold: float = 0.0) -> AlertInfo:
+        alert = AlertInfo(kind=kind.value, subject=subject, message=message, at=now,
+                          value=value, threshold=threshold)
+        self.recent.append(alert)
+        self.counts[kind.value] = self.counts.get(kind.value, 0) + 1
+        log.warning("alert %s: %s", kind.value, message)
+        if self.notifier is not None:
+            self.notifier.send(msgspec.to_builtins(alert))
+        return alert
+
+    def cost_per_request(self, today: DayTotals, yesterday: DayTotals, day: int,
+                         now: float) -> AlertInfo | None:
+        """After each priced call: today's average cost per call against yesterday's."""
+        rise, least = self.cfg.cost_increase, self.cfg.min_requests
+        if (not rise or self._cost_day == day or today.requests < least
+                or yesterday.requests < least or yesterday.micro_usd <= 0):
+            return None
+        num, den = _exact(1 + rise)  # today/t > (1 + rise) * yesterday/y, in integers
+        if today.micro_usd * yesterday.requests * den <= num * yesterday.micro_usd * today.requests:
+            return None
+        self._cost_day = day
+        t = today.micro_usd / today.requests / 1e6
+        y = yesterday.micro_usd / yesterday.requests / 1e6
+        return self.fire(Kind.COST_PER_REQUEST, "all",
+                         f"average cost per request ${t:.6f} today is {t / y - 1:+.1%} on "
+                         f"yesterday's ${y:.6f} ({today.requests} and {yesterday.requests} "
+                         f"calls)", now, value=t, threshold=y * (1 + rise))
+
+    def budget(self, crossed: str, who: str, model: str, now: float) -> AlertInfo:
+        """The limits engine saw an admit cross ``crossed`` ("limit@80%")."""
+        name, _, share = crossed.rpartition("@")
+        return self.fire(Kind.BUDGET, crossed,
+                         f"limit {name} crossed {share} (user {who or '-'}, model "
+                         f"{model or '-'})", now, threshold=float(share.rstrip("%")) / 100)
+
+    def priced(self, model: str, tokens: int, micro_usd: int, now: float) -> AlertInfo | None:
+        """After each call: tokens that cost nothing, unless ``model`` is meant to be free."""
+        if not self.cfg.zero_price or tokens <= 0 or micro_usd > 0:
+            return None
+        if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.cfg.free_models):
+            return None
+        last = self._zero.get(model)
+        if last is not None and now - last < self.cfg.repeat:
+            return None
+        self._zero[model] = now
+        return self.fire(Kind.ZERO_PRICE, model,
+                         f"{tokens} tokens of model {model!r} priced at $0: add its price "
+                         f"(pricing.overrides) or list it in alerts.free_models", now,
+                         value=float(tokens))
+
+    def attempt(self, model: str, ok: bool, now: float) -> AlertInfo | None:
+        """After each provider call: the model's error ratio in the current window."""
+        ratio, window = self.cfg.error_ratio, self.cfg.error_window
+        if not ratio:
+            return None
+        start = now - now % window
+        state = self._errors.get(model)
+        if state is None or state[0] != start:
+            state = self._errors[model] = [start, 0, 0, False]
+        state[1] += 1
+        state[2] += not ok
+        calls, failures = state[1], state[2]
+        num, den = _exact(ratio)
+        if state[3] or calls < self.cfg.error_min_calls or failures * den < num * calls:
+            return None
+        state[3] = True
+        return self.fire(Kind.ERROR_RATIO, model,
+                         f"model {model!r} failed {failures} of {calls} calls "
+                         f"({failures / calls:.0%}) in the current {window:g} s window",
+                         now, value=failures / calls, threshold=ratio)
+
+    def expire(self, now: float) -> None:
+        """Forget error windows that are over (bounded memory across many models)."""
+        window = self.cfg.error_window
+        for model in [m for m, s in self._errors.items() if s[0] + window <= now]:
+            del self._errors[model]

@@ -134,11 +134,11 @@ def request_key(normalizer: Normalizer, req: CacheRequest) -> RequestKey:
 
 class Entry:
     __slots__ = ("key", "namespace", "scope", "response", "query", "model", "kind", "tier",
-                 "created", "expires", "vector")
+                 "created", "expires", "vector", "input_tokens", "output_tokens")
 
     def __init__(self, key: bytes, namespace: str, scope: bytes, response: bytes, query: str,
                  model: str, kind: str, tier: str, created: float, expires: float,
-                 vector: bytes = b"") -> None:
+                 vector: bytes = b"", input_tokens: int = 0, output_tokens: int = 0) -> None:
         self.key = key
         self.namespace = namespace
         self.scope = scope
@@ -150,6 +150,8 @@ class Entry:
         self.created = created
         self.expires = expires
         self.vector = vector  # a client-supplied unit vector (float32), kept to re-index
+        self.input_tokens = input_tokens  # the usage that produced the answer (0: unknown)
+        self.output_tokens = output_tokens
 
     @property
     def size(self) -> int:
@@ -159,7 +161,8 @@ class Entry:
 
     def as_row(self) -> tuple:
         return (self.key, self.namespace, self.scope, self.response, self.query, self.model,
-                self.kind, self.tier, self.created, self.expires, self.vector)
+                self.kind, self.tier, self.created, self.expires, self.vector,
+                self.input_tokens, self.output_tokens)
 
     def client_vector(self) -> np.ndarray | None:
         return np.frombuffer(self.vector, dtype=np.float32) if self.vector else None
@@ -291,9 +294,13 @@ class ExactTier:
 
 # --- snapshots ------------------------------------------------------------------------
 
-_MAGIC = b"LLMSCACHE2\n"
-_BODY = msgspec.msgpack.Decoder(tuple[str, list[tuple[bytes, str, bytes, bytes, str, str, str,
-                                                       str, float, float, bytes]]])
+_MAGIC = b"LLMSCACHE3\n"
+_ROW = (bytes, str, bytes, bytes, str, str, str, str, float, float, bytes)
+#: by magic: version 2 rows lack the answer's usage (restored as unknown, 0)
+_BODIES = {
+    b"LLMSCACHE2\n": msgspec.msgpack.Decoder(tuple[str, list[tuple[_ROW]]]),  # type: ignore[misc]
+    _MAGIC: msgspec.msgpack.Decoder(tuple[str, list[tuple[(*_ROW, int, int)]]]),  # type: ignore[misc]
+}
 _PLAIN = msgspec.msgpack.Encoder()
 
 
@@ -310,14 +317,15 @@ def encode_snapshot(spec: str, entries: Iterable[Entry]) -> bytes:
 
 def decode_snapshot(data: bytes) -> tuple[str, list[Entry]]:
     head = len(_MAGIC)
-    if not data.startswith(_MAGIC) or len(data) < head + 4:
+    decoder = _BODIES.get(data[:head])
+    if decoder is None or len(data) < head + 4:
         raise SnapshotError("not an llm-sidecar cache snapshot (bad header)")
     (crc,) = struct.unpack(">I", data[head:head + 4])
     body = data[head + 4:]
     if zlib.crc32(body) != crc:
         raise SnapshotError("checksum mismatch (truncated or corrupt)")
     try:
-        spec, rows = _BODY.decode(body)
+        spec, rows = decoder.decode(body)
         return spec, [Entry(*row) for row in rows]
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise SnapshotError(f"undecodable body ({exc})") from None
@@ -665,7 +673,8 @@ class Cache:
         return CacheGetReply(id=req.id, hit=True, key=rk.key, tier=tier.value,
                              response=msgspec.Raw(entry.response), similarity=similarity,
                              verdict=verdict, query=entry.query, cached_at=entry.created,
-                             stale=stale)
+                             stale=stale, input_tokens=entry.input_tokens,
+                             output_tokens=entry.output_tokens)
 
     def put(self, req: CachePut, now: float) -> CachePutReply:
         rk = request_key(self.normalizer, req)
@@ -682,7 +691,8 @@ class Cache:
         ttl = policy.ttl if req.ttl is None else req.ttl
         entry = Entry(rk.key, req.namespace, rk.scope, bytes(req.response), rk.query,
                       req.model, kind, policy.tier, now, now + ttl,
-                      b"" if vector is None else vector.tobytes())
+                      b"" if vector is None else vector.tobytes(), req.input_tokens,
+                      req.output_tokens)
         self._store(entry)
         self.stores += 1
         return CachePutReply(id=req.id, stored=True, key=rk.key, tier=policy.tier, ttl=ttl)

@@ -29,11 +29,11 @@ from .errors import (
 from .framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
 from .protocol import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
-    CacheGetReply, CacheInvalidate, CachePut, CachePutReply, ChainModel, Count, CountReply,
-    End, EndReply, Error, Extend, ExtendReply, Fingerprint, Report, ReportReply, Route,
-    RouteReply,
-    FingerprintReply, Hello, HelloReply, Limits, LimitsReply, Message, Ping, Pong, Release,
-    ReleaseReply, Reply, Request, Settle, SettleReply, Stats, StatsReply,
+    CacheGetReply, CacheInvalidate, CachePut, CachePutReply, ChainModel, Costs, CostsReply,
+    Count, CountReply, End, EndReply, Error, Extend, ExtendReply, Fingerprint,
+    FingerprintReply, Hello, HelloReply, Limits, LimitsReply, Message, MetricsText, Ping,
+    Pong, Release, ReleaseReply, Reply, Report, ReportReply, Request, Route, RouteReply,
+    Settle, SettleReply, Stats, StatsReply,
 )
 
 R = TypeVar("R", bound=Reply)
@@ -332,6 +332,15 @@ class Client:
     def limits(self, user: str | None = None, *, timeout: float | None = None) -> LimitsReply:
         return self.call(Limits(user=user), timeout=timeout)  # type: ignore[return-value]
 
+    def costs(self, *, timeout: float | None = None, **fields: Any) -> CostsReply:
+        """Spend, tokens and cache savings; fields as ``protocol.Costs`` (since, until,
+        by = "model" | "user" | "route", top)."""
+        return self.call(Costs(**fields), timeout=timeout)  # type: ignore[return-value]
+
+    def metrics(self, *, timeout: float | None = None) -> str:
+        """Every metric in the Prometheus text format."""
+        return self.call(MetricsText(), timeout=timeout).text  # type: ignore[attr-defined]
+
     def cache_get(self, *, timeout: float | None = None, **fields: Any) -> CacheGetReply:
         """Look up a cached answer; fields as ``protocol.CacheGet`` (namespace, model,
         messages or text, temperature, params, tools, response_format, allow_stale,
@@ -597,6 +606,12 @@ class AsyncClient:
     async def limits(self, user: str | None = None, *,
                      timeout: float | None = None) -> LimitsReply:
         return await self.call(Limits(user=user), timeout=timeout)  # type: ignore
+
+    async def costs(self, *, timeout: float | None = None, **fields: Any) -> CostsReply:
+        return await self.call(Costs(**fields), timeout=timeout)  # type: ignore
+
+    async def metrics(self, *, timeout: float | None = None) -> str:
+        return (await self.call(MetricsText(), timeout=timeout)).text  # type: ignore
 
     async def cache_get(self, *, timeout: float | None = None,
                         **fields: Any) -> CacheGetReply:

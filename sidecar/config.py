@@ -9,6 +9,7 @@ environment, including the socket-path resolution shared by the daemon and the c
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import tomllib
@@ -292,6 +293,40 @@ class LogConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class LedgerConfig(_Section):
+    """The request log (JSON lines, size-rotated) and the cost tracker."""
+
+    #: a file path, "" for the state directory, or "off"
+    request_log: str = ""
+    max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024  # per file
+    keep: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5  # rotated files kept
+    queue: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000  # records waiting
+    retention_days: Annotated[int, msgspec.Meta(ge=2, le=400)] = 8  # cost rows by hour
+    max_rows: Annotated[int, msgspec.Meta(ge=1000)] = 500_000  # then new users fold
+
+
+class AlertsConfig(_Section):
+    """Thresholds of ``sidecar.alerts`` and where alerts are sent besides the log."""
+
+    cost_increase: Annotated[float, msgspec.Meta(ge=0)] = 0.2  # day over day; 0: off
+    min_requests: Annotated[int, msgspec.Meta(ge=1)] = 20  # calls on each day compared
+    zero_price: bool = True
+    free_models: tuple[str, ...] = ()  # glob patterns meant to cost $0
+    error_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5  # per model; 0: off
+    error_window: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
+    error_min_calls: Annotated[int, msgspec.Meta(ge=1)] = 20
+    repeat: Annotated[float, msgspec.Meta(ge=0)] = 3600.0  # zero-price alerts per model
+    command: tuple[str, ...] = ()  # argv; gets each alert as a JSON line on stdin
+    webhook: str = ""  # an http(s) URL; each alert is POSTed as JSON
+    notify_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+
+
+class MetricsConfig(_Section):
+    #: a loopback port serving GET /metrics for a Prometheus scraper; 0: off
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    http_address: str = "127.0.0.1"
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     normalize: NormalizeConfig = NormalizeConfig()
@@ -303,6 +338,9 @@ class Config(_Section):
     routing: RoutingConfig = RoutingConfig()
     circuits: CircuitConfig = CircuitConfig()
     log: LogConfig = LogConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     #: Where the settings came from (file path or "defaults"); not a setting itself.
     source: str = "defaults"
 
@@ -332,14 +370,18 @@ HINTS: dict[str, str] = {
     "pricing.overrides": '[pricing.overrides] "my-model" = { input = 1.0, output = 2.0 }',
     "log.level": "one of debug, info, warning, error",
     "log.format": "text for people, json for log collectors",
+    "ledger.request_log": 'a file path, "" for the state directory, or "off"',
+    "metrics.http_address": "a loopback address (127.0.0.1 or ::1): metrics carry spend",
 }
 
 # Settings that a SIGHUP reload cannot change (the socket is bound once).
-RESTART_ONLY = ("server.socket", "server.socket_mode")
+RESTART_ONLY = ("server.socket", "server.socket_mode", "ledger.request_log",
+                "metrics.http_port", "metrics.http_address")
 
 _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig, "normalize": NormalizeConfig, "tokens": TokensConfig,
     "limits": LimitsConfig, "pricing": PricingConfig, "log": LogConfig,
+    "ledger": LedgerConfig, "alerts": AlertsConfig, "metrics": MetricsConfig,
 }
 _MODE_RE = re.compile(r"0?[0-7]{3}")
 _PATH_RE = re.compile(r"`\$((?:\.[A-Za-z_]\w*)+)")
@@ -467,6 +509,22 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
             raise ConfigError(f"route {name!r} has no models", source=where,
                               key=f"routes.{name}.models",
                               hint='models = [{model = "gpt-4o", provider = "openai"}]')
+    if config.alerts.webhook:
+        from .alerts import check_webhook
+
+        try:
+            check_webhook(config.alerts.webhook)
+        except ConfigError as exc:
+            raise ConfigError(exc.detail, source=origin.get("alerts.webhook", where),
+                              key=exc.key, hint=exc.hint) from None
+    try:
+        loopback = ipaddress.ip_address(config.metrics.http_address).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        key = "metrics.http_address"
+        raise ConfigError(f"{config.metrics.http_address!r} is not a loopback address",
+                          source=origin.get(key, where), key=key, hint=HINTS[key])
     if "default" not in config.tokens.estimate_ratios:
         key = "tokens.estimate_ratios"
         raise ConfigError("needs a \"default\" ratio for models matching no prefix",
@@ -571,6 +629,11 @@ def state_dir(env: Mapping[str, str] | None = None) -> Path:
 def journal_path(config: Config, socket_path: Path) -> Path | None:
     """The limits journal of the daemon serving ``socket_path`` (None when off)."""
     return _state_file(config.limits.journal, socket_path, "limits-{}.journal")
+
+
+def request_log_path(config: Config, socket_path: Path) -> Path | None:
+    """The request log of the daemon serving ``socket_path`` (None when off)."""
+    return _state_file(config.ledger.request_log, socket_path, "requests-{}.jsonl")
 
 
 def cache_snapshot_path(config: Config, socket_path: Path) -> Path | None:

@@ -25,12 +25,16 @@ import uvloop
 from . import config as config_mod
 from .cache import SnapshotError, write_snapshot
 from .config import Config
-from .errors import ConfigError, DaemonStartError, JournalError, TokenizerUnavailable
+from .alerts import Notifier
+from .errors import (
+    ConfigError, DaemonStartError, JournalError, Overloaded, TokenizerUnavailable,
+)
 from .handlers import Handlers
 from .journal import Journal
-from .metrics import Metrics
+from .ledger.requestlog import RequestLog
+from .metrics import Exposition, Metrics
 from .protocol import OPS
-from .server import Server
+from .server import MetricsListener, Server
 
 log = logging.getLogger("sidecar.daemon")
 
@@ -140,8 +144,20 @@ class Daemon:
         self.journal = None if where is None else Journal(where)
         #: fixed at start, like the socket: a changed cache.snapshot needs a restart
         self.cache_path = config_mod.cache_snapshot_path(config, path)
+        ledger = config.ledger
+        where = config_mod.request_log_path(config, path)
+        #: fixed at start, like the socket: a changed path or listener needs a restart
+        self.request_log = None if where is None else RequestLog(
+            where, max_bytes=ledger.max_bytes, keep=ledger.keep, queue_max=ledger.queue)
+        alerts = config.alerts
+        self.notifier = Notifier(command=alerts.command, webhook=alerts.webhook,
+                                 timeout=alerts.notify_timeout) if (
+                                     alerts.command or alerts.webhook) else None
         self.handlers = Handlers(config, self.metrics, str(path), self.journal,
-                                 str(self.cache_path) if self.cache_path else "off")
+                                 str(self.cache_path) if self.cache_path else "off",
+                                 self.request_log, str(where) if where else "off",
+                                 self.notifier)
+        self.listener: MetricsListener | None = None
         self._cache_written = -1  # the cache's change count at the last snapshot
         self.server = Server(config, self.handlers, self.metrics)
         self._stop = asyncio.Event()
@@ -154,8 +170,11 @@ class Daemon:
             if new.server.socket and Path(new.server.socket) != self.path:
                 log.warning("server.socket changed in %s: takes effect after a restart",
                             new.source)
-            if new.server.socket_mode != self.config.server.socket_mode:
-                log.warning("server.socket_mode changed: takes effect after a restart")
+            for key in config_mod.RESTART_ONLY[1:]:
+                section, _, name = key.partition(".")
+                if (getattr(getattr(new, section), name)
+                        != getattr(getattr(self.config, section), name)):
+                    log.warning("%s changed: takes effect after a restart", key)
             self.handlers.reload(new)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
@@ -176,6 +195,7 @@ class Daemon:
         try:
             sock = self.inherited or _bind(self.path, self.config.socket_mode)
             await self.server.start(sock)
+            await self._listen_metrics()
             housekeeping = loop.create_task(self._housekeeping())
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -191,10 +211,17 @@ class Daemon:
             self._unlink()
             busy = await self.server.drain(self.config.server.drain_timeout)
             housekeeping.cancel()
+            if self.listener is not None:
+                await self.listener.close()
             await self._snapshot_cache()
             self.handlers.cache.semantic.close()
             if self.journal is not None:
+                await self._flush_costs()
                 await self.journal.aclose()
+            if self.request_log is not None:
+                await self.request_log.aclose()
+            if self.notifier is not None:
+                await loop.run_in_executor(None, self.notifier.close)
             if busy:
                 log.warning("closed %d connections still busy after the drain timeout", busy)
             log.info("stopped")
@@ -213,12 +240,35 @@ class Daemon:
         except (OSError, JournalError) as exc:
             raise DaemonStartError(f"cannot open the limits journal {self.journal.path}: "
                                    f"{exc}; fix its directory or set limits.journal") from None
-        applied = self.handlers.restore(records, time.time())
-        log.info("limits journal %s: %d records, %d spends restored", self.journal.path,
-                 len(records), applied)
+        spends, rows = self.handlers.restore(records, time.time())
+        log.info("limits journal %s: %d records, %d spends and %d cost rows restored",
+                 self.journal.path, len(records), spends, rows)
         compacted = self.handlers.compact_journal(time.time())
         if compacted is not None:
             await compacted
+
+    async def _flush_costs(self) -> None:
+        """At shutdown: the cost rows changed since the last journal write."""
+        try:
+            durable = self.handlers.persist_costs()
+            if durable is not None:
+                await durable
+        except (JournalError, Overloaded) as exc:
+            log.error("the last cost rows were not persisted: %s", exc)
+
+    async def _listen_metrics(self) -> None:
+        """The optional loopback listener for a Prometheus scraper."""
+        cfg = self.config.metrics
+        if not cfg.http_port:
+            return
+        self.listener = MetricsListener(self.handlers.prometheus, Exposition.CONTENT_TYPE)
+        try:
+            await self.listener.start(cfg.http_address, cfg.http_port)
+        except OSError as exc:
+            raise DaemonStartError(f"cannot listen for metrics on {cfg.http_address} port "
+                                   f"{cfg.http_port}: {exc.strerror}; pick a free port or set "
+                                   "metrics.http_port = 0") from None
+        log.info("metrics on http://%s:%d/metrics", cfg.http_address, self.listener.port)
 
     def _restore_cache(self) -> None:
         """Load the cache snapshot; an unusable one is reported, moved aside (kept for a

@@ -14,29 +14,34 @@ import math
 import os
 import platform
 import time
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar, Union
 
 import msgspec
 
 from . import __version__
 from ._native import MODULES as NATIVE_MODULES, load as load_native
+from .accounting import Accounting, Begun
+from .alerts import Alerts, Notifier
 from .cache import Cache
 from .config import Config
-from .metrics import Metrics
+from .ledger.costs import By, CostTracker, Tallies
+from .ledger.requestlog import RequestLog
+from .metrics import Exposition, Gauges, Metrics
 from .normalize import Normalizer
 from .errors import InvalidValue, JournalError, Overloaded
 from .journal import Journal
 from .limits import (
-    MICRO, Decision, Engine, Estimate, SettleResult, Spend, Subject, Usage, compile_rules,
-    decode_spend, encode_spend,
+    MICRO, Decision, Engine, Estimate, Kind, SettleResult, Spend, Subject, Usage, compile_rules,
+    encode_spend,
 )
 from .pricing import Price, PricingRegistry, Usage as PricedUsage
 from .protocol import (
     NIL, OPS, PROTOCOL_VERSION, Admit, AdmitReply, Begin, BeginReply, BuildInfo, CacheGet,
     CacheGetReply, CacheInvalidate, CacheInvalidateReply, CachePut, CachePutReply,
-    ChainModel, Count, CountReply, End, EndReply, Extend, ExtendReply, Fingerprint, FingerprintReply, Hello,
-    HelloReply, Limits, LimitsReply, LimitUse, Ping, Pong, Release, ReleaseReply, Reply,
-    Report, ReportReply, Request, Route, RouteReply, Settle, SettleReply, Stats, StatsReply,
+    ChainModel, Costs, CostsReply, Count, CountReply, End, EndReply, Extend, ExtendReply,
+    Fingerprint, FingerprintReply, Hello, HelloReply, Limits, LimitsReply, LimitUse,
+    MetricsReply, MetricsText, Ping, Pong, Release, ReleaseReply, Reply, Report, ReportReply,
+    Request, Route, RouteReply, Settle, SettleReply, Stats, StatsReply,
 )
 from .routing import Router, backoff_schedule, budget_fraction
 from .tokens import ESTIMATE_ENCODING, Tokenizer, get_encoding
@@ -55,6 +60,9 @@ class Deferred:
 Handler = Callable[[Request], "Reply | Deferred"]
 R = TypeVar("R", SettleReply, EndReply)
 log = logging.getLogger("sidecar.handlers")
+#: A journal record: a settle's spend (the limits engine's) or cost tracker rows.
+_JOURNAL_RECORD = msgspec.msgpack.Decoder(Union[list[Spend], Tallies])  # type: ignore[valid-type]
+_TALLIES = msgspec.msgpack.Encoder()
 
 
 def _log_failure(future: asyncio.Future[None]) -> None:
@@ -65,6 +73,9 @@ def _log_failure(future: asyncio.Future[None]) -> None:
 #: The fields that identify a cached answer (``protocol.CacheRequest``'s own).
 _CACHE_FIELDS = ("namespace", "model", "messages", "text", "temperature", "params", "tools",
                  "response_format", "vector")
+
+#: Calendar windows: the limits whose threshold crossings are budget alerts.
+_BUDGETS = (Kind.HOUR, Kind.DAY)
 
 #: Denial reasons that time cures: an admit may wait them out (a retry loop it may not).
 _WAITABLE = ("limit", "burst")
@@ -98,7 +109,9 @@ class Handlers:
     admit, a settle being synced) return a ``Deferred``."""
 
     def __init__(self, config: Config, metrics: Metrics, socket_path: str,
-                 journal: Journal | None = None, cache_snapshot: str = "off") -> None:
+                 journal: Journal | None = None, cache_snapshot: str = "off",
+                 request_log: RequestLog | None = None, request_log_path: str = "off",
+                 notifier: Notifier | None = None) -> None:
         self.journal = journal
         self.cache_snapshot = cache_snapshot
         self.metrics = metrics
@@ -110,15 +123,23 @@ class Handlers:
         self.normalizer = Normalizer(config.normalize.filler_words)
         self.tokenizer = self._tokenizer(config)
         self.pricing = self._pricing(config)
-        self.alerts: dict[str, int] = {}  # "limit@80%" -> times crossed
+        self.limit_alerts: dict[str, int] = {}  # "limit@80%" -> times crossed
         self.denials: dict[str, int] = {}  # limit name (or "retry_loop") -> denials
         self.near: dict[str, int] = {}  # limit name -> admits that left it near its amount
         self.shadow: dict[str, int] = {}  # shadow limit name -> admits it would have denied
         self.engine = Engine(compile_rules(config.limits), **self._engine_settings(config))
         self.cache = Cache(config.cache, self.normalizer)
         self.router = Router(config.routing, config.routes, config.circuits)
-        #: lease -> (the begin request as the cache sees it, when the lease ends); for end
-        self._begun: dict[str, tuple[Begin, float]] = {}
+        ledger = config.ledger
+        self.accounting = Accounting(
+            CostTracker(config.limits.timezone, retention_days=ledger.retention_days,
+                        max_rows=ledger.max_rows),
+            metrics, Alerts(config.alerts, notifier), request_log)
+        self.notifier = notifier
+        self.request_log_path = request_log_path
+        self.exposition = Exposition(metrics)
+        #: lease -> (the begin request as the cache sees it, what begin knew); for end
+        self._begun: dict[str, tuple[Begin, Begun]] = {}
         #: FIFO queues of admits waiting for room, by the limit that denied them
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self.table: dict[type[Request], Handler] = {
@@ -139,6 +160,8 @@ class Handlers:
             Extend: self.extend,
             Route: self.route,
             Report: self.report,
+            Costs: self.cost_summary,
+            MetricsText: self.metrics_text,
         }
         assert tuple(t.__struct_config__.tag for t in self.table) == OPS
 
@@ -174,6 +197,9 @@ class Handlers:
         self.engine.reconfigure(compile_rules(config.limits), **self._engine_settings(config))
         self.cache.reconfigure(config.cache, normalizer)
         self.router.reconfigure(config.routing, config.routes, config.circuits)
+        self.accounting.alerts.reconfigure(config.alerts)
+        self.accounting.costs.reconfigure(config.limits.timezone, config.ledger.retention_days,
+                                          config.ledger.max_rows)
         self.config = config
         self.normalizer = normalizer
         self.tokenizer = tokenizer
@@ -218,8 +244,11 @@ class Handlers:
         expired, spent = self.engine.expire(now)
         if expired:
             self._wake_waiters()
-        if spent:
-            durable = self._persist(spent)  # nobody waits on an expiry: just log a failure
+        try:  # nobody waits on an expiry or on cost rows: just log a failure
+            durable = self._persist(spent)
+        except (JournalError, Overloaded) as exc:
+            log.error("expired spend and cost rows not persisted: %s", exc)
+        else:
             if durable is not None:
                 durable.add_done_callback(_log_failure)
         if self.journal is not None and self.journal.needs_compaction:
@@ -228,7 +257,9 @@ class Handlers:
                 compacted.add_done_callback(_log_failure)
         self.engine.evict_idle(now)
         self.cache.housekeeping(now)
-        for lease in [k for k, (_, until) in self._begun.items() if until <= now]:
+        self.accounting.costs.expire(now)
+        self.accounting.alerts.expire(now)
+        for lease in [k for k, (_, b) in self._begun.items() if b.until <= now]:
             del self._begun[lease]
 
     def _input_tokens(self, req: Admit | Begin, model: str) -> int:
@@ -280,15 +311,21 @@ class Handlers:
             shadow=list(decision.shadow_denials), ttl=self.engine.lease_ttl,
         )
 
-    def _observe(self, subject: Subject, decision: Decision) -> None:
-        """Alerts into the log and stats; denials counted by limit."""
+    def _observe(self, subject: Subject, decision: Decision, now: float) -> None:
+        """Budget alerts; denials counted by limit."""
         for crossed in decision.crossed:
-            self.alerts[crossed] = self.alerts.get(crossed, 0) + 1
-            log.warning("limit alert: %s crossed (user %r, model %r)", crossed,
-                        subject.user or subject.key, subject.model)
+            self.limit_alerts[crossed] = self.limit_alerts.get(crossed, 0) + 1
+            name = crossed.rpartition("@")[0]
+            if any(r.name == name and r.kind in _BUDGETS for r in self.engine.rules):
+                self.accounting.alerts.budget(crossed, subject.user or subject.key,
+                                              subject.model, now)  # logs it too
+            else:
+                log.warning("limit alert: %s crossed (user %r, model %r)", crossed,
+                            subject.user or subject.key, subject.model)
         if decision.denial is not None:
             name = decision.denial.limit
             self.denials[name] = self.denials.get(name, 0) + 1
+            self.accounting.limit_denial(decision.denial.reason, name)
         for name in decision.near:
             self.near[name] = self.near.get(name, 0) + 1
         for name in decision.shadow_denials:
@@ -305,8 +342,9 @@ class Handlers:
     def admit(self, req: Admit) -> AdmitReply | Deferred:
         subject = Subject(req.user, req.key, req.model, req.route)
         estimate, known, prompt = self._estimate(req, req.model)
-        decision = self.engine.admit(subject, estimate, time.time(), prompt)
-        self._observe(subject, decision)
+        now = time.time()
+        decision = self.engine.admit(subject, estimate, now, prompt)
+        self._observe(subject, decision, now)
         denial = decision.denial
         if (denial is not None and req.wait > 0 and denial.reason in _WAITABLE
                 and not denial.never
@@ -329,8 +367,9 @@ class Handlers:
         try:
             while True:
                 if queue[0] is me:
-                    decision = self.engine.admit(subject, estimate, time.time())
-                    self._observe(subject, decision)
+                    now = time.time()
+                    decision = self.engine.admit(subject, estimate, now)
+                    self._observe(subject, decision, now)
                     denial = decision.denial
                     if denial is None:
                         return self._admit_reply(req, decision, known)
@@ -369,21 +408,31 @@ class Handlers:
                 queue[0].set_result(None)
 
     def settle(self, req: Settle) -> SettleReply | Deferred:
-        result, micro = self._settle(req.lease, req.input_tokens, req.output_tokens,
-                                     req.cached_input_tokens, req.reasoning_tokens, req.usd, "")
+        result, micro, subject = self._settle(req.lease, req.input_tokens, req.output_tokens,
+                                              req.cached_input_tokens, req.reasoning_tokens,
+                                              req.usd, "")
+        if subject is not None and result.found and not result.duplicate:
+            self.accounting.ended(
+                time.time(), lease=req.lease, begun=None, user=subject.user or subject.key,
+                route=subject.route, model=subject.model, attempts=(),
+                input_tokens=req.input_tokens, output_tokens=req.output_tokens,
+                cached_tokens=req.cached_input_tokens, reasoning_tokens=req.reasoning_tokens,
+                micro_usd=micro, error=False)
         reply = SettleReply(id=req.id, found=result.found, duplicate=result.duplicate,
                             expired=result.expired, usd=micro / MICRO,
                             durable=self.journal is not None)
         return self._durably(req.lease, result, reply)
 
     def _settle(self, lease: str, input_tokens: int, output_tokens: int, cached: int,
-                reasoning: int, usd: float | None, model: str) -> tuple[SettleResult, int]:
+                reasoning: int, usd: float | None,
+                model: str) -> tuple[SettleResult, int, Subject | None]:
         """Settle ``lease``, priced for ``model`` (default: the model it was admitted for)
-        unless ``usd`` is given. Returns the engine's result and the micro-dollars."""
+        unless ``usd`` is given. Returns the engine's result, the micro-dollars and whom
+        the lease was admitted for (None: an unknown lease)."""
+        subject = self.engine.lease_subject(lease)
         if usd is not None:
             micro = round(usd * MICRO)
         else:
-            subject = self.engine.lease_subject(lease)
             model = model or (subject.model if subject is not None else "")
             micro = self.pricing.cost(model, PricedUsage(
                 input_tokens, output_tokens, cached, reasoning)).micro_usd if (
@@ -392,24 +441,36 @@ class Handlers:
                                     time.time())
         if result.found and not result.duplicate:
             self._wake_waiters()
-        return result, micro
+        return result, micro, subject
 
     def _durably(self, lease: str, result: SettleResult, reply: R) -> R | Deferred:
         """``reply`` once the settle's spend is on disk (``durable=False`` if it could not
         be written: the settle stands)."""
-        if result.spent and self.journal is not None:
-            try:
-                durable = self._persist(result.spent)
-            except (JournalError, Overloaded) as exc:
-                log.error("settle %s applied but not persisted: %s", lease, exc)
-                return msgspec.structs.replace(reply, durable=False)
-            return Deferred(asyncio.ensure_future(self._after(durable, reply)), reply.id)
-        return reply
+        try:
+            durable = self._persist(result.spent)
+        except (JournalError, Overloaded) as exc:
+            log.error("settle %s applied but not persisted: %s", lease, exc)
+            return msgspec.structs.replace(reply, durable=False)
+        if durable is None:
+            return reply
+        return Deferred(asyncio.ensure_future(self._after(durable, reply)), reply.id)
 
     def _persist(self, spent: Sequence[Spend]) -> asyncio.Future[None] | None:
+        """Journal ``spent`` and the cost rows changed since the last call; the future
+        resolves when both are on disk (None: nothing to write, or no journal)."""
         if self.journal is None:
             return None
-        return self.journal.append_nowait(encode_spend(spent))
+        durable = None
+        tallies = self.accounting.costs.drain()
+        if tallies is not None:
+            durable = self.journal.append_nowait(_TALLIES.encode(tallies))
+        if spent:  # appended after the rows: its future resolves after theirs
+            durable = self.journal.append_nowait(encode_spend(spent))
+        return durable
+
+    def persist_costs(self) -> asyncio.Future[None] | None:
+        """Journal the cost rows changed since the last write (at shutdown)."""
+        return self._persist(())
 
     @staticmethod
     async def _after(durable: asyncio.Future[None] | None, reply: R) -> R:
@@ -423,17 +484,26 @@ class Handlers:
             return msgspec.structs.replace(reply, durable=False)
         return reply
 
-    def restore(self, records: Sequence[bytes], now: float) -> int:
-        """Put the journal's spend back into the engine (at start)."""
-        spends = [spend for record in records for spend in decode_spend(record)]
-        return self.engine.restore(spends, now)
+    def restore(self, records: Sequence[bytes], now: float) -> tuple[int, int]:
+        """Put the journal's spend back into the engine and its cost rows back into the
+        cost tracker (at start); returns how many of each were applied."""
+        spends: list[Spend] = []
+        tallies: list[Tallies] = []
+        for record in records:
+            item = _JOURNAL_RECORD.decode(record)
+            if isinstance(item, Tallies):
+                tallies.append(item)
+            else:
+                spends.extend(item)
+        return self.engine.restore(spends, now), self.accounting.costs.restore(tallies, now)
 
     def compact_journal(self, now: float) -> asyncio.Future[None] | None:
-        """Replace the journal by the engine's current durable spend."""
+        """Replace the journal by the engine's current durable spend and every cost row."""
         if self.journal is None:
             return None
         snapshot = self.engine.snapshot(now)
         chunks = [encode_spend(snapshot[i:i + 1000]) for i in range(0, len(snapshot), 1000)]
+        chunks += [_TALLIES.encode(t) for t in self.accounting.costs.snapshot()]
         return self.journal.compact(chunks)
 
     def release(self, req: Release) -> ReleaseReply:
@@ -493,12 +563,13 @@ class Handlers:
         return self._begin_after_cache(req, view, await search)
 
     def _begin_after_cache(self, req: Begin, view: Begin, found: CacheGetReply) -> BeginReply:
+        now = time.time()
+        who = req.user or req.key
         if found.hit:
+            self._account_hit(req, found, who, now)
             return BeginReply(id=req.id, outcome="hit", key=found.key, response=found.response,
                               tier=found.tier, similarity=found.similarity,
                               verdict=found.verdict, stale=found.stale)
-        now = time.time()
-        who = req.user or req.key
         used = budget_fraction(self.engine.budgets(who, now))
         input_tokens = self._input_tokens(req, req.model)
         picked = self.router.pick_route(req.route, req.model, req.task, input_tokens)
@@ -507,6 +578,10 @@ class Handlers:
         chain = self.router.chain(req.route, req.model, req.task, input_tokens, used, now,
                                   now + deadline)
         if not chain.models:
+            self.accounting.denied(
+                now, user=who, route=chain.route, model=req.model, reason="no_model",
+                limit="", input_tokens=input_tokens, request_id=req.request_id,
+                template=req.template, template_version=req.template_version)
             return BeginReply(id=req.id, outcome="deny", key=found.key, reason="no_model",
                               route=chain.route, skipped=list(chain.skipped),
                               retry_after=round(chain.retry_after, 6),
@@ -515,15 +590,24 @@ class Handlers:
         subject = Subject(req.user, req.key, first, chain.route)
         estimate, known, prompt = self._estimate(req, first, input_tokens)
         decision = self.engine.admit(subject, estimate, now, prompt)
-        self._observe(subject, decision)
+        self._observe(subject, decision, now)
         if decision.denial is not None:
             d = decision.denial
+            self.accounting.denied(
+                now, user=who, route=chain.route, model=first, reason=d.reason, limit=d.limit,
+                input_tokens=estimate.input_tokens, request_id=req.request_id,
+                template=req.template, template_version=req.template_version)
             return BeginReply(id=req.id, outcome="deny", key=found.key, reason=d.reason,
                               limit=d.limit, retry_after=_seconds(d.retry_after),
                               route=chain.route, input_tokens=estimate.input_tokens,
                               output_tokens=estimate.output_tokens,
                               usd=estimate.micro_usd / MICRO)
-        self._begun[decision.lease] = (view, now + self.engine.lease_ttl)
+        self._begun[decision.lease] = (view, Begun(
+            until=now + self.engine.lease_ttl, began=now, user=who, route=chain.route,
+            chain=tuple(m.model for m in chain.models),
+            providers=tuple(m.provider for m in chain.models),
+            input_tokens=estimate.input_tokens, request_id=req.request_id,
+            template=req.template, template_version=req.template_version))
         attempts = cfg.max_attempts if cfg is not None else 1
         return BeginReply(
             id=req.id, outcome="go", key=found.key, lease=decision.lease, route=chain.route,
@@ -535,27 +619,52 @@ class Handlers:
             input_tokens=estimate.input_tokens, output_tokens=estimate.output_tokens,
             usd=estimate.micro_usd / MICRO)
 
+    def _account_hit(self, req: Begin, found: CacheGetReply, who: str, now: float) -> None:
+        """A hit saved the call the route's first model (or the model asked for) would
+        have made: priced with the usage stored with the answer."""
+        model, route = req.model, ""
+        if not model:
+            route = self.router.pick_route(req.route, "", req.task, found.input_tokens)
+            cfg = self.config.routes.get(route)
+            model = cfg.models[0].model if cfg is not None else ""
+        saved = self.pricing.cost(model, PricedUsage(found.input_tokens,
+                                                     found.output_tokens)).micro_usd
+        self.accounting.hit(now, user=who, route=route, model=model,
+                            semantic=found.tier == "semantic", similarity=found.similarity,
+                            saved_micro=saved, request_id=req.request_id,
+                            template=req.template, template_version=req.template_version)
+
     def end(self, req: End) -> EndReply | Deferred:
         now = time.time()
         for a in req.attempts:
             self.router.report(a.model, a.ok, now, a.retry_after)
-        result, micro = self._settle(req.lease, req.input_tokens, req.output_tokens,
-                                     req.cached_input_tokens, req.reasoning_tokens, req.usd,
-                                     req.model)
+        result, micro, subject = self._settle(
+            req.lease, req.input_tokens, req.output_tokens, req.cached_input_tokens,
+            req.reasoning_tokens, req.usd, req.model)
         stored, reason = False, ""
-        begun = self._begun.pop(req.lease, None)
+        popped = self._begun.pop(req.lease, None)
+        begun = popped[1] if popped is not None else None
+        if subject is not None and result.found and not result.duplicate:
+            self.accounting.ended(
+                now, lease=req.lease, begun=begun, user=subject.user or subject.key,
+                route=subject.route, model=req.model, attempts=req.attempts,
+                input_tokens=req.input_tokens, output_tokens=req.output_tokens,
+                cached_tokens=req.cached_input_tokens, reasoning_tokens=req.reasoning_tokens,
+                micro_usd=micro, error=req.error)
         if result.duplicate:
             reason = "duplicate"
         elif bytes(req.response) == NIL:
             reason = "no_response"
-        elif begun is None:
+        elif popped is None:
             reason = "unknown_lease"
         else:
+            view = popped[0]
             try:
                 put = self.cache.put(CachePut(
-                    id=req.id, response=req.response, kind=begun[0].kind, error=req.error,
-                    tool_calls=req.tool_calls, no_store=begun[0].no_store,
-                    **{f: getattr(begun[0], f) for f in _CACHE_FIELDS}), now)
+                    id=req.id, response=req.response, kind=view.kind, error=req.error,
+                    tool_calls=req.tool_calls, no_store=view.no_store,
+                    input_tokens=req.input_tokens, output_tokens=req.output_tokens,
+                    **{f: getattr(view, f) for f in _CACHE_FIELDS}), now)
                 stored, reason = put.stored, put.reason
             except InvalidValue as exc:  # e.g. a kind dropped by a reload since begin:
                 stored, reason = False, f"invalid: {exc}"  # the settle above stands
@@ -574,6 +683,7 @@ class Handlers:
         if denial is None:
             return ExtendReply(id=req.id, allowed=True)
         self.denials[denial.limit] = self.denials.get(denial.limit, 0) + 1
+        self.accounting.limit_denial(denial.reason, denial.limit)
         scale = self._scale_of(denial.limit)
         return ExtendReply(id=req.id, allowed=False, reason=denial.reason, limit=denial.limit,
                            used=denial.used / scale, amount=denial.amount / scale,
@@ -597,6 +707,7 @@ class Handlers:
         return ReportReply(id=req.id, state=state.value)
 
     def stats(self, req: Stats) -> StatsReply:
+        now = time.time()
         requests, errors = self.metrics.totals()
         return StatsReply(
             id=req.id,
@@ -610,13 +721,52 @@ class Handlers:
             errors_total=errors,
             ops=self.metrics.snapshot(),
             build=self.build,
-            limit_alerts=dict(self.alerts),
+            limit_alerts=dict(self.limit_alerts),
             limit_denials=dict(self.denials),
             limit_near=dict(self.near),
             limit_shadow=dict(self.shadow),
             open_leases=self.engine.open_leases,
             cache=self.cache.stats(self.cache_snapshot),
-            circuits=self.router.states(time.time()),
+            circuits=self.router.states(now),
+            latency=self.metrics.latency(),
+            spend_today=self.accounting.costs.summary(
+                self.accounting.costs.day_of(now), now, By.MODEL, 0).totals,
+            alerts=list(self.accounting.alerts.recent),
+            alert_counts=dict(self.accounting.alerts.counts),
+            request_log=self.accounting.log_stats(self.request_log_path),
         )
+
+    def cost_summary(self, req: Costs) -> CostsReply:
+        now = time.time()
+        costs = self.accounting.costs
+        since = req.since if req.since is not None else costs.day_of(now)
+        until = req.until if req.until is not None else now
+        if until < since:
+            raise InvalidValue(f"until ({until}) is before since ({since})")
+        summary = costs.summary(since, until, By(req.by), req.top)
+        return CostsReply(id=req.id, **summary._asdict())
+
+    def metrics_text(self, req: MetricsText) -> MetricsReply:
+        return MetricsReply(id=req.id, text=self.prometheus().decode(),
+                            content_type=Exposition.CONTENT_TYPE)
+
+    def prometheus(self) -> bytes:
+        """The Prometheus exposition of everything (the op and the HTTP listener)."""
+        cache = self.cache.stats(self.cache_snapshot)
+        logged = self.accounting.log_stats(self.request_log_path)
+        return self.exposition.render(Gauges(
+            uptime_s=time.monotonic() - self.started,
+            open_leases=self.engine.open_leases,
+            cache_entries={t: s.entries for t, s in cache.tiers.items()},
+            cache_bytes={t: s.bytes for t, s in cache.tiers.items()},
+            cache_hits={t: s.hits + s.stale_serves for t, s in cache.tiers.items()},
+            cache_misses={t: s.misses for t, s in cache.tiers.items()},
+            semantic_pending=cache.semantic_pending,
+            circuits=self.router.states(time.time()),
+            transitions=self.router.transitions(),
+            log_written=logged.written, log_dropped=logged.dropped, log_failed=logged.failed,
+            notify_dropped=self.notifier.stats().dropped if self.notifier else 0,
+            limit_alerts=dict(self.limit_alerts),
+            alert_counts=dict(self.accounting.alerts.counts)))
 
 

@@ -9,7 +9,7 @@ client can talk to an older daemon that lacks a field it only adds.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, ClassVar, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import msgspec
 
@@ -186,6 +186,9 @@ class CachePut(CacheRequest, tag="cache_put", kw_only=True):
     error: bool = False
     tool_calls: bool = False
     no_store: bool = False
+    #: the usage of the call that produced ``response``: prices what a hit saves
+    input_tokens: NonNegative = 0
+    output_tokens: NonNegative = 0
 
 
 class CacheInvalidate(Request, tag="cache_invalidate"):
@@ -215,6 +218,11 @@ class Begin(CacheRequest, tag="begin"):
     no_store: bool = False
     allow_stale: bool = False
     threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    #: for the request log: the caller's id for the request (default: the lease, or a
+    #: new id for a hit or denial) and the prompt template it filled, with its version
+    request_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    template: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    template_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -279,9 +287,24 @@ class Report(Request, tag="report"):
     retry_after: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
+class Costs(Request, tag="costs"):
+    """Spend, tokens and cache savings from the hour holding ``since`` (default: the start
+    of today in the limits' zone) to ``until`` (default: now), grouped ``by`` model, user
+    or route (the ``top`` groups by spend), with per-hour and per-day series."""
+
+    since: float | None = None  # epoch seconds
+    until: float | None = None
+    by: Literal["model", "user", "route"] = "model"
+    top: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
+
+
+class MetricsText(Request, tag="metrics"):
+    """The Prometheus text exposition of every metric."""
+
+
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello, Ping, Fingerprint, Stats, Count, Admit, Settle, Release, Limits, CacheGet,
-    CachePut, CacheInvalidate, Begin, End, Extend, Route, Report,
+    CachePut, CacheInvalidate, Begin, End, Extend, Route, Report, Costs, MetricsText,
 )
 OPS: tuple[str, ...] = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)
 
@@ -316,6 +339,69 @@ class OpStats(msgspec.Struct, frozen=True):
     errors: dict[str, int]  # ErrorCode name -> count
     p50_us: float
     p99_us: float
+    p95_us: float = 0.0
+
+
+class LatencyStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Provider call latency of one model for one input size class, over its latest
+    calls (``metrics.WINDOW``)."""
+
+    model: str
+    input_tokens: str  # "0-1K", "1K-10K", "10K-50K", "50K+"
+    calls: int  # since start
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+class AlertInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """An alert as it fired (see ``sidecar.alerts``)."""
+
+    kind: str  # "cost_per_request", "budget", "zero_price", "error_ratio"
+    subject: str  # the model, or the limit and threshold
+    message: str
+    at: float  # epoch seconds
+    value: float = 0.0
+    threshold: float = 0.0
+
+
+class LogStats(msgspec.Struct, frozen=True, kw_only=True):
+    """The request log's writer (``path`` "off" when disabled)."""
+
+    path: str
+    written: int = 0
+    dropped: int = 0  # the queue was full
+    failed: int = 0  # lost to write errors
+    rotations: int = 0
+    error: str = ""
+
+
+class CostTotals(msgspec.Struct, frozen=True, kw_only=True):
+    """Sums over some guarded requests and the unit economics derived from them."""
+
+    requests: int = 0  # provider calls that ended (cache hits and denials excluded)
+    errors: int = 0  # of those, the ones no model answered
+    hits_exact: int = 0
+    hits_semantic: int = 0
+    denials: int = 0
+    input_tokens: int = 0  # includes cached input tokens
+    output_tokens: int = 0  # includes reasoning tokens
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    usd: float = 0.0
+    saved_usd: float = 0.0  # what the cache hits would have cost
+    cost_per_request: float = 0.0  # usd / requests
+    hit_rate: float = 0.0  # hits / (hits + requests)
+
+
+class CostGroup(msgspec.Struct, frozen=True, kw_only=True):
+    key: str  # a model, user or route
+    totals: CostTotals
+
+
+class CostPeriod(msgspec.Struct, frozen=True, kw_only=True):
+    start: float  # epoch seconds: the hour's or the day's start in the limits' zone
+    totals: CostTotals
 
 
 class BuildInfo(msgspec.Struct, frozen=True):
@@ -344,6 +430,11 @@ class StatsReply(Reply, tag="stats"):
     open_leases: int = 0
     cache: CacheStats | None = None
     circuits: dict[str, str] = {}  # model -> "closed" | "open" | "half_open"
+    latency: list[LatencyStats] = []  # provider calls by model and input size
+    spend_today: CostTotals | None = None
+    alerts: list[AlertInfo] = []  # the latest, oldest first
+    alert_counts: dict[str, int] = {}  # kind -> alerts fired since start
+    request_log: LogStats | None = None
 
 
 class CountReply(Reply, tag="count"):
@@ -411,6 +502,8 @@ class CacheGetReply(Reply, tag="cache_get"):
     query: str = ""  # the last user turn the entry was stored for
     cached_at: float = 0.0  # epoch seconds
     stale: bool = False  # expired, served because allow_stale was set
+    input_tokens: int = 0  # the usage of the call that produced the answer (0: not told)
+    output_tokens: int = 0
     reason: str = ""  # on a miss: "miss", "bypassed" or "disabled"
 
     def value(self) -> object:
@@ -529,6 +622,22 @@ class ReportReply(Reply, tag="report"):
     state: str  # the model's circuit now: "closed", "open", "half_open"
 
 
+class CostsReply(Reply, tag="costs"):
+    since: float  # the first hour counted
+    until: float
+    by: str
+    totals: CostTotals
+    groups: list[CostGroup]  # the top groups by spend
+    other_groups: int  # groups beyond the top (their sums are in ``totals``)
+    hours: list[CostPeriod]
+    days: list[CostPeriod]
+
+
+class MetricsReply(Reply, tag="metrics"):
+    text: str  # Prometheus text format 0.0.4
+    content_type: str
+
+
 class Error(Reply, tag="error", kw_only=True):
     id: RequestId | None = None
     code: ErrorCode
@@ -538,7 +647,7 @@ class Error(Reply, tag="error", kw_only=True):
 REPLY_TYPES: tuple[type[Reply], ...] = (
     HelloReply, Pong, FingerprintReply, StatsReply, CountReply, AdmitReply, SettleReply,
     ReleaseReply, LimitsReply, CacheGetReply, CachePutReply, CacheInvalidateReply, BeginReply,
-    EndReply, ExtendReply, RouteReply, ReportReply, Error,
+    EndReply, ExtendReply, RouteReply, ReportReply, CostsReply, MetricsReply, Error,
 )
 
 REQUEST_DECODER = msgspec.msgpack.Decoder(Union[REQUEST_TYPES])  # type: ignore[valid-type]

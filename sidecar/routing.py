@@ -47,14 +47,14 @@ class Circuit:
         self.outcomes: collections.deque[tuple[float, bool]] = collections.deque()
         self.open_until = 0.0
         self.probes: list[float] = []  # expiry of each probe handed out while half-open
-        self.transitions = 0
+        self.transitions: dict[State, int] = {}  # state entered -> times
 
     def _to(self, state: State, why: str) -> None:
         if state is not self.state:
             log.warning("circuit %s: %s -> %s (%s)", self.model, self.state.value, state.value,
                         why)
             self.state = state
-            self.transitions += 1
+            self.transitions[state] = self.transitions.get(state, 0) + 1
 
     def _refresh(self, now: float) -> None:
         if self.state is State.OPEN and now >= self.open_until:
@@ -215,6 +215,11 @@ class Router:
             c._refresh(now)
             out[name] = c.state.value
         return out
+
+    def transitions(self) -> dict[tuple[str, str], int]:
+        """``(model, state entered) -> times`` since start."""
+        return {(name, state.value): n for name, c in sorted(self.circuits.items())
+                for state, n in c.transitions.items()}
 
 
 def backoff_schedule(base: float, cap: float, attempts: int) -> list[float]:

@@ -16,14 +16,15 @@ import logging
 import socket
 import termios
 import time
-from typing import TYPE_CHECKING
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Callable
 
 import msgspec
 
 from .framing import FrameReader, OversizeFrame, append_frame
 from .errors import RequestError
 from .handlers import Deferred, Handlers
-from .metrics import MASK, Metrics, OpMetrics
+from .metrics import MASK, OP_BOUNDS_NS, Metrics, OpMetrics
 from .protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
 
 if TYPE_CHECKING:
@@ -262,7 +263,10 @@ class Server:
                 append_frame(encoder, reply, out)
             end = clock()
             count = metrics.requests
-            metrics.latency_ns[count & MASK] = end - start
+            ns = end - start
+            metrics.latency_ns[count & MASK] = ns
+            metrics.buckets[bisect_left(OP_BOUNDS_NS, ns)] += 1
+            metrics.sum_ns += ns
             metrics.requests = count + 1
             if type(reply) is Error:
                 metrics.errors[reply.code] = metrics.errors.get(reply.code, 0) + 1
@@ -323,4 +327,55 @@ class Server:
         return busy
 
 
-__all__ = ["Connection", "Server"]
+class MetricsListener:
+    """``GET /metrics`` on a loopback TCP port, for a Prometheus scraper. One request per
+    connection (HTTP/1.0 style: the reply closes it); a request head larger than 8 KiB or
+    slower than 5 s is dropped. Runs on the event loop, so the exposition reads the
+    daemon's state between requests, never during one."""
+
+    MAX_HEAD = 8192
+    TIMEOUT = 5.0
+
+    def __init__(self, render: Callable[[], bytes], content_type: str) -> None:
+        self.render = render
+        self.content_type = content_type
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port,
+                                                  limit=self.MAX_HEAD)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.TIMEOUT)
+            method, _, rest = head.partition(b" ")
+            path = rest.partition(b" ")[0].partition(b"?")[0]
+            if method not in (b"GET", b"HEAD"):
+                status, body, kind = b"405 Method Not Allowed", b"GET only\n", b"text/plain"
+            elif path != b"/metrics":
+                status, body, kind = b"404 Not Found", b"try /metrics\n", b"text/plain"
+            else:
+                status, body, kind = b"200 OK", self.render(), self.content_type.encode()
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind
+                         + b"\r\nContent-Length: " + str(len(body)).encode()
+                         + b"\r\nConnection: close\r\n\r\n"
+                         + (body if method != b"HEAD" else b""))
+            await asyncio.wait_for(writer.drain(), self.TIMEOUT)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                ConnectionError):
+            log.debug("metrics listener: dropped a bad or slow request")
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+__all__ = ["Connection", "MetricsListener", "Server"]

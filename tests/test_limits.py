@@ -498,7 +498,7 @@ def test_settled_spend_survives_a_restart(start_daemon):
         assert _used(c, "day") == 357  # the open lease's estimate was never settled
         assert _used(c, "minute") == 0  # windows of a minute or less are not persisted
         assert not c.settle(open_lease, input_tokens=1).found
-    assert "3 spends restored" in d2.log()
+    assert "3 spends and 3 cost rows restored" in d2.log()  # one row per settle
 
 
 def test_kill_9_during_a_settle_storm_loses_no_acknowledged_settle(start_daemon):
