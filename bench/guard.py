@@ -1,15 +1,20 @@
 """``python -m bench guard``: what the guarded call costs an app, over the socket.
 
-One run starts two daemons (``python -m sidecar serve``, temporary state directory, one
+One run starts three daemons (``python -m sidecar serve``, temporary state directory, one
 per-user requests-per-minute limit too large to deny, no retry-loop guard; no budget of a
 durable window, so an ``end`` never waits for the journal's fdatasync, which ``python -m
 bench limits`` measures): one with the semantic cache tier off, one with it on
-(all-MiniLM-L6-v2). ``sidecar.Client`` then times, per call:
+(all-MiniLM-L6-v2), and one with the semantic tier and the request log off. Every daemon
+keeps its metrics and cost tracker (they cannot be turned off). ``sidecar.Client`` then
+times, per call:
 
 * (a) ``begin`` answered from the exact cache (the app makes no provider call and no
   ``end``);
 * (b) ``begin`` + ``end`` of a cache miss with the semantic tier off: exact lookup, token
   count, route, admit; then settle, price, report the attempt, nothing stored;
+* (b') the same with the request log off: (b) minus (b') is what writing one JSON line
+  per request costs the app (the record is built and queued on the event loop, written
+  by the log's thread);
 * (c) the same miss with the semantic tier on (the scope holds entries, so every miss is
   embedded and searched: milliseconds, on the daemon's worker threads);
 * ``ping`` for context: the bare round trip; (b) is two round trips;
@@ -20,7 +25,10 @@ bench limits`` measures): one with the semantic cache tier off, one with it on
   the guard adds to a provider call. Skipped when ``openai`` is not installed.
 
 Placements: daemon and client on one CPU ("same-cpu") and on two ("cross-cpu"), rounds
-interleaved. Target: (b) p50 <= 50 us [same-cpu], reported PASS/MISS, never failing.
+interleaved. Targets: (b) p50 <= 50 us [same-cpu]; (b) within 10% of (b') [same-cpu]; and,
+in this process, what the accounting of one call costs (cost tracker, metrics, alert
+checks, request log record built and queued: ``Accounting.ended``) against the in-daemon
+p50 of begin + end. Reported PASS/MISS, never failing.
 """
 from __future__ import annotations
 
@@ -107,6 +115,43 @@ def _sdk_overhead(rows: list, sock: str, pl, calls: int, rounds: int) -> str:
     return ""
 
 
+def _accounting_cost(calls: int) -> float:
+    """p50 microseconds of ``Accounting.ended`` for a one-attempt call with a request log (writing
+    to a temporary file on its thread), in this process: what the daemon's loop spends
+    accounting a call (cost tracker, metrics, alert checks, the record queued)."""
+    from sidecar.accounting import Accounting, Begun
+    from sidecar.alerts import Alerts
+    from sidecar.config import AlertsConfig
+    from sidecar.ledger import RequestLog
+    from sidecar.ledger.costs import CostTracker
+    from sidecar.metrics import Metrics
+    from sidecar.protocol import OPS, Attempt
+
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-ledger-") as workdir:
+        log = RequestLog(os.path.join(workdir, "requests.jsonl"), queue_max=1_000_000)
+        acc = Accounting(CostTracker(), Metrics(OPS), Alerts(AlertsConfig()), log)
+        attempts = [Attempt(model="gpt-4o", ok=True, latency=0.8)]
+        now = time.time()
+        clock = time.perf_counter_ns
+        out = []
+        try:
+            for i in range(calls):
+                begun = Begun(until=now + 300, began=now, user=f"user{i % 100}",
+                              route="default", chain=("gpt-4o", "gpt-4o-mini"),
+                              providers=("openai", "openai"), input_tokens=40,
+                              request_id="", template="", template_version="")
+                t0 = clock()
+                acc.ended(now, lease=f"lease-{i}", begun=begun, user=begun.user,
+                          route="default", model="gpt-4o", attempts=attempts,
+                          input_tokens=40, output_tokens=40, cached_tokens=0,
+                          reasoning_tokens=0, micro_usd=500, error=False)
+                out.append(clock() - t0)
+        finally:
+            log.close()
+    out.sort()
+    return percentile(out, 0.5)
+
+
 def _daemon(workdir: str, name: str, config: str, cpu: int) -> ServerProcess:
     path = os.path.join(workdir, f"{name}.toml")
     with open(path, "w") as f:
@@ -126,16 +171,20 @@ def run(args: argparse.Namespace) -> int:
         plain = _daemon(workdir, "plain", LIMITS + "[cache.semantic]\nenabled = false\n",
                         placements[0].server_cpu)
         semantic = _daemon(workdir, "semantic", LIMITS, placements[0].server_cpu)
+        unlogged = _daemon(workdir, "unlogged", LIMITS + "[cache.semantic]\nenabled = false\n"
+                           "[ledger]\nrequest_log = \"off\"\n", placements[0].server_cpu)
+        servers = (plain, semantic, unlogged)
         try:
-            for server in (plain, semantic):
+            for server in servers:
                 server.wait_ready()
-            with sidecar.Client(plain.path) as c, sidecar.Client(semantic.path) as s:
+            with sidecar.Client(plain.path) as c, sidecar.Client(semantic.path) as s, \
+                    sidecar.Client(unlogged.path) as u:
                 c.cache_put("stored answer", model="gpt-4o", text=_question(-1))
                 s.cache_put("stored answer", model="gpt-4o", text=_question(-1),
                             kind="factual_qa")
                 while s.stats().cache.semantic == "loading" or s.stats().cache.semantic_pending:
                     time.sleep(0.1)
-                for server in (plain, semantic):
+                for server in servers:
                     pin_process(server.proc.pid, server.cpu)
                 counter = [0]
 
@@ -162,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
                             for name, fn, n in (("(a) begin, exact hit", hit, calls // rounds),
                                                 ("(b) begin+end, miss + admit", miss(c),
                                                  calls // rounds),
+                                                ("(b') the same, request log off", miss(u),
+                                                 calls // rounds),
                                                 ("ping", lambda i: c.ping(), calls // rounds)):
                                 series.setdefault(name, []).extend(_timed(fn, n))
                         series["(c) begin+end, miss + semantic search"] = _timed(
@@ -174,13 +225,17 @@ def run(args: argparse.Namespace) -> int:
                                      "p50_us": percentile(xs, 0.5),
                                      "p99_us": percentile(xs, 0.99)})
                 in_daemon = {op: c.stats().ops[op] for op in ("begin", "end")}
+                logged = c.stats().request_log
                 skipped_sdk = _sdk_overhead(rows, plain.path, placements[0], calls // 5, rounds)
         finally:
-            for server in (plain, semantic):
+            for server in servers:
                 server.proc.terminate()
                 server.proc.wait(30)
+    accounting_us = _accounting_cost(calls)
     same = {r["workload"]: r for r in rows if r["placement"] == "same-cpu"}
     b, ping = same["(b) begin+end, miss + admit"], same["ping"]
+    unlogged_b = same["(b') the same, request log off"]
+    pair_us = in_daemon["begin"].p50_us + in_daemon["end"].p50_us
     direct = same.get("(d) OpenAI SDK -> stub, direct")
     via = same.get("(d) OpenAI SDK -> stub, guarded")
     if direct and via:
@@ -193,7 +248,19 @@ def run(args: argparse.Namespace) -> int:
                 "measured": f"{b['p50_us']:.1f} us; floor: two round trips = 2 x ping "
                             f"{ping['p50_us']:.1f} us on this host; in-daemon begin p50 "
                             f"{in_daemon['begin'].p50_us:.1f} us, end p50 "
-                            f"{in_daemon['end'].p50_us:.1f} us"}]
+                            f"{in_daemon['end'].p50_us:.1f} us"},
+               {"target": "(b) with the request log within 10% of (b') without [same-cpu]",
+                "pass": b["p50_us"] <= 1.1 * unlogged_b["p50_us"],
+                "measured": f"{b['p50_us']:.1f} us vs {unlogged_b['p50_us']:.1f} us "
+                            f"({b['p50_us'] / unlogged_b['p50_us'] - 1:+.1%}); request log: "
+                            f"{logged.written if logged else 0} written, "
+                            f"{logged.dropped if logged else 0} dropped"},
+               {"target": "accounting of one call (in process) within 10% of in-daemon "
+                          "begin+end p50",
+                "pass": accounting_us <= 0.1 * pair_us,
+                "measured": f"{accounting_us:.2f} us per call vs begin+end "
+                            f"{pair_us:.1f} us in the daemon "
+                            f"({accounting_us / pair_us:.1%})"}]
     meta = {**host_meta(args.quick), "skipped": "; ".join(x for x in (skipped, skipped_sdk) if x)}
     if args.json:
         json.dump({"meta": meta, "rows": rows, "targets": targets}, sys.stdout, indent=2)

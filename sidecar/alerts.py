@@ -355,7 +355,7 @@ class Alerts:
     and handed to ``notifier`` (when the operator configured a command or webhook)."""
 
     def __init__(self, cfg: AlertsConfig, notifier: Notifier | None = None) -> None:
-        self.cfg = cfg
+        self.reconfigure(cfg)
         self.notifier = notifier
         self.recent: collections.deque[AlertInfo] = collections.deque(maxlen=RECENT)
         self.counts: dict[str, int] = {}
@@ -366,6 +366,8 @@ class Alerts:
 
     def reconfigure(self, cfg: AlertsConfig) -> None:
         self.cfg = cfg
+        self._rise = _exact(1 + cfg.cost_increase)
+        self._ratio = _exact(cfg.error_ratio)
 
     def fire(self, kind: Kind, subject: str, message: str, now: float, value: float = 0.0,
              threshold: float = 0.0) -> AlertInfo:
@@ -385,7 +387,7 @@ class Alerts:
         if (not rise or self._cost_day == day or today.requests < least
                 or yesterday.requests < least or yesterday.micro_usd <= 0):
             return None
-        num, den = _exact(1 + rise)  # today/t > (1 + rise) * yesterday/y, in integers
+        num, den = self._rise  # today/t > (1 + rise) * yesterday/y, in integers
         if today.micro_usd * yesterday.requests * den <= num * yesterday.micro_usd * today.requests:
             return None
         self._cost_day = day
@@ -430,7 +432,7 @@ class Alerts:
         state[1] += 1
         state[2] += not ok
         calls, failures = state[1], state[2]
-        num, den = _exact(ratio)
+        num, den = self._ratio
         if state[3] or calls < self.cfg.error_min_calls or failures * den < num * calls:
             return None
         state[3] = True

@@ -245,7 +245,7 @@ class Handlers:
         if expired:
             self._wake_waiters()
         try:  # nobody waits on an expiry or on cost rows: just log a failure
-            durable = self._persist(spent)
+            durable = self._persist(spent, costs=True)
         except (JournalError, Overloaded) as exc:
             log.error("expired spend and cost rows not persisted: %s", exc)
         else:
@@ -455,10 +455,13 @@ class Handlers:
             return reply
         return Deferred(asyncio.ensure_future(self._after(durable, reply)), reply.id)
 
-    def _persist(self, spent: Sequence[Spend]) -> asyncio.Future[None] | None:
-        """Journal ``spent`` and the cost rows changed since the last call; the future
-        resolves when both are on disk (None: nothing to write, or no journal)."""
-        if self.journal is None:
+    def _persist(self, spent: Sequence[Spend],
+                 costs: bool = False) -> asyncio.Future[None] | None:
+        """Journal ``spent`` with the cost rows changed since the last write; the future
+        resolves when both are on disk (None: nothing written, or no journal). Without
+        spend the rows wait for the next settle that has some, or for ``costs`` (once a
+        second): a call whose settle touches no budget is never held for an fdatasync."""
+        if self.journal is None or not (spent or costs):
             return None
         durable = None
         tallies = self.accounting.costs.drain()
@@ -470,7 +473,7 @@ class Handlers:
 
     def persist_costs(self) -> asyncio.Future[None] | None:
         """Journal the cost rows changed since the last write (at shutdown)."""
-        return self._persist(())
+        return self._persist((), costs=True)
 
     @staticmethod
     async def _after(durable: asyncio.Future[None] | None, reply: R) -> R:

@@ -45,6 +45,9 @@ TOKEN_BOUNDS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 41
 INPUT_CLASSES = ((1_000, "0-1K"), (10_000, "1K-10K"), (50_000, "10K-50K"),
                  (math.inf, "50K+"))
 _INPUT_LIMITS = [bound for bound, _ in INPUT_CLASSES]
+#: ``Metrics.usage`` columns: the token types (``llm_sidecar_tokens_total{type}``), then
+#: micro-dollars
+_USAGE = ("input", "output", "cached_input", "reasoning", "micro_usd")
 
 
 def input_class(input_tokens: int) -> str:
@@ -61,26 +64,28 @@ def percentile(samples: Sequence[float], q: float) -> float:
 
 
 class Histogram:
-    """Bucket counts since start (``le`` semantics) plus a ring of the latest samples."""
+    """Bucket counts since start (``le`` semantics) plus, for ``quantiles``, a ring of
+    the latest samples."""
 
     __slots__ = ("bounds", "counts", "sum", "count", "ring")
 
-    def __init__(self, bounds: Sequence[float]) -> None:
+    def __init__(self, bounds: Sequence[float], ring: bool = True) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
         self.count = 0
-        self.ring = [0.0] * WINDOW
+        self.ring = [0.0] * WINDOW if ring else None
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
-        self.ring[self.count & MASK] = value
+        if self.ring is not None:
+            self.ring[self.count & MASK] = value
         self.count += 1
 
     def quantiles(self) -> tuple[float, float, float]:
         """p50, p95, p99 of the latest ``WINDOW`` samples (zeros when empty)."""
-        recent = self.ring[:min(self.count, WINDOW)]
+        recent = self.ring[:min(self.count, WINDOW)] if self.ring is not None else []
         if not recent:
             return 0.0, 0.0, 0.0
         ordered = sorted(recent)
@@ -148,9 +153,9 @@ class Metrics:
         self.requests: dict[tuple[str, str], int] = {}  # (route, outcome) -> guarded requests
         self.denials: dict[tuple[str, str], int] = {}  # (reason, limit) -> denials
         self.fallbacks: dict[str, int] = {}  # route -> answered by a later model of its chain
-        self.cost: dict[str, int] = {}  # model -> micro-dollars spent
+        #: model -> tokens (input, output, cached input, reasoning) and micro-dollars
+        self.usage: dict[str, list[int]] = {}
         self.saved: dict[str, int] = {}  # model -> micro-dollars the cache saved
-        self.usage: dict[tuple[str, str], int] = {}  # (model, token type) -> tokens
 
     def op(self, name: str) -> OpMetrics:
         return self.ops[name]
@@ -185,15 +190,18 @@ class Metrics:
                  reasoning: int, micro_usd: int) -> None:
         """A provider call's tokens and cost (the model that answered)."""
         label = self.model(model)
-        for kind, n in (("input", input_tokens), ("output", output_tokens)):
-            hist = self.tokens.get((label, kind))
-            if hist is None:
-                hist = self.tokens[(label, kind)] = Histogram(TOKEN_BOUNDS)
-            hist.observe(n)
-        for kind, n in (("input", input_tokens), ("output", output_tokens),
-                        ("cached_input", cached), ("reasoning", reasoning)):
-            self.usage[(label, kind)] = self.usage.get((label, kind), 0) + n
-        self.cost[label] = self.cost.get(label, 0) + micro_usd
+        sums = self.usage.get(label)
+        if sums is None:
+            sums = self.usage[label] = [0] * len(_USAGE)
+            self.tokens[(label, "input")] = Histogram(TOKEN_BOUNDS, ring=False)
+            self.tokens[(label, "output")] = Histogram(TOKEN_BOUNDS, ring=False)
+        self.tokens[(label, "input")].observe(input_tokens)
+        self.tokens[(label, "output")].observe(output_tokens)
+        sums[0] += input_tokens
+        sums[1] += output_tokens
+        sums[2] += cached
+        sums[3] += reasoning
+        sums[4] += micro_usd
 
     def latency(self) -> list[LatencyStats]:
         rows = []
@@ -267,9 +275,11 @@ class _Collector:
             usage.add_metric([model, kind], hist.buckets(), hist.sum)
         yield usage
         yield _counter("llm_sidecar_tokens", "Tokens of provider calls, by model and type.",
-                       ["model", "type"], m.usage)
+                       ["model", "type"], {(model, kind): sums[i]
+                                           for model, sums in m.usage.items()
+                                           for i, kind in enumerate(_USAGE[:4])})
         yield _counter("llm_sidecar_cost_usd", "Spend on provider calls, by model.",
-                       ["model"], {k: v / 1e6 for k, v in m.cost.items()})
+                       ["model"], {k: sums[4] / 1e6 for k, sums in m.usage.items()})
         yield _counter("llm_sidecar_cache_saved_usd",
                        "What cache hits would have cost, by the model that would have been "
                        "called.", ["model"], {k: v / 1e6 for k, v in m.saved.items()})

@@ -4,6 +4,7 @@ static fallbacks, denials, the cache (whole and replayed as a stream), streamed 
 answers settling alike, and a budget running out mid-stream; sync and async."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,33 @@ def test_stream_and_whole_settle_the_same(start_daemon, stub_llm, kit):
         assert kit.text(again) == kit.text(whole) and kit.tokens(again) == kit.tokens(whole)
         assert type(again) is type(whole)
     assert d.stop() == 0
+
+
+@KITS
+def test_stream_and_whole_leave_the_same_ledger(start_daemon, stub_llm, kit, tmp_path):
+    log = tmp_path / "requests.jsonl"
+    d = start_daemon(CONFIG + f'[ledger]\nrequest_log = "{log}"\n')
+    for _ in range(2):
+        stub_llm.script(Reply(text="the answer is four", cached_tokens=2))
+    with Client(d.path) as sc, kit.client(stub_llm) as raw:
+        whole = kit.guard(raw, sc, user="whole", route=kit.route)
+        kit.ask(whole, sidecar={"namespace": "a", "template": "qa", "template_version": "1"})
+        streamed = kit.guard(raw, sc, user="stream", route=kit.route)
+        with kit.ask(streamed, stream=True, sidecar={"namespace": "b", "template": "qa",
+                                                     "template_version": "1"}) as stream:
+            list(stream)
+        by_user = {g.key: g.totals for g in sc.costs(by="user").groups}
+    assert d.stop() == 0
+    assert by_user["whole"] == by_user["stream"] and by_user["whole"].usd > 0
+    assert by_user["whole"].cached_tokens == 2
+    records = {r["user.id"]: r for r in map(json.loads, log.read_text().splitlines())}
+    same = ("outcome", "gen_ai.request.model", "gen_ai.response.model", "gen_ai.provider.name",
+            "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens",
+            "gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.reasoning.output_tokens",
+            "sidecar.cost_usd", "sidecar.fallback_depth", "gen_ai.prompt.name",
+            "sidecar.prompt.version")
+    assert [records["whole"][k] for k in same] == [records["stream"][k] for k in same]
+    assert records["whole"]["outcome"] == "ok" and records["whole"]["gen_ai.prompt.name"] == "qa"
 
 
 @KITS
