@@ -243,7 +243,7 @@ def test_systemd_socket_activation(tmp_path):
 def test_readme_python_example_runs(daemon):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    assert len(snippets) == 4
+    assert len(snippets) == 5
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
     env["LLM_SIDECAR_SOCKET"] = str(daemon.path)
     out = ""
@@ -254,6 +254,7 @@ def test_readme_python_example_runs(daemon):
         out += r.stdout
     assert "round trip" in out and "settled $" in out and "100 degrees Celsius" in out
     assert "provider claude-sonnet-4 claude-sonnet-4 says: 42" in out
+    assert re.search(r"spent today \$0\.\d{6}: .*alice \$0\.\d{6}", out)
 
 
 def test_readme_quick_start_has_two_commands():
