@@ -1,0 +1,198 @@
+"""The guarded-call ops: ``begin`` (exact cache, count, semantic cache, route, admit in
+one round trip), ``end`` (report the attempts, settle, account, store the answer),
+``extend``, ``route`` and ``report``.
+
+``CallOps`` is one part of ``Handlers``: the components it uses (engine, cache, router,
+pricing, accounting) and the limits steps it shares with ``admit`` and ``settle``
+(``_estimate``, ``_observe``, ``_settle``, ``_durably``) belong to ``Handlers``, which
+mixes it in; it lives here so that each file holds one concern.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import msgspec
+
+from ..accounting import Begun
+from ..errors import InvalidValue
+from ..limits import MICRO, Subject, Usage
+from ..pricing import Usage as PricedUsage
+from ..protocol import (
+    NIL, Begin, BeginReply, CacheGetReply, CachePut, ChainModel, End, EndReply, Extend,
+    ExtendReply, Report, ReportReply, Route, RouteReply,
+)
+from ..routing import backoff_schedule, budget_fraction
+from ._common import CACHE_FIELDS, Deferred, wire_seconds
+
+class CallOps:
+    """``begin``, ``end``, ``extend``, ``route``, ``report``; mixed into ``Handlers``,
+    whose attributes these methods use."""
+
+    def begin(self, req: Begin) -> BeginReply | Deferred:
+        """Exact cache, then (when the scope has entries) the semantic tier on its
+        thread, then route and admit."""
+        if req.kind and req.kind not in self.config.cache.policy:
+            # refused now: at end the call would be paid for and its answer unstorable
+            raise InvalidValue(f"unknown response kind {req.kind!r}; known: "
+                               + ", ".join(sorted(self.config.cache.policy)))
+        view = self._cache_view(req)
+        found = self.cache.get(view, time.time())
+        if isinstance(found, CacheGetReply):
+            return self._begin_after_cache(req, view, found)
+        return Deferred(asyncio.ensure_future(self._begin_semantic(req, view, found)), req.id)
+
+    @staticmethod
+    def _cache_view(req: Begin) -> Begin:
+        """The request as the cache keys it: a routed request is keyed by its route (or
+        task), so answers of different routes never mix."""
+        if req.model:
+            return req
+        return msgspec.structs.replace(req, model=f"route:{req.route or req.task or '-'}")
+
+    async def _begin_semantic(self, req: Begin, view: Begin, search) -> BeginReply:
+        return self._begin_after_cache(req, view, await search)
+
+    def _begin_after_cache(self, req: Begin, view: Begin, found: CacheGetReply) -> BeginReply:
+        now = time.time()
+        who = req.user or req.key
+        if found.hit:
+            self._account_hit(req, found, who, now)
+            return BeginReply(id=req.id, outcome="hit", key=found.key, response=found.response,
+                              tier=found.tier, similarity=found.similarity,
+                              verdict=found.verdict, stale=found.stale)
+        used = budget_fraction(self.engine.budgets(who, now))
+        input_tokens = self._input_tokens(req, req.model)
+        picked = self.router.pick_route(req.route, req.model, req.task, input_tokens)
+        cfg = self.config.routes.get(picked)
+        deadline = cfg.deadline if cfg is not None else self.config.routing.model_timeout
+        chain = self.router.chain(req.route, req.model, req.task, input_tokens, used, now,
+                                  now + deadline)
+        if not chain.models:
+            self.accounting.denied(
+                now, user=who, route=chain.route, model=req.model, reason="no_model",
+                limit="", input_tokens=input_tokens, request_id=req.request_id,
+                template=req.template, template_version=req.template_version)
+            return BeginReply(id=req.id, outcome="deny", key=found.key, reason="no_model",
+                              route=chain.route, skipped=list(chain.skipped),
+                              retry_after=round(chain.retry_after, 6),
+                              static_fallback=cfg.static_fallback if cfg else "")
+        first = chain.models[0].model
+        subject = Subject(req.user, req.key, first, chain.route)
+        estimate, known, prompt = self._estimate(req, first, input_tokens)
+        decision = self.engine.admit(subject, estimate, now, prompt)
+        self._observe(subject, decision, now)
+        if decision.denial is not None:
+            d = decision.denial
+            self.accounting.denied(
+                now, user=who, route=chain.route, model=first, reason=d.reason, limit=d.limit,
+                input_tokens=estimate.input_tokens, request_id=req.request_id,
+                template=req.template, template_version=req.template_version)
+            return BeginReply(id=req.id, outcome="deny", key=found.key, reason=d.reason,
+                              limit=d.limit, retry_after=wire_seconds(d.retry_after),
+                              route=chain.route, input_tokens=estimate.input_tokens,
+                              output_tokens=estimate.output_tokens,
+                              usd=estimate.micro_usd / MICRO)
+        self._begun[decision.lease] = (view, Begun(
+            until=now + self.engine.lease_ttl, began=now, user=who, route=chain.route,
+            chain=tuple(m.model for m in chain.models),
+            providers=tuple(m.provider for m in chain.models),
+            input_tokens=estimate.input_tokens, request_id=req.request_id,
+            template=req.template, template_version=req.template_version))
+        attempts = cfg.max_attempts if cfg is not None else 1
+        return BeginReply(
+            id=req.id, outcome="go", key=found.key, lease=decision.lease, route=chain.route,
+            chain=[ChainModel(*m) for m in chain.models], skipped=list(chain.skipped),
+            downgraded=chain.downgraded, deadline=deadline,
+            backoff=backoff_schedule(cfg.backoff_base, cfg.backoff_max, attempts)
+            if cfg is not None else [], max_attempts=attempts,
+            static_fallback=cfg.static_fallback if cfg is not None else "",
+            input_tokens=estimate.input_tokens, output_tokens=estimate.output_tokens,
+            usd=estimate.micro_usd / MICRO)
+
+    def _account_hit(self, req: Begin, found: CacheGetReply, who: str, now: float) -> None:
+        """A hit saved the call the route's first model (or the model asked for) would
+        have made: priced with the usage stored with the answer."""
+        model, route = req.model, ""
+        if not model:
+            route = self.router.pick_route(req.route, "", req.task, found.input_tokens)
+            cfg = self.config.routes.get(route)
+            model = cfg.models[0].model if cfg is not None else ""
+        saved = self.pricing.cost(model, PricedUsage(found.input_tokens,
+                                                     found.output_tokens)).micro_usd
+        self.accounting.hit(now, user=who, route=route, model=model,
+                            semantic=found.tier == "semantic", similarity=found.similarity,
+                            saved_micro=saved, request_id=req.request_id,
+                            template=req.template, template_version=req.template_version)
+
+    def end(self, req: End) -> EndReply | Deferred:
+        now = time.time()
+        for a in req.attempts:
+            self.router.report(a.model, a.ok, now, a.retry_after)
+        result, micro, subject = self._settle(
+            req.lease, req.input_tokens, req.output_tokens, req.cached_input_tokens,
+            req.reasoning_tokens, req.usd, req.model)
+        stored, reason = False, ""
+        popped = self._begun.pop(req.lease, None)
+        begun = popped[1] if popped is not None else None
+        if subject is not None and result.found and not result.duplicate:
+            self.accounting.ended(
+                now, lease=req.lease, begun=begun, user=subject.user or subject.key,
+                route=subject.route, model=req.model, attempts=req.attempts,
+                input_tokens=req.input_tokens, output_tokens=req.output_tokens,
+                cached_tokens=req.cached_input_tokens, reasoning_tokens=req.reasoning_tokens,
+                micro_usd=micro, error=req.error)
+        if result.duplicate:
+            reason = "duplicate"
+        elif bytes(req.response) == NIL:
+            reason = "no_response"
+        elif popped is None:
+            reason = "unknown_lease"
+        else:
+            view = popped[0]
+            try:
+                put = self.cache.put(CachePut(
+                    id=req.id, response=req.response, kind=view.kind, error=req.error,
+                    tool_calls=req.tool_calls, no_store=view.no_store,
+                    input_tokens=req.input_tokens, output_tokens=req.output_tokens,
+                    **{f: getattr(view, f) for f in CACHE_FIELDS}), now)
+                stored, reason = put.stored, put.reason
+            except InvalidValue as exc:  # e.g. a kind dropped by a reload since begin:
+                stored, reason = False, f"invalid: {exc}"  # the settle above stands
+        reply = EndReply(id=req.id, found=result.found, duplicate=result.duplicate,
+                         usd=micro / MICRO, durable=self.journal is not None, stored=stored,
+                         reason=reason)
+        return self._durably(req.lease, result, reply)
+
+    def extend(self, req: Extend) -> ExtendReply:
+        subject = self.engine.lease_subject(req.lease)
+        model = req.model or (subject.model if subject is not None else "")
+        micro = self.pricing.cost(model, PricedUsage(req.input_tokens, req.output_tokens, 0,
+                                                     0)).micro_usd
+        denial = self.engine.extend(req.lease, Usage(req.input_tokens, req.output_tokens,
+                                                     micro), time.time())
+        if denial is None:
+            return ExtendReply(id=req.id, allowed=True)
+        self.denials[denial.limit] = self.denials.get(denial.limit, 0) + 1
+        self.accounting.limit_denial(denial.reason, denial.limit)
+        scale = self._scale_of(denial.limit)
+        return ExtendReply(id=req.id, allowed=False, reason=denial.reason, limit=denial.limit,
+                           used=denial.used / scale, amount=denial.amount / scale,
+                           retry_after=wire_seconds(denial.retry_after))
+
+    def route(self, req: Route) -> RouteReply:
+        now = time.time()
+        used = budget_fraction(self.engine.budgets(req.user, now)) if req.user else 0.0
+        picked = self.router.pick_route(req.route, req.model, req.task, req.input_tokens)
+        cfg = self.config.routes.get(picked)
+        deadline = cfg.deadline if cfg is not None else self.config.routing.model_timeout
+        chain = self.router.chain(req.route, req.model, req.task, req.input_tokens, used, now,
+                                  now + deadline)
+        return RouteReply(id=req.id, route=chain.route,
+                          chain=[ChainModel(*m) for m in chain.models],
+                          skipped=list(chain.skipped), downgraded=chain.downgraded,
+                          retry_after=round(chain.retry_after, 6))
+
+    def report(self, req: Report) -> ReportReply:
+        state = self.router.report(req.model, req.ok, time.time(), req.retry_after)
+        return ReportReply(id=req.id, state=state.value)
+
