@@ -1,26 +1,46 @@
-"""Command line: ``llm-sidecar serve | ping | stats | fingerprint | count | config check |
-version``.
+"""Command line: ``llm-sidecar serve | ping | stats [--watch] | costs | metrics |
+fingerprint | count | limits | config check | version``.
 
-Wiring only. Exit codes: 0 ok, 1 daemon unreachable, 2 usage or config error.
+Wiring and presentation only: every number comes from the daemon (``stats``, ``costs``,
+``metrics`` ops) or, for ``count``, from the tokenizer in this process. Exit codes: 0 ok,
+1 daemon unreachable, 2 usage or config error.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
+import math
+import os
+import re
 import sys
-from typing import Sequence
+import time
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import msgspec
 
 from . import __version__
 from . import config as config_mod
 from .errors import (
-    ConfigError, DaemonStartError, InvalidValue, SidecarError, SidecarTimeout,
+    BadRequest, ConfigError, DaemonStartError, SidecarError, SidecarTimeout,
     SidecarUnavailable,
 )
 
+if TYPE_CHECKING:
+    from .client import Client
+    from .protocol import CostsReply, CostTotals, StatsReply
+
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
+
+#: ``stats --watch``: the default and the smallest refresh interval, seconds
+WATCH_INTERVAL, WATCH_MIN_INTERVAL = 2.0, 0.2
+#: ``stats``: how many of the latest alerts the dashboard lists
+LATEST_ALERTS = 5
+#: what ``--since`` / ``--until`` accept, for help and error messages
+WHEN_FORMS = ("today, yesterday, a duration back from now (30m, 6h, 7d), an ISO date "
+              "(2026-11-20, UTC midnight), an ISO date and time (2026-11-20T08:00, UTC "
+              "unless it has an offset such as +01:00 or Z), or epoch seconds (1795000000)")
 
 
 class _JsonFormatter(logging.Formatter):
@@ -47,7 +67,67 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
-def _parser() -> argparse.ArgumentParser:
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_EPOCH = re.compile(r"\d{10,}(?:\.\d+)?")  # 2001 on: a bare "7" is a missing unit
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_when(text: str, now: float) -> float | None:
+    """The epoch seconds a ``--since`` / ``--until`` WHEN names, ``now`` being the current
+    epoch time. ``today`` is None: the daemon's own default (for ``since`` the start of
+    today in its limits' zone, which this process cannot know; for ``until``, now).
+    ``yesterday`` is UTC midnight a day before today's, as an ISO date is UTC midnight;
+    durations (``30m``, ``6h``, ``7d``, ``90s``) count back from ``now``; an ISO date and
+    time without an offset is UTC, so the answer never depends on this host's zone.
+    Raises ``argparse.ArgumentTypeError`` naming the accepted forms."""
+    value = text.strip().lower()
+    if value == "today":
+        return None
+    if value == "yesterday":
+        midnight = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(
+            hour=0, minute=0, second=0, microsecond=0)
+        return (midnight - dt.timedelta(days=1)).timestamp()
+    if m := _DURATION.fullmatch(value):
+        return now - float(m[1]) * _UNIT_S[m[2]]
+    if _EPOCH.fullmatch(value):
+        return float(value)
+    # fromisoformat also takes compact and week dates; only the documented forms are let
+    # through, so a typo such as "2026-1120" is refused rather than read as something else.
+    if _DATE.fullmatch(value) or (_DATE.match(value) and value[10:11] in ("t", " ")):
+        try:
+            when = dt.datetime.fromisoformat(value.upper())
+        except ValueError:
+            raise _when_error(text) from None  # ours names every accepted form
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        return when.timestamp()
+    raise _when_error(text)
+
+
+def _when_error(text: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"cannot read {text!r} as a time; use {WHEN_FORMS}")
+
+
+def _interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds >= WATCH_MIN_INTERVAL):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the interval is seconds, at least {WATCH_MIN_INTERVAL:g}")
+    return seconds
+
+
+def _positive(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1")
+    return int(text)
+
+
+def _parser(now: float) -> argparse.ArgumentParser:
+    """The argument parser; ``now`` (epoch seconds) anchors relative WHENs."""
     p = argparse.ArgumentParser(prog="llm-sidecar", description="Host-local LLM traffic guard.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -67,9 +147,46 @@ def _parser() -> argparse.ArgumentParser:
     client_args(sp)
     sp.add_argument("-n", "--count", type=int, default=1, help="pings to send (default 1)")
 
-    sp = sub.add_parser("stats", help="daemon statistics")
+    sp = sub.add_parser(
+        "stats", help="the operator's dashboard: daemon, ops, limits, caches, circuits, "
+        "spend today, latency, alerts, build",
+        description="Print the daemon's statistics, one section per concern. --json prints "
+        "the stats reply as is; its fields are only ever added, never renamed or removed, "
+        "so scripts may rely on the ones they read.")
     client_args(sp)
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--json", action="store_true",
+                    help="the stats reply as JSON (fields are only ever added); with "
+                    "--watch one document per line")
+    sp.add_argument("--watch", action="store_true",
+                    help="refresh every --interval seconds until Ctrl-C (or --count frames); "
+                    "exits 1 when no frame reached the daemon, else 0")
+    sp.add_argument("--interval", type=_interval, default=None, metavar="SECONDS",
+                    help=f"with --watch: seconds between frames (default {WATCH_INTERVAL:g}, "
+                    f"at least {WATCH_MIN_INTERVAL:g})")
+    sp.add_argument("--count", type=_positive, default=None, metavar="N",
+                    help="with --watch: stop after N frames (default: until Ctrl-C)")
+    sp.set_defaults(command_parser=sp)  # to report misuse under this command's usage
+
+    sp = sub.add_parser(
+        "costs", help="spend, tokens and cache savings by model, user or route",
+        description=f"Spend since --since until --until. WHEN is {WHEN_FORMS}. Periods "
+        "are counted by the hour that holds --since.")
+    client_args(sp)
+    sp.add_argument("--since", type=lambda text: parse_when(text, now), default=None,
+                    metavar="WHEN", help="default: the start of today in the daemon's "
+                    "limits.timezone")
+    sp.add_argument("--until", type=lambda text: parse_when(text, now), default=None,
+                    metavar="WHEN", help="default: now")
+    sp.add_argument("--by", choices=("model", "user", "route"), default="model",
+                    help="group by (default model)")
+    sp.add_argument("--top", type=_positive, default=10, metavar="N",
+                    help="groups to list, by spend (default 10)")
+    sp.add_argument("--per", choices=("day", "hour"), default="day",
+                    help="the period of the series table (default day)")
+    sp.add_argument("--json", action="store_true", help="the costs reply as JSON")
+
+    sp = sub.add_parser("metrics", help="every metric in the Prometheus text format")
+    client_args(sp)
 
     sp = sub.add_parser("fingerprint", help="normalised form and 128-bit key of TEXT")
     client_args(sp)
@@ -139,50 +256,253 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if value == int(value) else f"{value:,.6f}".rstrip("0")
 
 
-def _print_stats(stats: object) -> None:
-    from .protocol import StatsReply
+# --- presentation ----------------------------------------------------------------------
 
-    assert isinstance(stats, StatsReply)
-    print(f"llm-sidecar {stats.build.version}  pid {stats.pid}  socket {stats.socket}")
-    print(f"uptime {stats.uptime_s:.1f} s  connections {stats.connections_now} now / "
-          f"{stats.connections_total} total  requests {stats.requests_total}  "
-          f"errors {stats.errors_total}  config epoch {stats.config_epoch}")
-    print()
-    print(f"{'op':<14}{'requests':>10}{'errors':>8}{'p50 us':>10}{'p99 us':>10}  error codes")
-    for name, op in stats.ops.items():
-        codes = ", ".join(f"{c}={n}" for c, n in op.errors.items())
-        print(f"{name:<14}{op.requests:>10}{sum(op.errors.values()):>8}"
-              f"{op.p50_us:>10.1f}{op.p99_us:>10.1f}  {codes}")
-    if stats.limit_denials or stats.limit_alerts:
-        print()
-        print(f"open leases {stats.open_leases}; denials: "
-              + (", ".join(f"{k}={v}" for k, v in stats.limit_denials.items()) or "none")
-              + "; alerts: " + (", ".join(f"{k}={v}" for k, v in stats.limit_alerts.items())
-                                or "none"))
-    if stats.cache is not None:
-        cache = stats.cache
-        print()
-        print(f"cache {'on' if cache.enabled else 'off'}: max {cache.max_entries:,} entries, "
-              f"{cache.max_bytes:,} bytes; stores {cache.stores}, bypassed {cache.bypassed}; "
-              f"snapshot {cache.snapshot}")
-        print(f"semantic tier: {cache.semantic}, threshold {cache.threshold:g}, "
-              f"{cache.semantic_pending} writes pending")
-        print(f"{'tier':<10}{'entries':>9}{'bytes':>12}{'hits':>8}{'misses':>8}{'hit %':>7}"
-              f"{'stale':>7}{'evicted':>9}{'expired':>9}{'refused':>9}")
-        for name, t in cache.tiers.items():
-            print(f"{name:<10}{t.entries:>9}{t.bytes:>12}{t.hits:>8}{t.misses:>8}"
-                  f"{t.hit_rate_pct:>7.1f}{t.stale_serves:>7}{t.evictions:>9}"
-                  f"{t.expirations:>9}{t.verifier_refusals:>9}")
-        if cache.not_stored:
-            print("not stored: " + ", ".join(f"{k}={v}" for k, v in cache.not_stored.items()))
-    if stats.circuits:
-        print()
-        print("circuits: " + ", ".join(f"{m} {state}" for m, state in stats.circuits.items()))
-    print()
-    print(f"build: {stats.build.python}; protocol {stats.build.protocol}; "
-          + ", ".join(f"{k} {v}" for k, v in stats.build.libraries.items()))
-    for name, path in stats.build.native.items():
-        print(f"native {name}: {path}")
+# A cell that reads as a number: 1,234  12.5  $0.006300  88.2%  -3
+_NUMERIC = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?%?")
+_INDENT = "  "
+
+
+def _table(rows: Iterable[Sequence[object]], header: Sequence[str] | None = None) -> str:
+    """``rows`` as aligned columns sized to their content, under ``header`` when given.
+
+    A column whose cells all read as numbers is right-aligned (header too); others are
+    left-aligned. Ints get thousands separators; other values are printed with ``str``,
+    so callers format floats (USD, percentages) themselves. No rows: the line "none",
+    so an empty section says so instead of showing a bare header."""
+    body = [[f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+             for v in row] for row in rows]
+    if not body:
+        return _INDENT + "none"
+    lines = [list(header)] + body if header else body
+    columns = len(lines[0])
+    widths = [max(len(line[i]) for line in lines) for i in range(columns)]
+    right = [all(_NUMERIC.fullmatch(row[i]) or not row[i] for row in body)
+             and any(row[i] for row in body) for i in range(columns)]
+    return "\n".join(
+        (_INDENT + "  ".join(cell.rjust(w) if r else cell.ljust(w)
+                             for cell, w, r in zip(line, widths, right))).rstrip()
+        for line in lines)
+
+
+def _usd(value: float) -> str:
+    return f"${value:,.6f}"  # to the micro-dollar, the daemon's unit of account
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:.1f}%"
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.1f}"
+
+
+def _utc(epoch: float, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime(fmt)
+
+
+def _uptime(seconds: float) -> str:
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def _pairs(values: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v:,}" for k, v in values.items())
+
+
+def _totals_rows(t: CostTotals) -> list[tuple[str, str]]:
+    """A ``CostTotals`` as label/value rows, shared by ``stats`` and ``costs``."""
+    return [
+        ("requests", f"{t.requests:,}"), ("errors", f"{t.errors:,}"),
+        ("hits exact", f"{t.hits_exact:,}"), ("hits semantic", f"{t.hits_semantic:,}"),
+        ("hit rate", _pct(t.hit_rate)), ("denials", f"{t.denials:,}"),
+        ("tokens in", f"{t.input_tokens:,}"), ("tokens out", f"{t.output_tokens:,}"),
+        ("tokens cached", f"{t.cached_tokens:,}"),
+        ("tokens reasoning", f"{t.reasoning_tokens:,}"),
+        ("USD", _usd(t.usd)), ("saved USD", _usd(t.saved_usd)),
+        ("cost per request", _usd(t.cost_per_request)),
+    ]
+
+
+def _section(title: str, body: str) -> str:
+    return f"== {title} ==\n{body}"
+
+
+def render_stats(stats: StatsReply) -> str:
+    """The dashboard: one headed section per concern, tables aligned, build last."""
+    log = stats.request_log
+    log_line = "off" if log is None else (
+        f"{log.path} (written {log.written:,}, dropped {log.dropped:,}, failed "
+        f"{log.failed:,}, rotations {log.rotations:,})" + (f"; {log.error}" if log.error else ""))
+    daemon = _table([
+        ("version", stats.build.version), ("pid", str(stats.pid)), ("socket", stats.socket),
+        ("uptime", _uptime(stats.uptime_s)),
+        ("connections", f"{stats.connections_now:,} now, {stats.connections_total:,} total"),
+        ("requests", f"{stats.requests_total:,}"), ("errors", f"{stats.errors_total:,}"),
+        ("config epoch", str(stats.config_epoch)), ("request log", log_line),
+    ])
+    ops = _table(
+        [(name, op.requests, sum(op.errors.values()), _ms(op.p50_us), _ms(op.p95_us),
+          _ms(op.p99_us), _pairs(op.errors)) for name, op in stats.ops.items()],
+        ("op", "requests", "errors", "p50 us", "p95 us", "p99 us", "error codes"))
+
+    alerts_by_limit: dict[str, list[str]] = {}
+    for key, times in stats.limit_alerts.items():
+        name, _, threshold = key.partition("@")
+        alerts_by_limit.setdefault(name, []).append(f"{threshold or key} x{times:,}")
+    names = list(dict.fromkeys([*stats.limit_denials, *stats.limit_near,
+                                *stats.limit_shadow, *alerts_by_limit]))
+    limits = f"{_INDENT}open leases: {stats.open_leases:,}\n" + _table(
+        [(n, stats.limit_denials.get(n, 0), stats.limit_near.get(n, 0),
+          stats.limit_shadow.get(n, 0), ", ".join(alerts_by_limit.get(n, ())))
+         for n in names],
+        ("limit", "denials", "near", "shadow", "alerts crossed"))
+
+    return "\n\n".join([
+        _section("daemon", daemon), _section("ops", ops), _section("limits", limits),
+        _section("caches", _render_cache(stats)),
+        _section("routes and circuits",
+                 _table(sorted(stats.circuits.items()), ("model", "circuit"))),
+        _section("spend today", _INDENT + "none" if stats.spend_today is None
+                 else _table(_totals_rows(stats.spend_today))),
+        _section("latency", _table(
+            [(r.model, r.input_tokens, r.calls, _ms(r.p50_ms), _ms(r.p95_ms), _ms(r.p99_ms))
+             for r in stats.latency],
+            ("model", "input tokens", "calls", "p50 ms", "p95 ms", "p99 ms"))),
+        _section("alerts", _render_alerts(stats)),
+        _section("build", _table([
+            ("version", stats.build.version), ("python", stats.build.python),
+            ("protocol", str(stats.build.protocol)),
+            *stats.build.libraries.items(),
+            *((f"native {name}", path) for name, path in stats.build.native.items()),
+        ])),
+    ])
+
+
+def _render_cache(stats: StatsReply) -> str:
+    cache = stats.cache
+    if cache is None:
+        return _INDENT + "none"
+    summary = _table([
+        ("cache", "on" if cache.enabled else "off"),
+        ("max", f"{cache.max_entries:,} entries, {cache.max_bytes:,} bytes"),
+        ("stores", f"{cache.stores:,} (bypassed {cache.bypassed:,})"),
+        ("not stored", _pairs(cache.not_stored) or "0"),
+        ("snapshot", cache.snapshot + (f", at {_utc(cache.snapshot_at)} UTC"
+                                       if cache.snapshot_at else "")),
+        ("semantic", f"{cache.semantic or 'off'}, threshold {cache.threshold:g}, "
+                     f"{cache.semantic_pending:,} writes pending"),
+    ])
+    tiers = _table(
+        [(name, t.entries, t.bytes, t.hits, t.misses, f"{t.hit_rate_pct:.1f}%", t.stale_serves,
+          t.evictions, t.expirations, t.verifier_refusals) for name, t in cache.tiers.items()],
+        ("tier", "entries", "bytes", "hits", "misses", "hit rate", "stale", "evicted",
+         "expired", "refused"))
+    return f"{summary}\n\n{tiers}"
+
+
+def _render_alerts(stats: StatsReply) -> str:
+    if not stats.alert_counts and not stats.alerts:
+        return _INDENT + "none"
+    counts = _table(sorted(stats.alert_counts.items()), ("kind", "fired"))
+    latest = _table(
+        [(_utc(a.at, "%H:%M:%S"), a.kind, a.message) for a in stats.alerts[-LATEST_ALERTS:]],
+        ("UTC", "kind", "message"))
+    return f"{counts}\n\n{latest}"
+
+
+def render_costs(reply: CostsReply, per: str) -> str:
+    """Totals, the top groups with their share of the spend, and the per-day (or per-hour)
+    series, all times in UTC."""
+    t = reply.totals
+    head = (f"costs by {reply.by} from {_utc(reply.since, '%Y-%m-%d %H:%M')} to "
+            f"{_utc(reply.until, '%Y-%m-%d %H:%M')} UTC")
+    groups = _table(
+        [(g.key or "(none)", g.totals.requests, g.totals.hits_exact + g.totals.hits_semantic,
+          g.totals.input_tokens, g.totals.output_tokens, _usd(g.totals.usd),
+          _pct(g.totals.usd / t.usd) if t.usd else "-", _usd(g.totals.cost_per_request))
+         for g in reply.groups],
+        (reply.by, "requests", "hits", "tokens in", "tokens out", "USD", "share",
+         "cost/request"))
+    if reply.other_groups:
+        groups += f"\n{_INDENT}... and {reply.other_groups:,} more"
+    if per == "hour":
+        # HH:MM, not HH:00: a zone such as +05:30 starts its hours on the half hour in UTC.
+        series = [(_utc(p.start, "%Y-%m-%d %H:%M"), p.totals) for p in reply.hours]
+    else:
+        # A day starts at midnight in the daemon's zone; its midday falls on the same date
+        # in UTC for any offset within 12 hours, so that names the day the daemon counted.
+        series = [(_utc(p.start + 43200, "%Y-%m-%d"), p.totals) for p in reply.days]
+    periods = _table(
+        [(start, p.requests, p.hits_exact + p.hits_semantic, _usd(p.usd))
+         for start, p in series],
+        (per, "requests", "hits", "USD"))
+    return "\n\n".join([head, _section("totals", _table(_totals_rows(t))),
+                        _section(f"top {reply.by}s", groups),
+                        _section(f"per {per}", periods)])
+
+
+def _unreachable(exc: SidecarError) -> str:
+    if isinstance(exc, SidecarUnavailable):
+        return f"daemon unreachable: {exc.path}: {exc.reason}"
+    return f"daemon unreachable: {exc}"
+
+
+def _watch_stats(client: Client, args: argparse.Namespace) -> int:
+    """Frames of ``stats`` every interval until Ctrl-C or ``--count`` frames.
+
+    A frame that cannot reach the daemon shows why and the next interval tries again;
+    the full error (with its hint) goes to stderr once per outage. In JSON mode stdout
+    carries only stats documents, one per line, so a failed frame prints nothing there.
+    Exits 0 when at least one frame reached the daemon, else 1."""
+    interval = args.interval or WATCH_INTERVAL
+    tty = sys.stdout.isatty()
+    frames = reached = 0
+    outage: str | None = None  # the error already reported on stderr
+    error: SidecarError | None = None
+    start = time.monotonic()
+    try:
+        while True:
+            try:
+                stats, error = client.stats(), None
+            except SidecarError as exc:
+                stats, error = None, exc
+            if error is None:
+                reached += 1
+                outage = None
+            elif outage != str(error):
+                outage = str(error)
+                print(f"llm-sidecar: {error} (retrying every {interval:g} s)",
+                      file=sys.stderr, flush=True)
+            if args.json:
+                if stats is not None:
+                    print(json.dumps(msgspec.to_builtins(stats)), flush=True)
+            else:
+                body = _unreachable(error) if error is not None else render_stats(stats)
+                header = (f"llm-sidecar stats at {_utc(time.time(), '%H:%M:%S')} UTC, "
+                          f"every {interval:g} s (Ctrl-C quits)")
+                clear = "\x1b[H\x1b[2J" if tty else ("\n" if frames else "")
+                sys.stdout.write(f"{clear}{header}\n\n{body}\n")
+                sys.stdout.flush()
+            frames += 1
+            if args.count is not None and frames >= args.count:
+                break
+            # Ticks on a fixed schedule so frames do not drift by the time each one takes;
+            # a frame slower than the interval starts the next one at once.
+            time.sleep(max(0.0, start + frames * interval - time.monotonic()))
+    except KeyboardInterrupt:
+        # Ctrl-C is how a watch ends: the exit code says whether the daemon was seen.
+        if tty:
+            sys.stdout.write("\n")
+    except BrokenPipeError:
+        # The reader left (``| head``): point stdout at /dev/null so the interpreter's
+        # flush at exit does not fail a second time with a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_OK if reached else EXIT_UNREACHABLE
 
 
 def _client_command(args: argparse.Namespace) -> int:
@@ -193,24 +513,32 @@ def _client_command(args: argparse.Namespace) -> int:
             for _ in range(max(1, args.count)):
                 print(f"{client.ping() * 1e6:.1f} us")
         elif args.command == "stats":
+            if args.watch:
+                return _watch_stats(client, args)
             stats = client.stats()
             if args.json:
                 print(json.dumps(msgspec.to_builtins(stats), indent=2))
             else:
-                _print_stats(stats)
+                print(render_stats(stats))
+        elif args.command == "costs":
+            reply = client.costs(since=args.since, until=args.until, by=args.by, top=args.top)
+            if args.json:
+                print(json.dumps(msgspec.to_builtins(reply), indent=2))
+            else:
+                print(render_costs(reply, args.per))
+        elif args.command == "metrics":
+            sys.stdout.write(client.metrics())
         elif args.command == "limits":
             reply = client.limits(args.user)
             if args.json:
                 print(json.dumps(msgspec.to_builtins(reply), indent=2))
             else:
-                print(f"{'limit':<22}{'scope':<8}{'key':<16}{'metric':<14}{'window':<12}"
-                      f"{'used':>12}{'amount':>12}{'use':>7}")
-                for row in reply.limits:
-                    share = row.used / row.amount if row.amount else 0.0
-                    mark = " (shadow)" if row.shadow else ""
-                    print(f"{row.name:<22}{row.scope:<8}{row.key[:15]:<16}{row.metric:<14}"
-                          f"{row.window:<12}{_num(row.used):>12}{_num(row.amount):>12}"
-                          f"{share:>7.0%}{mark}")
+                print(_table(
+                    [(row.name + (" (shadow)" if row.shadow else ""), row.scope, row.key,
+                      row.metric, row.window, _num(row.used), _num(row.amount),
+                      f"{row.used / row.amount if row.amount else 0.0:.0%}")
+                     for row in reply.limits],
+                    ("limit", "scope", "key", "metric", "window", "used", "amount", "use")))
                 print(f"open leases: {reply.open_leases}")
         elif args.command == "fingerprint":
             fp = client.fingerprint(args.text)
@@ -223,7 +551,11 @@ def _client_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser(time.time())
+    args = parser.parse_args(argv)
+    if args.command == "stats" and not args.watch and (
+            args.interval is not None or args.count is not None):
+        args.command_parser.error("--interval and --count only apply with --watch")
     try:
         if args.command == "version":
             print(f"llm-sidecar {__version__}")
@@ -238,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "count":
             return _count(args)
         return _client_command(args)
-    except (ConfigError, DaemonStartError, InvalidValue) as exc:
+    except (ConfigError, DaemonStartError, BadRequest) as exc:
+        # BadRequest: the daemon refused what the command line asked (e.g. --top 20000)
         print(f"llm-sidecar: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (SidecarUnavailable, SidecarTimeout) as exc:

@@ -13,16 +13,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from clirun import cli
 from rawsock import Raw
 from sidecar import Client
 from sidecar.protocol import Pong
-
-
-def cli(*args, env=None, timeout=60):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SIDECAR_")}
-    full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True,
-                          text=True, env=full, timeout=timeout, cwd="/")
 
 
 def wait_for(predicate, timeout=10.0):
