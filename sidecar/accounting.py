@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 
 from .alerts import Alerts
 from .ledger.costs import CostTracker
-from .ledger.records import request_record
+from .ledger.records import RequestRecord
 from .ledger.requestlog import RequestLog
 from .metrics import Metrics
 from .protocol import Attempt, LogStats
@@ -54,7 +54,7 @@ class Accounting:
         """A request id for a request that got no lease (a hit or a denial)."""
         return f"{self._prefix}-{next(self._ids)}"
 
-    def _write(self, record: dict[str, object]) -> None:
+    def _write(self, record: RequestRecord) -> None:
         if self.log is not None:
             self.log.write(record)
 
@@ -68,9 +68,9 @@ class Accounting:
         m.saved[label] = m.saved.get(label, 0) + saved_micro
         key = (route, "hit")
         m.requests[key] = m.requests.get(key, 0) + 1
-        self._write(request_record(
-            ts=now, request_id=request_id or self.new_id(), outcome="hit", user=user,
-            route=route, template=template, template_version=template_version,
+        self._write(RequestRecord(
+            ts=round(now, 6), request_id=request_id or self.new_id(), outcome="hit",
+            user=user, route=route, template=template, template_version=template_version,
             requested=model, cache_tier="semantic" if semantic else "exact",
             similarity=similarity))
 
@@ -82,9 +82,9 @@ class Accounting:
         self.costs.denial(now, model, user, route)
         key = (route, "deny")
         m.requests[key] = m.requests.get(key, 0) + 1
-        self._write(request_record(
-            ts=now, request_id=request_id or self.new_id(), outcome="deny", user=user,
-            route=route, template=template, template_version=template_version,
+        self._write(RequestRecord(
+            ts=round(now, 6), request_id=request_id or self.new_id(), outcome="deny",
+            user=user, route=route, template=template, template_version=template_version,
             requested=model, input_tokens=input_tokens, cache_tier="miss", reason=reason,
             limit=limit))
 
@@ -100,42 +100,50 @@ class Accounting:
         """A call settled: by ``end`` (``begun`` set when this daemon saw its ``begin``)
         or by a bare ``settle``. ``model`` is the one that answered ("" when none did)."""
         m = self.metrics
-        outcome = "error" if error or not model else "ok"
+        failed = error or not model
         charged = model or (begun.chain[0] if begun is not None and begun.chain else "")
         self.costs.request(now, charged, user, route, input_tokens=input_tokens,
                            output_tokens=output_tokens, cached_tokens=cached_tokens,
                            reasoning_tokens=reasoning_tokens, micro_usd=micro_usd,
-                           error=outcome == "error")
+                           error=failed)
         m.usage_of(charged, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
                    micro_usd)
         size = input_tokens or (begun.input_tokens if begun is not None else 0)
         for a in attempts:
             m.attempt(a.model, size, a.latency)
             self.alerts.attempt(a.model, a.ok, now)
-        depth, provider, requested = 0, "", charged
-        if begun is not None and begun.chain:
-            requested = begun.chain[0]
-            if model in begun.chain:
-                depth = begun.chain.index(model)
-                provider = begun.providers[depth]
+        alerts = self.alerts
+        alerts.priced(charged, input_tokens + output_tokens, micro_usd, now)
+        today, yesterday = self.costs.day_totals(now)
+        alerts.cost_per_request(today, yesterday, self.costs.day_of(now), now)
+        outcome = "settled" if begun is None else "error" if failed else "ok"
+        key = (route, outcome)
+        m.requests[key] = m.requests.get(key, 0) + 1
+        if begun is None:
+            self._write(RequestRecord(
+                ts=round(now, 6), request_id=lease, outcome=outcome, user=user, route=route,
+                requested=charged, model=model, attempts=attempts,
+                input_tokens=input_tokens, output_tokens=output_tokens,
+                cached_tokens=cached_tokens, reasoning_tokens=reasoning_tokens,
+                usd=micro_usd / MICRO))
+            return
+        depth, provider = 0, ""
+        if model in begun.chain:
+            depth = begun.chain.index(model)
+            provider = begun.providers[depth]
             if depth:
                 m.fallbacks[route] = m.fallbacks.get(route, 0) + 1
-        key = (route, outcome if begun is not None else "settled")
-        m.requests[key] = m.requests.get(key, 0) + 1
-        self.alerts.priced(charged, input_tokens + output_tokens, micro_usd, now)
-        self.alerts.cost_per_request(*self.costs.day_totals(now), self.costs.day_of(now), now)
-        failed = next((a.error or f"status {a.status}" for a in attempts if not a.ok), "")
-        self._write(request_record(
-            ts=now, request_id=(begun.request_id if begun is not None else "") or lease,
-            outcome=key[1], user=user, route=route,
-            template=begun.template if begun is not None else "",
-            template_version=begun.template_version if begun is not None else "",
-            requested=requested, model=model, provider=provider, fallback_depth=depth,
-            attempts=attempts, input_tokens=input_tokens, output_tokens=output_tokens,
+        self._write(RequestRecord(
+            ts=round(now, 6), request_id=begun.request_id or lease, outcome=outcome,
+            user=user, route=route, template=begun.template,
+            template_version=begun.template_version,
+            requested=begun.chain[0] if begun.chain else charged, model=model,
+            provider=provider, fallback_depth=depth, attempts=attempts,
+            input_tokens=input_tokens, output_tokens=output_tokens,
             cached_tokens=cached_tokens, reasoning_tokens=reasoning_tokens,
-            duration=now - begun.began if begun is not None else 0.0,
-            cache_tier="miss" if begun is not None else "", usd=micro_usd / MICRO,
-            error=failed if outcome == "error" else ""))
+            duration=round(now - begun.began, 6), cache_tier="miss", usd=micro_usd / MICRO,
+            error=next((a.error or f"status {a.status}" for a in attempts if not a.ok), "")
+            if failed else ""))
 
     def log_stats(self, path: str) -> LogStats:
         if self.log is None:

@@ -39,7 +39,6 @@ import orjson
 
 from .config import AlertsConfig
 from .errors import ConfigError
-from .ledger.costs import DayTotals
 from .protocol import AlertInfo
 
 log = logging.getLogger("sidecar.alerts")
@@ -380,23 +379,25 @@ class Alerts:
             self.notifier.send(msgspec.to_builtins(alert))
         return alert
 
-    def cost_per_request(self, today: DayTotals, yesterday: DayTotals, day: int,
+    def cost_per_request(self, today: Sequence[int], yesterday: Sequence[int], day: int,
                          now: float) -> AlertInfo | None:
-        """After each priced call: today's average cost per call against yesterday's."""
+        """After each priced call: today's average cost per call against yesterday's,
+        each day given as ``(calls, micro-dollars)`` (``CostTracker.day_totals``)."""
         rise, least = self.cfg.cost_increase, self.cfg.min_requests
-        if (not rise or self._cost_day == day or today.requests < least
-                or yesterday.requests < least or yesterday.micro_usd <= 0):
+        t_calls, t_micro = today
+        y_calls, y_micro = yesterday
+        if (not rise or self._cost_day == day or t_calls < least or y_calls < least
+                or y_micro <= 0):
             return None
-        num, den = self._rise  # today/t > (1 + rise) * yesterday/y, in integers
-        if today.micro_usd * yesterday.requests * den <= num * yesterday.micro_usd * today.requests:
+        num, den = self._rise  # t_micro/t_calls > (1 + rise) * y_micro/y_calls, in integers
+        if t_micro * y_calls * den <= num * y_micro * t_calls:
             return None
         self._cost_day = day
-        t = today.micro_usd / today.requests / 1e6
-        y = yesterday.micro_usd / yesterday.requests / 1e6
+        t, y = t_micro / t_calls / 1e6, y_micro / y_calls / 1e6
         return self.fire(Kind.COST_PER_REQUEST, "all",
                          f"average cost per request ${t:.6f} today is {t / y - 1:+.1%} on "
-                         f"yesterday's ${y:.6f} ({today.requests} and {yesterday.requests} "
-                         f"calls)", now, value=t, threshold=y * (1 + rise))
+                         f"yesterday's ${y:.6f} ({t_calls} and {y_calls} calls)", now,
+                         value=t, threshold=y * (1 + rise))
 
     def budget(self, crossed: str, who: str, model: str, now: float) -> AlertInfo:
         """The limits engine saw an admit cross ``crossed`` ("limit@80%")."""

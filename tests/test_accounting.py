@@ -135,7 +135,7 @@ def test_costs_are_exact_and_the_request_log_says_the_same(start_daemon, tmp_pat
             first["gen_ai.usage.reasoning.output_tokens"]) == (1200, 500, 200, 100)
     assert first["sidecar.cost_usd"] == 0.0063 and first["sidecar.cache.tier"] == "miss"
     assert first["sidecar.attempts"] == [{"model": "acct-a", "ok": True, "status": 0,
-                                          "error": "", "latency_s": 0.25}]
+                                          "error": "", "retry_after": 0.0, "latency": 0.25}]
     assert first["sidecar.duration_s"] >= 0 and first["request_id"]
     fallback = records[2]
     assert fallback["gen_ai.request.model"] == "acct-b"

@@ -44,7 +44,7 @@ def test_records_round_trip_in_order(tmp_path):
     records = [{"i": i, "model": "gpt-4o-mini", "cost": i / 7, "ok": i % 2 == 0,
                 "tags": ["a", "é", None], "nested": {"n": i}} for i in range(2000)]
     assert all(log.write(r) for r in records)
-    # Values orjson cannot encode are written as their str(); int keys as strings.
+    # Values JSON has no form for are written as their str(); int keys as strings.
     log.write({"kind": Kind.CHAT, "path": Path("/x"), 7: "int key", "obj": object})
     log.close()
     lines = read_lines(path)

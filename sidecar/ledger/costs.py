@@ -93,9 +93,8 @@ def _add(into: list[int], counts: Sequence[int]) -> None:
         into[i] += n
 
 
-class DayTotals(NamedTuple):
-    requests: int
-    micro_usd: int
+#: A day without calls: ``(provider calls, micro-dollars)``.
+_NO_CALLS = (0, 0)
 
 
 class CostTracker:
@@ -150,8 +149,9 @@ class CostTracker:
 
     # -- recording ------------------------------------------------------------------
 
-    def _bump(self, now: float, model: str, user: str, route: str,
-              counts: Sequence[tuple[Field, int]]) -> None:
+    def _rows(self, now: float, model: str, user: str,
+              route: str) -> tuple[list[int], list[int]]:
+        """The row to add to and its pending delta (created, or folded into OTHER)."""
         hour = self.hour_of(now)
         key = (hour, model, user, route)
         row = self.rows.get(key)
@@ -165,20 +165,21 @@ class CostTracker:
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = [0] * WIDTH
-        for field, n in counts:
-            row[field] += n
-            pending[field] += n
+        return row, pending
 
     def request(self, now: float, model: str, user: str, route: str, *, input_tokens: int,
                 output_tokens: int, cached_tokens: int, reasoning_tokens: int,
                 micro_usd: int, error: bool) -> None:
         """A guarded call ended: its provider usage and cost (``error``: no model
         answered; whatever was billed still counts)."""
-        self._bump(now, model, user, route, (
-            (Field.REQUESTS, 1), (Field.ERRORS, int(error)),
-            (Field.INPUT_TOKENS, input_tokens), (Field.OUTPUT_TOKENS, output_tokens),
-            (Field.CACHED_TOKENS, cached_tokens), (Field.REASONING_TOKENS, reasoning_tokens),
-            (Field.MICRO_USD, micro_usd)))
+        for counts in self._rows(now, model, user, route):  # plain ints: the hot path
+            counts[0] += 1  # Field.REQUESTS
+            counts[1] += error  # Field.ERRORS
+            counts[5] += input_tokens  # Field.INPUT_TOKENS
+            counts[6] += output_tokens
+            counts[7] += cached_tokens
+            counts[8] += reasoning_tokens
+            counts[9] += micro_usd  # Field.MICRO_USD
         day = self._days.setdefault(self.day_of(now), [0, 0])
         day[0] += 1
         day[1] += micro_usd
@@ -188,18 +189,18 @@ class CostTracker:
         """A request answered from the cache; ``saved_micro_usd`` is what ``model``
         would have charged for it."""
         tier = Field.HITS_SEMANTIC if semantic else Field.HITS_EXACT
-        self._bump(now, model, user, route, ((tier, 1),
-                                             (Field.SAVED_MICRO_USD, saved_micro_usd)))
+        for counts in self._rows(now, model, user, route):
+            counts[tier] += 1
+            counts[Field.SAVED_MICRO_USD] += saved_micro_usd
 
     def denial(self, now: float, model: str, user: str, route: str) -> None:
-        self._bump(now, model, user, route, ((Field.DENIALS, 1),))
+        for counts in self._rows(now, model, user, route):
+            counts[Field.DENIALS] += 1
 
-    def day_totals(self, now: float) -> tuple[DayTotals, DayTotals]:
-        """``(today, yesterday)``: provider calls and their micro-dollars, in the zone."""
-        today = self.day_of(now)
-        t = self._days.get(today, (0, 0))
-        y = self._days.get(self._day[2], (0, 0))
-        return DayTotals(*t), DayTotals(*y)
+    def day_totals(self, now: float) -> tuple[Sequence[int], Sequence[int]]:
+        """``(today, yesterday)``, each ``(provider calls, micro-dollars)``, in the zone."""
+        today = self.day_of(now)  # also caches yesterday's start in self._day
+        return self._days.get(today, _NO_CALLS), self._days.get(self._day[2], _NO_CALLS)
 
     # -- durability -------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 ``RequestLog.write`` is called on the event loop for every request; it only appends the
 record to a bounded in-memory queue (O(1), no I/O, no serialisation) and drops it when
 the queue is full, so a slow or broken disk costs log lines, never latency or memory. One
-daemon writer thread drains the queue, serialises each record with orjson, writes each
+daemon writer thread drains the queue, serialises each record with msgspec (a record is a
+``msgspec.Struct``, such as ``records.RequestRecord``, or a dict), writes each
 batch with one ``write`` per file, rotates the file by size with logrotate's numbering
 (``requests.log`` -> ``requests.log.1`` -> ... -> ``requests.log.<keep>``), and survives
 I/O errors (counted, logged at most once a minute, the file reopened on the next batch).
@@ -26,13 +27,13 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import orjson
+import msgspec
 
 log = logging.getLogger("sidecar.ledger")
 
-# Non-string keys (ints, enums) are common in ad-hoc records; refusing them would lose
-# the whole line for a cosmetic reason.
-_DUMPS_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+# Values JSON has no form for (paths, objects) are written as their str(): refusing them
+# would lose the whole line for a cosmetic reason.
+_ENCODER = msgspec.json.Encoder(enc_hook=str)
 # A failing disk fails every batch; one log line a minute says so without flooding the
 # daemon's own log (the counters in ``stats`` carry the totals).
 ERROR_LOG_INTERVAL = 60.0
@@ -131,7 +132,7 @@ class RequestLog:
 
         O(1) and never touches the disk: safe on the event loop. The record is serialised
         later on the writer thread, so the caller must not mutate it after this call.
-        Values orjson cannot encode are written as ``str(value)``. The record is dropped
+        Values JSON has no form for are written as ``str(value)``. The record is dropped
         (and counted in ``dropped``) when ``queue_max`` records are already waiting or the
         log is closed.
         """
@@ -230,8 +231,8 @@ class RequestLog:
         lines: list[bytes] = []
         for record in batch:
             try:
-                lines.append(orjson.dumps(record, default=str, option=_DUMPS_OPTIONS))
-            except orjson.JSONEncodeError as exc:
+                lines.append(_ENCODER.encode(record) + b"\n")
+            except (TypeError, ValueError) as exc:
                 self._lose(1, f"record not serialisable ({exc})")
         if not lines:
             return
