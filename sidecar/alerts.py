@@ -27,7 +27,6 @@ import http.client
 import logging
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,11 +39,10 @@ import orjson
 from .config import AlertsConfig
 from .errors import ConfigError
 from .protocol import AlertInfo
+from .throttle import ThrottledLog
 
 log = logging.getLogger("sidecar.alerts")
 
-# A broken sink fails every alert; one log line a minute says so, the counters the rest.
-ERROR_LOG_INTERVAL = 60.0
 STDERR_LOG_CHARS = 200
 USER_AGENT = "llm-sidecar"
 
@@ -155,8 +153,7 @@ class Notifier:
         self._sent = 0
         self._failed = 0
         self._last_error = ""
-        self._next_error_log = 0.0
-        self._suppressed = 0
+        self._errors = ThrottledLog(log)
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
                                                    _NoRedirect())
         self._thread: threading.Thread | None = None
@@ -316,18 +313,7 @@ class Notifier:
     def _fail(self, sink: Sink | None, text: str) -> None:
         self._failed += 1
         self._last_error = f"{sink.value}: {text}" if sink else text
-        now = time.monotonic()
-        if now < self._next_error_log:
-            self._suppressed += 1
-            return
-        self._next_error_log = now + ERROR_LOG_INTERVAL
-        suppressed = (f"; {self._suppressed} more failures since the last report"
-                      if self._suppressed else "")
-        self._suppressed = 0
-        log.error("notifier: %s (%d failures so far%s; next report in %.0f s at the "
-                  "earliest)", self._last_error, self._failed, suppressed,
-                  ERROR_LOG_INTERVAL)
-
+        self._errors.error("notifier: %s (%d failures so far)", self._last_error, self._failed)
 
 # --- the rules ------------------------------------------------------------------------
 

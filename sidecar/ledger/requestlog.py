@@ -29,14 +29,13 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from ..throttle import ThrottledLog
+
 log = logging.getLogger("sidecar.ledger")
 
 # Values JSON has no form for (paths, objects) are written as their str(): refusing them
 # would lose the whole line for a cosmetic reason.
 _ENCODER = msgspec.json.Encoder(enc_hook=str)
-# A failing disk fails every batch; one log line a minute says so without flooding the
-# daemon's own log (the counters in ``stats`` carry the totals).
-ERROR_LOG_INTERVAL = 60.0
 
 
 class RequestLogStats(NamedTuple):
@@ -113,8 +112,7 @@ class RequestLog:
         self._failed = 0
         self._rotations = 0
         self._error = ""
-        self._next_error_log = 0.0
-        self._suppressed = 0
+        self._errors = ThrottledLog(log)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._open()
         self._thread = threading.Thread(target=self._run, name="sidecar-requestlog",
@@ -340,14 +338,5 @@ class RequestLog:
 
     def _note_error(self, text: str, filename: str | None = None) -> None:
         self._error = f"{text}: {filename}" if filename else text
-        now = time.monotonic()
-        if now < self._next_error_log:
-            self._suppressed += 1
-            return
-        self._next_error_log = now + ERROR_LOG_INTERVAL
-        suppressed = (f"; {self._suppressed} more errors since the last report"
-                      if self._suppressed else "")
-        self._suppressed = 0
-        log.error("request log %s: %s; %d records lost so far%s (next report in %.0f s "
-                  "at the earliest)", self.path, self._error, self._failed, suppressed,
-                  ERROR_LOG_INTERVAL)
+        self._errors.error("request log %s: %s; %d records lost so far", self.path, self._error,
+                           self._failed)
