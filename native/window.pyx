@@ -236,6 +236,7 @@ ctypedef struct CRule:
     double pace      # seconds per unit when it has a burst allowance, else 0
     double tolerance # the burst allowance, seconds
     double near_at   # used at or above this is "near"
+    bint tracked     # admits report what they reserved on it (``Decision.tracked``)
 
 
 ctypedef struct Counter:
@@ -281,8 +282,9 @@ cdef class Keyed:
 cdef class Decision:
     """The outcome of an admit: ``allowed`` with a ``lease``, or ``denial`` (a
     ``sidecar.limits.Denial``), the ``estimate`` reserved, limits left ``near`` their
-    amount, ``shadow_denials`` (shadow rules that would have denied) and alert thresholds
-    ``crossed`` (``"name@80%"``)."""
+    amount, ``shadow_denials`` (shadow rules that would have denied), alert thresholds
+    ``crossed`` (``"name@80%"``) and, on tracked rules (``Core._track``), what was
+    ``tracked``: ``(rule index, key, amount)`` per rule reserved."""
 
     cdef readonly bint allowed
     cdef readonly str lease
@@ -291,11 +293,15 @@ cdef class Decision:
     cdef readonly tuple near
     cdef readonly tuple shadow_denials
     cdef readonly tuple crossed
+    cdef readonly tuple tracked
 
     def __repr__(self):
         return (f"Decision(allowed={self.allowed!r}, lease={self.lease!r}, "
                 f"denial={self.denial!r}, estimate={self.estimate!r}, near={self.near!r}, "
                 f"shadow_denials={self.shadow_denials!r}, crossed={self.crossed!r})")
+
+
+cdef tuple EMPTY = ()
 
 
 cdef Decision _decision(bint allowed, str lease, object denial, object estimate, tuple near,
@@ -308,6 +314,7 @@ cdef Decision _decision(bint allowed, str lease, object denial, object estimate,
     d.near = near
     d.shadow_denials = shadow
     d.crossed = crossed
+    d.tracked = EMPTY
     return d
 
 
@@ -346,7 +353,6 @@ cdef class Lease:
             self.k3.held += step
 
 
-cdef tuple EMPTY = ()
 
 
 cdef class Core:
@@ -495,6 +501,15 @@ cdef class Core:
             free(old)
         self.sweep = []
         self._forget_periods()
+
+    def _track(self, list flags):
+        """Mark the rules whose reservations admits report in ``Decision.tracked``
+        (``flags[i]`` for rule ``i``; the cluster shares their counters). Reset by every
+        ``_load_rules``."""
+        if len(flags) != self.nrules:
+            raise ValueError(f"{len(flags)} flags for {self.nrules} rules")
+        for i, flag in enumerate(flags):
+            self.rules[i].tracked = bool(flag)
 
     @property
     def near_fraction(self):
@@ -671,7 +686,8 @@ cdef class Core:
         cdef Lease lease
         cdef Res* res
         cdef int64_t* useds
-        cdef list shadow = None, near = None, crossed = None
+        cdef list shadow = None, near = None, crossed = None, tracked = None
+        cdef Decision decision
         cdef str denied = None, denied_rule = None, reason
         if now >= self.oldest:
             self._expire(now, self.pending)
@@ -758,6 +774,10 @@ cdef class Core:
             else:
                 c.total += need
                 res[p].slot = c.period
+            if r.tracked:
+                if tracked is None:
+                    tracked = []
+                tracked.append((i, k.key, need))
             used = useds[p]
             after = used + need
             if after >= r.near_at:
@@ -786,10 +806,13 @@ cdef class Core:
         lease.k0, lease.k1, lease.k2, lease.k3 = kg, kw, km, kr
         lease.hold(1)
         self.leases[lease.id] = lease
-        return _decision(True, lease.id, None, estimate,
-                         EMPTY if near is None else tuple(near),
-                         EMPTY if shadow is None else tuple(shadow),
-                         EMPTY if crossed is None else tuple(crossed))
+        decision = _decision(True, lease.id, None, estimate,
+                             EMPTY if near is None else tuple(near),
+                             EMPTY if shadow is None else tuple(shadow),
+                             EMPTY if crossed is None else tuple(crossed))
+        if tracked is not None:
+            decision.tracked = tuple(tracked)
+        return decision
 
     cdef str _next_id(self):
         """``prefix-N``: formatted by hand, it is on every admit's path."""

@@ -86,6 +86,9 @@ class LimitRuleConfig(_Section, kw_only=True):
     buckets: int = 60
     shadow: bool = False
     burst: str = ""  # sliding windows only: e.g. "2s" (see native/window.pyx, pacing)
+    #: cluster mode, Redis unreachable: "local_share", "fail_open", "fail_closed"; ""
+    #: follows ``cluster.degraded``
+    degraded: Literal["", "local_share", "fail_open", "fail_closed"] = ""
 
 
 #: The seeds' limits: per-user rates by tier, token rates, per-request cap, budgets.
@@ -321,6 +324,21 @@ class AlertsConfig(_Section):
     notify_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
 
 
+class ClusterConfig(_Section):
+    """Several daemons sharing limits and budgets through Redis (``sidecar.cluster``)."""
+
+    redis_url: str = ""  # "" = standalone; redis://[:password@]host:port/db, rediss://...
+    redis_cluster: bool = False  # the URL names a node of a Redis Cluster
+    name: str = "default"  # daemons with the same name (and Redis) share their limits
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.05  # seconds per Redis call
+    degraded: Literal["local_share", "fail_open", "fail_closed"] = "local_share"
+    margin: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.1  # local_share keeps this back
+    expected_daemons: Annotated[int, msgspec.Meta(ge=1)] = 1  # before Redis was ever seen
+    heartbeat: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0  # seconds
+    lease_ttl: Annotated[float, msgspec.Meta(gt=0, le=600)] = 5.0  # unreported lease lives
+    divisor: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4  # lease = remaining/(this x live)
+
+
 class MetricsConfig(_Section):
     #: a loopback port serving GET /metrics for a Prometheus scraper; 0: off
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
@@ -341,6 +359,7 @@ class Config(_Section):
     ledger: LedgerConfig = LedgerConfig()
     alerts: AlertsConfig = AlertsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    cluster: ClusterConfig = ClusterConfig()
     #: Where the settings came from (file path or "defaults"); not a setting itself.
     source: str = "defaults"
 
@@ -372,16 +391,19 @@ HINTS: dict[str, str] = {
     "log.format": "text for people, json for log collectors",
     "ledger.request_log": 'a file path, "" for the state directory, or "off"',
     "metrics.http_address": "a loopback address (127.0.0.1 or ::1): metrics carry spend",
+    "cluster.redis_url": 'redis://host:6379/0 (or rediss:// for TLS); "" runs standalone',
 }
 
 # Settings that a SIGHUP reload cannot change (the socket is bound once).
 RESTART_ONLY = ("server.socket", "server.socket_mode", "ledger.request_log",
-                "metrics.http_port", "metrics.http_address")
+                "metrics.http_port", "metrics.http_address", "cluster.redis_url",
+                "cluster.redis_cluster", "cluster.name")
 
 _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig, "normalize": NormalizeConfig, "tokens": TokensConfig,
     "limits": LimitsConfig, "pricing": PricingConfig, "log": LogConfig,
     "ledger": LedgerConfig, "alerts": AlertsConfig, "metrics": MetricsConfig,
+    "cluster": ClusterConfig,
 }
 _MODE_RE = re.compile(r"0?[0-7]{3}")
 _PATH_RE = re.compile(r"`\$((?:\.[A-Za-z_]\w*)+)")
@@ -517,6 +539,12 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
         except ConfigError as exc:
             raise ConfigError(exc.detail, source=origin.get("alerts.webhook", where),
                               key=exc.key, hint=exc.hint) from None
+    if config.cluster.redis_url:
+        key = "cluster.redis_url"
+        scheme = config.cluster.redis_url.partition("://")[0]
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"not a Redis URL: {config.cluster.redis_url!r}",
+                              source=origin.get(key, where), key=key, hint=HINTS[key])
     try:
         loopback = ipaddress.ip_address(config.metrics.http_address).is_loopback
     except ValueError:

@@ -153,14 +153,50 @@ class Daemon:
         self.notifier = Notifier(command=alerts.command, webhook=alerts.webhook,
                                  timeout=alerts.notify_timeout) if (
                                      alerts.command or alerts.webhook) else None
+        self.cluster = self._cluster(config)
         self.handlers = Handlers(config, self.metrics, str(path), self.journal,
                                  str(self.cache_path) if self.cache_path else "off",
                                  self.request_log, str(where) if where else "off",
-                                 self.notifier)
+                                 self.notifier, self.cluster)
         self.listener: MetricsListener | None = None
         self._cache_written = -1  # the cache's change count at the last snapshot
         self.server = Server(config, self.handlers, self.metrics)
         self._stop = asyncio.Event()
+
+    @staticmethod
+    def _cluster(config: Config):
+        """The cluster (cluster mode) or None (standalone: ``redis`` is never imported)."""
+        cfg = config.cluster
+        if not cfg.redis_url:
+            return None
+        from .cluster import Cluster, RedisStore
+
+        store = RedisStore(cfg.redis_url, cluster=cfg.redis_cluster, timeout=cfg.timeout)
+        return Cluster(store, name=cfg.name, lease_ttl=cfg.lease_ttl, heartbeat=cfg.heartbeat,
+                       divisor=cfg.divisor, margin=cfg.margin,
+                       expected_daemons=cfg.expected_daemons,
+                       hold=config.limits.lease_ttl * 2)
+
+    async def _cluster_loop(self) -> None:
+        """Heartbeat, lease reports and adjustments once per ``cluster.heartbeat``;
+        adjustments also every 0.1 s in between, so other daemons see spend soon."""
+        cluster = self.cluster
+        assert cluster is not None
+        interval = self.config.cluster.heartbeat
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        while True:
+            try:
+                if loop.time() >= next_tick:
+                    next_tick = loop.time() + interval
+                    await cluster.tick(time.time())
+                elif cluster.degraded:
+                    cluster.trim(time.time())
+                elif cluster.pending:
+                    await cluster.flush_now(time.time())
+            except Exception:
+                log.exception("cluster sync failed")
+            await asyncio.sleep(min(0.1, interval))
 
     def reload(self) -> None:
         """SIGHUP: validate the new config fully before anything changes."""
@@ -197,6 +233,7 @@ class Daemon:
             await self.server.start(sock)
             await self._listen_metrics()
             housekeeping = loop.create_task(self._housekeeping())
+            syncing = loop.create_task(self._cluster_loop()) if self.cluster else None
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -211,6 +248,9 @@ class Daemon:
             self._unlink()
             busy = await self.server.drain(self.config.server.drain_timeout)
             housekeeping.cancel()
+            if syncing is not None:
+                syncing.cancel()
+                await self.cluster.close(time.time())
             if self.listener is not None:
                 await self.listener.close()
             await self._snapshot_cache()

@@ -70,7 +70,7 @@ class Kind(enum.Enum):
 
 
 TIERS = ("authenticated", "anonymous")
-_NEED_AT = {Metric.REQUESTS: 0, Metric.CONCURRENT: 0, Metric.INPUT_TOKENS: 1,
+NEED_AT = {Metric.REQUESTS: 0, Metric.CONCURRENT: 0, Metric.INPUT_TOKENS: 1,
             Metric.OUTPUT_TOKENS: 2, Metric.TOTAL_TOKENS: 3, Metric.USD: 4}
 _SPAN_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h)")
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -297,10 +297,10 @@ class Engine(_native.Core):
 
     def _install(self, rules: Sequence[Rule], remap: list[int] | None) -> None:
         table = [(_native.KINDS[r.kind.value], _native.SPACES[r.scope.value],
-                  _NEED_AT[r.metric], TIERS.index(r.match) + 1 if r.scope is Scope.TIER else 0,
+                  NEED_AT[r.metric], TIERS.index(r.match) + 1 if r.scope is Scope.TIER else 0,
                   r.span, r.buckets, r.amount, r.shadow, _durable(r), r.burst)
                  for r in rules]
-        self._load_rules(table, [r.name for r in rules], [_shape(r) for r in rules],
+        self._load_rules(table, [r.name for r in rules], [shape_of(r) for r in rules],
                          [r.match for r in rules], self.alert_thresholds, remap)
         self.rules = list(rules)
 
@@ -325,7 +325,7 @@ class Engine(_native.Core):
         applied = 0
         for spend in spends:
             found = by_name.get(spend.rule)
-            if found is not None and _shape(found[1]) == spend.shape:
+            if found is not None and shape_of(found[1]) == spend.shape:
                 applied += self._restore_one(found[0], spend.key, spend.slot, spend.amount, now)
         return applied
 
@@ -352,7 +352,9 @@ def _durable(rule: Rule) -> bool:
         rule.kind is Kind.SLIDING and rule.span > DURABLE_SPAN)
 
 
-def _shape(rule: Rule) -> str:
+def shape_of(rule: Rule) -> str:
+    """A rule's scope-independent shape (window and metric): counters carry over a
+    reconfiguration only to a rule of the same name and shape."""
     return f"{rule.kind.value}:{rule.span:g}:{rule.buckets}:{rule.metric.value}"
 
 

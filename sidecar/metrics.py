@@ -23,7 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
-from .protocol import ErrorCode, LatencyStats, OpStats
+from .protocol import ClusterStats, ErrorCode, LatencyStats, OpStats
 
 #: Samples kept per histogram for percentiles (a power of two: ring index ``n & MASK``).
 WINDOW = 4096
@@ -231,6 +231,7 @@ class Gauges(NamedTuple):
     notify_dropped: int
     limit_alerts: dict[str, int]  # "limit@80%" -> times crossed
     alert_counts: dict[str, int]  # alert kind -> alerts fired
+    cluster: ClusterStats | None  # None: standalone
 
 
 _CIRCUIT_STATES = ("closed", "open", "half_open")
@@ -320,6 +321,23 @@ class _Collector:
                      g.cache_bytes)
         yield _gauge("llm_sidecar_semantic_pending", "Semantic cache writes queued.", [],
                      {(): g.semantic_pending})
+        if g.cluster is not None:
+            c = g.cluster
+            yield _gauge("llm_sidecar_cluster_degraded",
+                         "1 while Redis is unreachable and shared limits follow their "
+                         "degraded policy.", [], {(): int(c.degraded)})
+            yield _gauge("llm_sidecar_cluster_live_daemons",
+                         "Daemons sharing the limits, at the last heartbeat.", [],
+                         {(): c.live_daemons})
+            yield _gauge("llm_sidecar_cluster_pending_adjustments",
+                         "Adjustments waiting to reach Redis.", [],
+                         {(): c.pending_adjustments})
+            yield _counter("llm_sidecar_cluster_lease_requests",
+                           "Lease requests sent to Redis, by result.", ["result"],
+                           {"granted": c.grants, "refused": c.refusals})
+            yield _counter("llm_sidecar_cluster_transitions",
+                           "Changes into or out of degraded mode.", [],
+                           {(): c.transitions})
         yield _gauge("llm_sidecar_circuit_state",
                      "1 for the state each model's circuit is in.", ["model", "state"],
                      {(model, s): int(state == s) for model, state in g.circuits.items()

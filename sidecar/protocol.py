@@ -376,6 +376,25 @@ class LogStats(msgspec.Struct, frozen=True, kw_only=True):
     error: str = ""
 
 
+class ClusterStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Cluster mode (``sidecar.cluster``): where the shared limits live and how it goes."""
+
+    redis: str  # the Redis URL, password removed
+    name: str
+    daemon: str  # this daemon's member id
+    degraded: bool
+    reason: str = ""  # why degraded ("" when not)
+    degraded_since: float = 0.0  # epoch seconds
+    live_daemons: int = 0  # at the last heartbeat
+    shared_limits: int = 0
+    leases_open: int = 0  # counters this daemon holds a Redis lease on
+    pending_adjustments: int = 0  # (counter, slot) adjustments not yet in Redis
+    acquires: int = 0  # lease requests sent since start
+    grants: int = 0  # of those, granted
+    refusals: int = 0  # of those, refused because the cluster's limit was reached
+    transitions: int = 0  # into or out of degraded mode
+
+
 class CostTotals(msgspec.Struct, frozen=True, kw_only=True):
     """Sums over some guarded requests and the unit economics derived from them."""
 
@@ -435,6 +454,7 @@ class StatsReply(Reply, tag="stats"):
     alerts: list[AlertInfo] = []  # the latest, oldest first
     alert_counts: dict[str, int] = {}  # kind -> alerts fired since start
     request_log: LogStats | None = None
+    cluster: ClusterStats | None = None  # None: standalone
 
 
 class CountReply(Reply, tag="count"):

@@ -11,18 +11,35 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable, NamedTuple
 import msgspec
 
 from ..accounting import Begun
 from ..errors import InvalidValue
-from ..limits import MICRO, Subject, Usage
+from ..limits import MICRO, Decision, Denial, Estimate, Subject, Usage
 from ..pricing import Usage as PricedUsage
 from ..protocol import (
     NIL, Begin, BeginReply, CacheGetReply, CachePut, ChainModel, End, EndReply, Extend,
     ExtendReply, Report, ReportReply, Route, RouteReply,
 )
-from ..routing import backoff_schedule, budget_fraction
+from ..config import RouteConfig
+from ..routing import Chain, backoff_schedule, budget_fraction
 from ._common import CACHE_FIELDS, Deferred, wire_seconds
+
+class _Admitted(NamedTuple):
+    """A begin past its admit, while the cluster (maybe) has its say."""
+
+    req: Begin
+    view: Begin
+    found: CacheGetReply
+    who: str
+    chain: Chain
+    cfg: RouteConfig | None
+    deadline: float
+    estimate: Estimate
+    decision: Decision
+    now: float
+
 
 class CallOps:
     """``begin``, ``end``, ``extend``, ``route``, ``report``; mixed into ``Handlers``,
@@ -38,7 +55,10 @@ class CallOps:
         view = self._cache_view(req)
         found = self.cache.get(view, time.time())
         if isinstance(found, CacheGetReply):
-            return self._begin_after_cache(req, view, found)
+            reply = self._begin_after_cache(req, view, found)
+            if isinstance(reply, BeginReply):
+                return reply
+            return Deferred(asyncio.ensure_future(reply), req.id)  # the cluster is asked
         return Deferred(asyncio.ensure_future(self._begin_semantic(req, view, found)), req.id)
 
     @staticmethod
@@ -50,9 +70,11 @@ class CallOps:
         return msgspec.structs.replace(req, model=f"route:{req.route or req.task or '-'}")
 
     async def _begin_semantic(self, req: Begin, view: Begin, search) -> BeginReply:
-        return self._begin_after_cache(req, view, await search)
+        reply = self._begin_after_cache(req, view, await search)
+        return reply if isinstance(reply, BeginReply) else await reply
 
-    def _begin_after_cache(self, req: Begin, view: Begin, found: CacheGetReply) -> BeginReply:
+    def _begin_after_cache(self, req: Begin, view: Begin,
+                           found: CacheGetReply) -> BeginReply | Awaitable[BeginReply]:
         now = time.time()
         who = req.user or req.key
         if found.hit:
@@ -81,8 +103,23 @@ class CallOps:
         estimate, known, prompt = self._estimate(req, first, input_tokens)
         decision = self.engine.admit(subject, estimate, now, prompt)
         self._observe(subject, decision, now)
-        if decision.denial is not None:
-            d = decision.denial
+        step = _Admitted(req, view, found, who, chain, cfg, deadline, estimate, decision, now)
+        if decision.denial is None and decision.tracked and self.cluster is not None:
+            shared = self._share(decision, now)
+            if shared is not None and not isinstance(shared, Denial):
+                return self._begin_shared(step, shared)
+            return self._begin_decided(step, shared)
+        return self._begin_decided(step, decision.denial)
+
+    async def _begin_shared(self, step: _Admitted,
+                            shared: Awaitable[Denial | None]) -> BeginReply:
+        return self._begin_decided(step, await shared)
+
+    def _begin_decided(self, step: _Admitted, d: Denial | None) -> BeginReply:
+        """The deny or go reply of an admitted (or refused) begin."""
+        req, view, found, who, chain, cfg, deadline, estimate, decision, now = step
+        first = chain.models[0].model
+        if d is not None:
             self.accounting.denied(
                 now, user=who, route=chain.route, model=first, reason=d.reason, limit=d.limit,
                 input_tokens=estimate.input_tokens, request_id=req.request_id,

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import importlib.metadata
 import logging
 import math
 import os
 import platform
 import time
-from typing import Callable, Sequence, TypeVar, Union
+import urllib.parse
+from typing import Awaitable, Callable, Sequence, TypeVar, Union
 
 import msgspec
 
@@ -22,6 +24,7 @@ from .._native import MODULES as NATIVE_MODULES, load as load_native
 from ..accounting import Accounting, Begun
 from ..alerts import Alerts, Notifier
 from ..cache import Cache
+from ..cluster.quota import Cluster, Policy, Refusal, Shared
 from ..config import Config
 from ..ledger.costs import By, CostTracker, Tallies
 from ..ledger.requestlog import RequestLog
@@ -30,7 +33,7 @@ from ..normalize import Normalizer
 from ..errors import InvalidValue, JournalError, Overloaded
 from ..journal import Journal
 from ..limits import (
-    MICRO, Decision, Engine, Estimate, Kind, SettleResult, Spend, Subject, Usage, compile_rules,
+    MICRO, NEED_AT, Decision, Denial, Engine, Estimate, Kind, shape_of, SettleResult, Spend, Subject, Usage, compile_rules,
     encode_spend,
 )
 from ..pricing import Price, PricingRegistry, Usage as PricedUsage
@@ -68,6 +71,16 @@ _BUDGETS = (Kind.HOUR, Kind.DAY)
 _WAITABLE = ("limit", "burst")
 
 
+def _without_password(url: str) -> str:
+    """``url`` fit for stats and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def build_info() -> BuildInfo:
     """Versions and the compiled modules actually loaded (their files prove it)."""
     libraries = {}
@@ -93,7 +106,7 @@ class Handlers(CallOps):
     def __init__(self, config: Config, metrics: Metrics, socket_path: str,
                  journal: Journal | None = None, cache_snapshot: str = "off",
                  request_log: RequestLog | None = None, request_log_path: str = "off",
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, cluster: Cluster | None = None) -> None:
         self.journal = journal
         self.cache_snapshot = cache_snapshot
         self.metrics = metrics
@@ -110,6 +123,10 @@ class Handlers(CallOps):
         self.near: dict[str, int] = {}  # limit name -> admits that left it near its amount
         self.shadow: dict[str, int] = {}  # shadow limit name -> admits it would have denied
         self.engine = Engine(compile_rules(config.limits), **self._engine_settings(config))
+        self.cluster = cluster
+        if cluster is not None:
+            cluster.on_mode = self._cluster_mode
+            self._configure_cluster(config)
         self.cache = Cache(config.cache, self.normalizer)
         self.router = Router(config.routing, config.routes, config.circuits)
         ledger = config.ledger
@@ -177,6 +194,8 @@ class Handlers(CallOps):
         tokenizer = self._tokenizer(config)
         self.pricing = self._pricing(config)
         self.engine.reconfigure(compile_rules(config.limits), **self._engine_settings(config))
+        if self.cluster is not None:
+            self._configure_cluster(config)
         self.cache.reconfigure(config.cache, normalizer)
         self.router.reconfigure(config.routing, config.routes, config.circuits)
         self.accounting.alerts.reconfigure(config.alerts)
@@ -278,12 +297,14 @@ class Handlers(CallOps):
                 return self.normalizer.fingerprint(content).key
         return b""
 
-    def _admit_reply(self, req: Admit, decision: Decision, known: bool) -> AdmitReply:
+    def _admit_reply(self, req: Admit, decision: Decision, known: bool,
+                     refused: Denial | None = None) -> AdmitReply:
+        """The reply to ``decision``, or to the cluster's ``refused`` of it."""
         e = decision.estimate
-        denial = decision.denial
+        denial = refused or decision.denial
         scale = self._scale_of(denial.limit) if denial else 1
         return AdmitReply(
-            id=req.id, allowed=decision.allowed, lease=decision.lease,
+            id=req.id, allowed=denial is None, lease="" if denial else decision.lease,
             reason=denial.reason if denial else "", limit=denial.limit if denial else "",
             used=denial.used / scale if denial else 0.0,
             amount=denial.amount / scale if denial else 0.0,
@@ -327,6 +348,13 @@ class Handlers(CallOps):
         now = time.time()
         decision = self.engine.admit(subject, estimate, now, prompt)
         self._observe(subject, decision, now)
+        if decision.tracked and self.cluster is not None:
+            shared = self._share(decision, now)
+            if isinstance(shared, Denial):
+                return self._admit_reply(req, decision, known, shared)
+            if shared is not None:
+                return Deferred(asyncio.ensure_future(
+                    self._admit_shared(req, decision, known, shared)), req.id)
         denial = decision.denial
         if (denial is not None and req.wait > 0 and denial.reason in _WAITABLE
                 and not denial.never
@@ -336,6 +364,86 @@ class Handlers(CallOps):
                                                              denial.limit))
             return Deferred(task, req.id)
         return self._admit_reply(req, decision, known)
+
+    async def _admit_shared(self, req: Admit, decision: Decision, known: bool,
+                            shared: Awaitable[Denial | None]) -> AdmitReply:
+        return self._admit_reply(req, decision, known, await shared)
+
+    # -- cluster -----------------------------------------------------------------------
+
+    def _configure_cluster(self, config: Config) -> None:
+        """Tell the cluster which rules it shares: every non-shadow sliding or calendar
+        rule (per-request caps and concurrency stay per daemon)."""
+        assert self.cluster is not None
+        policies = {row.name: row.degraded or config.cluster.degraded
+                    for row in config.limits.rules}
+        shared = []
+        for i, r in enumerate(self.engine.rules):
+            if r.shadow or r.kind not in (Kind.SLIDING, Kind.HOUR, Kind.DAY):
+                continue
+            sliding = r.kind is Kind.SLIDING
+            shared.append(Shared(
+                index=i, name=r.name, shape=shape_of(r), sliding=sliding,
+                span=r.span / r.buckets if sliding else 0.0, buckets=r.buckets,
+                amount=r.amount, need_at=NEED_AT[r.metric],
+                policy=Policy(policies[r.name]),
+                period=None if sliding else functools.partial(self.engine.period, r.kind)))
+        self.cluster.configure(shared)
+        self._cluster_mode(self.cluster.degraded)
+
+    def _cluster_mode(self, degraded: bool) -> None:
+        """Each shared rule's amount in the engine: the full amount while Redis answers
+        (the cluster's leases decide), the degraded policy's while it does not."""
+        cluster = self.cluster
+        assert cluster is not None
+        rules = compile_rules(self.config.limits)
+        if degraded:
+            rules = [r._replace(amount=cluster.share(cluster.rules[i]))
+                     if i in cluster.rules and cluster.rules[i].policy is Policy.LOCAL_SHARE
+                     else r for i, r in enumerate(rules)]
+        self.engine.reconfigure(rules, **self._engine_settings(self.config))
+        self.engine._track([i in cluster.rules for i in range(len(rules))])
+
+    def _share(self, decision: Decision,
+               now: float) -> Denial | Awaitable[Denial | None] | None:
+        """The cluster's say on an admitted ``decision``: None (agreed from this
+        daemon's leases), a Denial (refused; the engine's reservation is released), or
+        an awaitable of either (Redis must be asked first)."""
+        assert self.cluster is not None
+        took = self.cluster.take(decision.lease, decision.tracked, now)
+        if took is None:
+            return None
+        if isinstance(took, Refusal):
+            return self._refused(decision, took)
+        return self._share_after(decision, took, now)
+
+    async def _share_after(self, decision: Decision, short: list,
+                           now: float) -> Denial | None:
+        assert self.cluster is not None
+        refusal = None
+        for _ in range(4):  # leases taken meanwhile by concurrent admits: ask again
+            refusal = await self.cluster.acquire(short, now)
+            if refusal is not None:
+                break
+            now = time.time()
+            took = self.cluster.take(decision.lease, decision.tracked, now)
+            if took is None:
+                return None
+            if isinstance(took, Refusal):
+                refusal = took
+                break
+            short = took
+        if refusal is None:
+            refusal = Refusal(short[0][0].rule.name, 0, short[0][0].rule.amount, 0.0, "limit")
+        return self._refused(decision, refusal)
+
+    def _refused(self, decision: Decision, refusal: Refusal) -> Denial:
+        self.engine.release(decision.lease, time.time())
+        self._wake_waiters()
+        self.denials[refusal.limit] = self.denials.get(refusal.limit, 0) + 1
+        self.accounting.limit_denial(refusal.reason, refusal.limit)
+        return Denial(refusal.limit, refusal.reason, refusal.used, refusal.amount,
+                      refusal.retry_after)
 
     async def _admit_waiting(self, req: Admit, subject: Subject, estimate: Estimate,
                              known: bool, limit: str) -> AdmitReply:
@@ -423,6 +531,9 @@ class Handlers(CallOps):
                                     time.time())
         if result.found and not result.duplicate:
             self._wake_waiters()
+            if self.cluster is not None:
+                self.cluster.settled(lease, (1, input_tokens, output_tokens,
+                                             input_tokens + output_tokens, micro))
         return result, micro, subject
 
     def _durably(self, lease: str, result: SettleResult, reply: R) -> R | Deferred:
@@ -495,6 +606,8 @@ class Handlers(CallOps):
         released = self.engine.release(req.lease, time.time())
         if released:
             self._wake_waiters()
+            if self.cluster is not None:
+                self.cluster.released(req.lease)
         return ReleaseReply(id=req.id, released=released)
 
     def limits(self, req: Limits) -> LimitsReply:
@@ -549,6 +662,8 @@ class Handlers(CallOps):
             alerts=list(self.accounting.alerts.recent),
             alert_counts=dict(self.accounting.alerts.counts),
             request_log=self.accounting.log_stats(self.request_log_path),
+            cluster=self.cluster.stats(_without_password(self.config.cluster.redis_url))
+            if self.cluster is not None else None,
         )
 
     def cost_summary(self, req: Costs) -> CostsReply:
@@ -582,6 +697,8 @@ class Handlers(CallOps):
             log_written=logged.written, log_dropped=logged.dropped, log_failed=logged.failed,
             notify_dropped=self.notifier.stats().dropped if self.notifier else 0,
             limit_alerts=dict(self.limit_alerts),
-            alert_counts=dict(self.accounting.alerts.counts)))
+            alert_counts=dict(self.accounting.alerts.counts),
+            cluster=self.cluster.stats(self.config.cluster.redis_url)
+            if self.cluster is not None else None))
 
 
