@@ -369,7 +369,7 @@ def redis_unavailable() -> str:
     if not os.access(REDIS_SERVER, os.X_OK):
         return f"{REDIS_SERVER} not found: Redis baselines skipped"
     if importlib.util.find_spec("redis") is None:
-        return ("the redis package is not installed (pip install '.[bench]'): "
+        return ("the redis package is not installed (pip install -e .): "
                 "Redis baselines skipped")
     return ""
 

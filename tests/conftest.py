@@ -133,3 +133,21 @@ def run_async(request):
 
     run.loop = request.param
     return run
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A started ``redis_servers.RedisServer`` (no persistence), stopped at teardown."""
+    from redis_servers import RedisServer  # here: only Redis tests pay for importing redis-py
+
+    with RedisServer(workdir=tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A started 3-master ``redis_servers.RedisClusterServers``, stopped at teardown."""
+    from redis_servers import RedisClusterServers
+
+    with RedisClusterServers(workdir=tmp_path / "redis-cluster") as cluster:
+        yield cluster
