@@ -36,6 +36,11 @@ from .store import Call, RedisStore, StoreUnavailable
 log = logging.getLogger("sidecar.cluster")
 
 
+#: A lease is spent only until this fraction of its TTL after it was granted or last
+#: renewed: Redis reclaims it at the full TTL, so the daemon stops first.
+_RENEW_MARGIN = 0.7
+
+
 class Policy(enum.Enum):
     LOCAL_SHARE = "local_share"
     FAIL_OPEN = "fail_open"
@@ -70,15 +75,18 @@ class Refusal(NamedTuple):
 class Quota:
     """This daemon's lease on one shared counter."""
 
-    __slots__ = ("rule", "key", "keys", "slot", "ends", "granted", "used", "reported",
-                 "seq", "open", "touched", "replay", "busy", "last_used", "full")
+    __slots__ = ("rule", "key", "keys", "slot", "ends", "valid", "granted", "used",
+                 "reported", "seq", "open", "touched", "replay", "busy", "last_used", "full")
 
     def __init__(self, rule: Shared, key: str, keys: tuple[str, str]) -> None:
         self.rule = rule
         self.key = key
         self.keys = keys
         self.slot = -1.0  # the Redis slot the lease is charged to
-        self.ends = 0.0  # local time the slot ends (the lease is spent until then)
+        self.ends = 0.0  # local time the slot ends
+        #: local time after which the lease must not be spent: its slot's end, or (with a
+        #: margin) when Redis may reclaim it unless a report renews it first
+        self.valid = 0.0
         self.granted = 0
         self.used = 0
         self.reported = 0
@@ -199,7 +207,7 @@ class Cluster:
             if rule is None:
                 continue
             q = self._quota(rule, key)
-            if q.ends <= now or q.granted - q.used < amount:
+            if q.valid <= now or q.granted - q.used < amount:
                 if q.full is not None and q.full[0] > now:
                     full = q.full[1]
                     return full._replace(retry_after=max(0.0, q.full[0] - now))
@@ -248,7 +256,7 @@ class Cluster:
     async def _acquire_one(self, q: Quota, amount: int, now: float) -> Refusal | None:
         while q.busy is not None:  # one acquire per counter at a time; then re-check
             await asyncio.shield(q.busy)
-            if q.ends > now and q.granted - q.used >= amount:
+            if q.valid > now and q.granted - q.used >= amount:
                 return None
         q.busy = asyncio.get_running_loop().create_future()
         try:
@@ -267,8 +275,11 @@ class Cluster:
         if q.replay is not None:
             args = q.replay  # the same call again: Redis applies it once
         else:
+            q.valid = 0.0  # this call closes the lease: nothing more is spent from it
             q.seq += 1
-            hint = max(amount, 2 * q.last_used, 1)
+            # a counter new to this daemon takes the largest share; later, twice what the
+            # last lease used (the script caps both at the share)
+            hint = max(amount, 2 * q.last_used) if q.last_used else rule.amount
             args = [*self._window(rule, now + self.offset), self.daemon, q.seq, rule.amount,
                     amount, hint, self.divisor, self.live, repr(self.lease_ttl),
                     q.used if q.open else 0]
@@ -280,9 +291,8 @@ class Cluster:
         if kind == "period":  # our idea of the period was off: the clock offset moved
             self.offset = float(reply[1]) - now
             return await self._acquire_call(q, amount, now)
-        if q.open:  # the acquire closed our previous lease
-            q.last_used, q.open = q.used, False
-            q.granted = q.used = q.reported = 0
+        if q.open:
+            self._closed(q, args[-1], bool(int(reply[-1])))
         if kind == "deny":
             self.offset = float(reply[3]) - now
             self.refusals += 1
@@ -297,8 +307,21 @@ class Cluster:
         q.full = None
         q.slot, q.granted, q.used, q.reported, q.open = float(reply[1]), int(reply[2]), 0, 0, True
         q.ends = self._slot_end(rule, q.slot) - self.offset
+        q.valid = min(q.ends, now + self.lease_ttl * _RENEW_MARGIN)
         q.touched = now
         return None
+
+    def _closed(self, q: Quota, sent: int, found: bool) -> None:
+        """Redis closed our lease on ``q`` with ``sent`` as its use (a reclaimed lease
+        too: the script charged the use we had not reported). ``found`` False: the lease
+        was gone altogether (its key expired in a long outage): what we spent beyond our
+        last report is sent as an adjustment."""
+        extra = q.used - sent if found else q.used - q.reported
+        if extra:
+            k = (q.rule.index, q.key, q.slot)
+            self.pending[k] = self.pending.get(k, 0) + extra
+        q.last_used = q.used
+        q.open, q.granted, q.used, q.reported, q.valid = False, 0, 0, 0, 0.0
 
     def _slot_end(self, rule: Shared, slot: float) -> float:
         """Redis time at which ``slot`` stops taking new use."""
@@ -339,13 +362,9 @@ class Cluster:
         self.degraded, self.reason, self.since = True, reason, now
         self.transitions += 1
         for q in self.quotas.values():
-            if q.open and q.used > q.reported:
-                # spent beyond the last report: Redis learns it as an adjustment (its
-                # lease, reclaimed or closed, returns everything not reported)
-                k = (q.rule.index, q.key, q.slot)
-                self.pending[k] = self.pending.get(k, 0) + q.used - q.reported
-                q.used = q.reported
-            q.granted = q.used
+            # nothing more is spent from leases; once Redis is back each is closed with
+            # its exact use (a lease Redis reclaimed meanwhile included)
+            q.valid = 0.0
         log.warning("cluster degraded: %s; limits shared through Redis now follow their "
                     "degraded policy (local share of %d live daemons)", reason, self.live)
         if self.on_mode is not None:
@@ -369,6 +388,7 @@ class Cluster:
                 "heartbeat", [self._members], [self.daemon, repr(self.heartbeat * 3)])
             self.offset = float(redis_now) - now
             self.live = max(1, int(live))
+            await self._replay(now)
             await self._sync_quotas(now)
             await self.flush(now)
         except StoreUnavailable as exc:
@@ -378,34 +398,54 @@ class Cluster:
             self._leave_degraded(now)
         self._forget(now)
 
+    async def _replay(self, now: float) -> None:
+        """Resend the acquires whose answers were lost, before anything else touches
+        their counters: Redis applies each once and answers what it did."""
+        for q in [q for q in self.quotas.values() if q.replay is not None and q.busy is None]:
+            q.busy = asyncio.get_running_loop().create_future()
+            try:
+                await self._acquire_call(q, 0, now)
+            finally:
+                busy, q.busy = q.busy, None
+                busy.set_result(None)
+
     async def _sync_quotas(self, now: float) -> None:
         """Report every open lease (renewing it), close the ones whose slot is over or
         that sat idle for a heartbeat."""
         calls: list[Call] = []
-        order: list[tuple[Quota, bool]] = []
+        order: list[tuple[Quota, bool, int]] = []
         for q in self.quotas.values():
             if not q.open or q.busy is not None:
                 continue
             window = self._window(q.rule, now + self.offset)
-            if q.ends <= now or now - q.touched > self.heartbeat:
+            closing = q.ends <= now or now - q.touched > max(self.heartbeat, self.lease_ttl / 2)
+            if closing:
+                q.valid = 0.0  # spent no more: the close returns the rest
                 q.seq += 1
                 calls.append(("acquire", q.keys, [*window, self.daemon, q.seq, q.rule.amount,
                                                   0, 0, self.divisor, self.live,
                                                   repr(self.lease_ttl), q.used]))
-                order.append((q, True))
             else:
                 calls.append(("report", q.keys, [*window, self.daemon, q.used,
                                                  repr(self.lease_ttl)]))
-                order.append((q, False))
-        for (q, closing), reply in zip(order, await self.store.batch(calls)):
-            if closing or reply[0] == "gone":
-                if reply[0] == "gone" and q.used > q.reported:
-                    k = (q.rule.index, q.key, q.slot)
-                    self.pending[k] = self.pending.get(k, 0) + q.used - q.reported
-                q.last_used = q.used
-                q.open, q.granted, q.used, q.reported, q.ends = False, 0, 0, 0, 0.0
+            order.append((q, closing, q.used))
+            # an admit's acquire waits for this call: its close must not cross ours
+            q.busy = asyncio.get_running_loop().create_future()
+        try:
+            replies = await self.store.batch(calls)
+        finally:
+            for q, _, _ in order:
+                busy, q.busy = q.busy, None
+                if busy is not None:
+                    busy.set_result(None)
+        for (q, closing, sent), reply in zip(order, replies):
+            if closing:
+                self._closed(q, sent, bool(int(reply[-1])))
+            elif reply[0] == "gone":  # reclaimed: spend no more; the next sync closes it
+                q.valid, q.touched = 0.0, -math.inf
             else:
-                q.reported = q.used
+                q.reported = sent
+                q.valid = min(q.ends, now + self.lease_ttl * _RENEW_MARGIN)
 
     async def flush(self, now: float) -> None:
         """Send the adjustments (the batch that failed last time first, unchanged)."""

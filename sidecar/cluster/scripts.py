@@ -40,19 +40,22 @@ local function fields(v)
 end
 
 -- a lease not renewed in time belongs to a dead or stuck daemon: what it did not report
--- as used goes back to the pool
+-- as used goes back to the pool, and the lease shrinks to what was reported (expires -1:
+-- reclaimed), so that when a stuck owner closes it, the use it had not reported is
+-- charged then, exactly
 local function reclaim()
   local all = redis.call('HGETALL', leases)
   for i = 1, #all, 2 do
     local d = all[i]
     if string.sub(d, 1, 2) ~= 'a:' then
       local l = fields(all[i + 1])
-      if l[4] < now then
+      if l[4] >= 0 and l[4] < now then
         local unused = l[2] - l[3]
         if unused > 0 and l[1] >= oldest then
           redis.call('HINCRBY', usage, l[1], -unused)
         end
-        redis.call('HDEL', leases, d)
+        redis.call('HSET', leases, d,
+                   string.format('%d %d %d -1 %d %d', l[1], l[3], l[3], l[5], l[6]))
       end
     end
   end
@@ -83,30 +86,35 @@ end
 #: ``hint``, at most the remaining amount over ``divisor`` x ``live`` daemons). A replay of
 #: the same ``seq`` answers the lease it opened without charging again.
 #: ARGV after the window: daemon, seq, amount, want, hint, divisor, live, ttl, reported.
-#: Returns {'ok', slot, granted, now, used} | {'deny', used, retry_after, now} |
-#: {'closed', now} | {'period', now}.
+#: Returns {'ok', slot, granted, now, used, found} | {'deny', used, retry_after, now,
+#: found} | {'closed', now, found} | {'period', now}; ``found`` is 1 when the caller's
+#: previous lease was still there to close (0: it had been reclaimed, returning all its
+#: unreported part).
 ACQUIRE = _PRELUDE + r"""
 local daemon, seq = ARGV[7], tonumber(ARGV[8])
 local amount, want, hint = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local divisor, live = tonumber(ARGV[12]), tonumber(ARGV[13])
 local ttl, reported = tonumber(ARGV[14]), tonumber(ARGV[15])
 local mine = redis.call('HGET', leases, daemon)
+local found = 0
 if mine then
   local l = fields(mine)
   if l[5] == seq then
-    return {'ok', tostring(l[1]), l[2], tostring(now), 0}
+    return {'ok', tostring(l[1]), l[2], tostring(now), 0, l[6]}
   end
+  -- closing (a reclaimed lease too): a negative "unused" charges use never reported
   local unused = l[2] - reported
   if unused ~= 0 and l[1] >= oldest then
     redis.call('HINCRBY', usage, l[1], -unused)
   end
   redis.call('HDEL', leases, daemon)
+  found = 1
 end
 reclaim()
 local used = used_now()
 if want <= 0 then
   touch()
-  return {'closed', tostring(now)}
+  return {'closed', tostring(now), found}
 end
 local remaining = amount - used
 if remaining < want then
@@ -128,21 +136,22 @@ if remaining < want then
     wait = pend - now
   end
   touch()
-  return {'deny', used, tostring(wait), tostring(now)}
+  return {'deny', used, tostring(wait), tostring(now), found}
 end
 local share = math.floor(remaining / (divisor * math.max(live, 1)))
 local grant = math.max(want, math.min(hint, share))
 if grant > remaining then grant = remaining end
 redis.call('HINCRBY', usage, slot, grant)
 redis.call('HSET', leases, daemon,
-           string.format('%d %d 0 %.6f %d', slot, grant, now + ttl, seq))
+           string.format('%d %d 0 %.6f %d %d', slot, grant, now + ttl, seq, found))
 touch()
-return {'ok', tostring(slot), grant, tostring(now), used + grant}
+return {'ok', tostring(slot), grant, tostring(now), used + grant, found}
 """
 
 #: ``report``: the caller's open lease has been used up to ``reported``; renew it for
 #: ``ttl`` seconds. ARGV after the window: daemon, reported, ttl.
-#: Returns {'ok', now} | {'gone', now} (reclaimed: the caller must stop using it).
+#: Returns {'ok', now} | {'gone', now} (reclaimed: the caller must stop using it, and
+#: close it).
 REPORT = _PRELUDE + r"""
 local daemon, reported, ttl = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
 local mine = redis.call('HGET', leases, daemon)
@@ -150,8 +159,12 @@ if not mine then
   return {'gone', tostring(now)}
 end
 local l = fields(mine)
+if l[4] < 0 then
+  return {'gone', tostring(now)}  -- reclaimed: the owner must close it
+end
 redis.call('HSET', leases, daemon,
-           string.format('%d %d %d %.6f %d', l[1], l[2], reported, now + ttl, l[5]))
+           string.format('%d %d %d %.6f %d %d', l[1], l[2], reported, now + ttl, l[5],
+                         l[6]))
 touch()
 return {'ok', tostring(now)}
 """

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..errors import SidecarError
@@ -36,8 +38,10 @@ class RedisStore:
         self.url = url
         self.cluster = cluster
         self.timeout = timeout
+        # No retries inside redis-py (its default retries for seconds): a failed call is
+        # the cluster's signal to go degraded, and its next heartbeat is the retry.
         options = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
-                       decode_responses=True)
+                       decode_responses=True, retry=Retry(NoBackoff(), 0))
         if cluster:
             self.client: Any = RedisCluster.from_url(url, **options)
         else:
