@@ -169,7 +169,8 @@ class Daemon:
         cfg = config.cluster
         if not cfg.redis_url:
             return None
-        from .cluster import Cluster, RedisStore
+        from .cluster import Cluster
+        from .cluster.store import RedisStore
 
         store = RedisStore(cfg.redis_url, cluster=cfg.redis_cluster, timeout=cfg.timeout)
         return Cluster(store, name=cfg.name, lease_ttl=cfg.lease_ttl, heartbeat=cfg.heartbeat,

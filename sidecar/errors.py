@@ -139,6 +139,11 @@ class VectorInputError(VectorIndexError, ValueError):
     says what was expected and how to convert."""
 
 
+class StoreUnavailable(SidecarError):
+    """Cluster mode: Redis did not answer in time, or answered with an error. The daemon
+    goes degraded; callers never see it."""
+
+
 class DaemonStartError(SidecarError):
     """The daemon cannot start: socket owned by a live daemon, unsafe directory, ..."""
 

@@ -278,3 +278,12 @@ def test_degraded_policies(start_daemon, tmp_path, policy, expected):
         assert all(r.limit == "shared" and r.retry_after > 0 for r in replies)
     assert d.stop() == 0
 
+
+def test_standalone_never_imports_redis():
+    import subprocess
+    import sys
+
+    code = ("import sys, sidecar.daemon, sidecar.handlers, sidecar.cli; "
+            "assert 'redis' not in sys.modules, 'redis imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+

@@ -28,10 +28,13 @@ import hashlib
 import logging
 import math
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
+from ..errors import StoreUnavailable
 from ..protocol import ClusterStats
-from .store import Call, RedisStore, StoreUnavailable
+
+if TYPE_CHECKING:  # the store imports redis: loaded only in cluster mode
+    from .store import Call, RedisStore
 
 log = logging.getLogger("sidecar.cluster")
 

@@ -18,13 +18,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..errors import SidecarError
+from ..errors import StoreUnavailable
 from . import scripts
-
-
-class StoreUnavailable(SidecarError):
-    """Redis did not answer in time, or answered with an error."""
-
 
 Call = tuple[str, Sequence[str], Sequence[Any]]  # (script name, keys, args)
 
