@@ -296,6 +296,8 @@ class Cluster:
             return await self._acquire_call(q, amount, now)
         if q.open:
             self._closed(q, args[-1], bool(int(reply[-1])))
+        if kind == "closed":  # a close (want 0) replayed
+            return None
         if kind == "deny":
             self.offset = float(reply[3]) - now
             self.refusals += 1
@@ -425,9 +427,9 @@ class Cluster:
             if closing:
                 q.valid = 0.0  # spent no more: the close returns the rest
                 q.seq += 1
-                calls.append(("acquire", q.keys, [*window, self.daemon, q.seq, q.rule.amount,
-                                                  0, 0, self.divisor, self.live,
-                                                  repr(self.lease_ttl), q.used]))
+                q.replay = [*window, self.daemon, q.seq, q.rule.amount, 0, 0, self.divisor,
+                            self.live, repr(self.lease_ttl), q.used]
+                calls.append(("acquire", q.keys, q.replay))
             else:
                 calls.append(("report", q.keys, [*window, self.daemon, q.used,
                                                  repr(self.lease_ttl)]))
@@ -443,6 +445,7 @@ class Cluster:
                     busy.set_result(None)
         for (q, closing, sent), reply in zip(order, replies):
             if closing:
+                q.replay = None
                 self._closed(q, sent, bool(int(reply[-1])))
             elif reply[0] == "gone":  # reclaimed: spend no more; the next sync closes it
                 q.valid, q.touched = 0.0, -math.inf
@@ -484,7 +487,7 @@ class Cluster:
         for lease in [k for k, (until, _) in self.leases.items() if until <= now]:
             del self.leases[lease]
         for k in [k for k, q in self.quotas.items() if not q.open and q.busy is None
-                  and now - q.touched > self.lease_ttl * 4]:
+                  and q.replay is None and now - q.touched > self.lease_ttl * 4]:
             del self.quotas[k]
 
     def trim(self, now: float) -> None:

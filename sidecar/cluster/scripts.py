@@ -3,8 +3,8 @@
 Every script reads the clock with Redis ``TIME``, never the daemon's, and touches only the
 keys of one limit counter: ``KEYS[1]`` its usage hash (slot -> amount: a bucket index of a
 sliding window, or the start of a calendar period) and ``KEYS[2]`` its lease hash (daemon
-id -> its open lease ``slot granted reported expires seq``; ``a:<daemon>`` -> the last
-adjustment batch applied). Both keys share a hash tag, so in a Redis Cluster they live on
+id -> its open lease ``slot granted reported expires seq found``; ``a:<daemon>`` -> the
+last adjustment batch applied; ``c:<daemon>`` -> the number of its last close). Both keys share a hash tag, so in a Redis Cluster they live on
 one node. Every write refreshes both keys' TTL, so a counter nobody touches disappears.
 
 Window arguments, common to every script: ``kind`` ("s" sliding, "c" calendar), ``span``
@@ -47,7 +47,7 @@ local function reclaim()
   local all = redis.call('HGETALL', leases)
   for i = 1, #all, 2 do
     local d = all[i]
-    if string.sub(d, 1, 2) ~= 'a:' then
+    if string.sub(d, 2, 2) ~= ':' then  -- not an a: or c: mark
       local l = fields(all[i + 1])
       if l[4] >= 0 and l[4] < now then
         local unused = l[2] - l[3]
@@ -109,10 +109,13 @@ if mine then
   end
   redis.call('HDEL', leases, daemon)
   found = 1
+elseif want <= 0 and tonumber(redis.call('HGET', leases, 'c:' .. daemon) or '-1') == seq then
+  return {'closed', tostring(now), 1}  -- a replayed close: it was applied
 end
 reclaim()
 local used = used_now()
 if want <= 0 then
+  redis.call('HSET', leases, 'c:' .. daemon, seq)
   touch()
   return {'closed', tostring(now), found}
 end
