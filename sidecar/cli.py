@@ -330,6 +330,22 @@ def _section(title: str, body: str) -> str:
     return f"== {title} ==\n{body}"
 
 
+def _render_cluster(stats: StatsReply) -> str:
+    c = stats.cluster
+    if c is None:
+        return _INDENT + "standalone (no cluster.redis_url)"
+    since = _utc(c.degraded_since) + " UTC" if c.degraded_since else "start"
+    state = f"DEGRADED since {since}: {c.reason}" if c.degraded else "ok"
+    return _table([
+        ("redis", c.redis), ("name", c.name), ("daemon", c.daemon), ("state", state),
+        ("live daemons", f"{c.live_daemons:,}"), ("shared limits", f"{c.shared_limits:,}"),
+        ("leases open", f"{c.leases_open:,}"),
+        ("pending", f"{c.pending_adjustments:,} adjustments"),
+        ("lease requests", f"{c.acquires:,} ({c.grants:,} granted, {c.refusals:,} refused)"),
+        ("transitions", f"{c.transitions:,}"),
+    ])
+
+
 def render_stats(stats: StatsReply) -> str:
     """The dashboard: one headed section per concern, tables aligned, build last."""
     log = stats.request_log
@@ -362,6 +378,7 @@ def render_stats(stats: StatsReply) -> str:
 
     return "\n\n".join([
         _section("daemon", daemon), _section("ops", ops), _section("limits", limits),
+        _section("cluster", _render_cluster(stats)),
         _section("caches", _render_cache(stats)),
         _section("routes and circuits",
                  _table(sorted(stats.circuits.items()), ("model", "circuit"))),

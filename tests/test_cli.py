@@ -82,8 +82,9 @@ def test_stats_dashboard_shows_every_section_and_the_numbers(start_daemon):
     r = cli("stats", "--socket", str(d.path))
     assert r.returncode == 0, r.stderr
     got = sections(r.stdout)
-    assert list(got) == ["daemon", "ops", "limits", "caches", "routes and circuits",
-                         "spend today", "latency", "alerts", "build"]
+    assert list(got) == ["daemon", "ops", "limits", "cluster", "caches",
+                         "routes and circuits", "spend today", "latency", "alerts", "build"]
+    assert got["cluster"].strip() == "standalone (no cluster.redis_url)"
     assert re.search(rf"^  pid +{d.pid}$", got["daemon"], re.M)
     assert re.search(rf"^  socket +{re.escape(str(d.path))}$", got["daemon"], re.M)
     assert re.search(r"^  begin +8 +0 +[\d,.]+ +[\d,.]+ +[\d,.]+$", got["ops"], re.M)

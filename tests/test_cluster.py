@@ -3,7 +3,10 @@ real 3-node Redis Cluster), exactly; Redis killed or paused mid-load; a daemon k
 holding a lease."""
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -168,6 +171,9 @@ def test_redis_killed_mid_load_degrades_then_reconciles(start_daemon, tmp_path,
     with Client(daemons[0].path) as c:
         text = c.metrics()
     assert "llm_sidecar_cluster_degraded 1.0" in text
+    shown = subprocess.run([sys.executable, "-m", "sidecar", "stats", "--socket",
+                            str(daemons[0].path)], capture_output=True, text=True, cwd="/")
+    assert re.search(r"^  state +DEGRADED since .*: .*onnect", shown.stdout, re.M), shown.stdout
     redis_server.restart()  # empty: what the daemons admitted while it was away comes back
     assert wait_for(lambda: not any(cluster_of(d).degraded for d in daemons))
     # Redis restarted empty: it learns the admits made while it was away, and the ones
@@ -280,9 +286,6 @@ def test_degraded_policies(start_daemon, tmp_path, policy, expected):
 
 
 def test_standalone_never_imports_redis():
-    import subprocess
-    import sys
-
     code = ("import sys, sidecar.daemon, sidecar.handlers, sidecar.cli; "
             "assert 'redis' not in sys.modules, 'redis imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
