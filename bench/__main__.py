@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
                         "hit, a miss + admit, a miss with the semantic tier")
     sp.add_argument("--quick", action="store_true", help="short run")
     sp.add_argument("--json", action="store_true", help="print all rows as JSON")
+    sp = sub.add_parser("cluster", help="cluster mode: admit against a standalone daemon and "
+                        "a Redis Lua round trip per admit; 1 and 3 daemons; over-admission")
+    sp.add_argument("--quick", action="store_true", help="short run")
+    sp.add_argument("--json", action="store_true", help="print all rows as JSON")
     return p
 
 
@@ -64,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import guard
 
             return guard.run(args)
+        if args.command == "cluster":
+            from . import cluster
+
+            return cluster.run(args)
         if args.command == "cache":
             from . import cache
 
