@@ -145,8 +145,8 @@ def _cluster_stats(d: ServerProcess) -> dict[str, Any]:
 
 
 def _log_findings(servers: dict[str, ServerProcess]) -> list[str]:
-    """The cluster's warnings, errors and tracebacks in the daemons' logs. The first
-    "cluster recovered" of each daemon is its initial connect and is left out."""
+    """The cluster's warnings, errors and tracebacks in the daemons' logs (the initial
+    connect is logged at INFO and is left out)."""
     found = []
     for kind, server in servers.items():
         if kind == "redis":
@@ -156,11 +156,8 @@ def _log_findings(servers: dict[str, ServerProcess]) -> list[str]:
                 lines = f.readlines()
         except OSError:
             continue
-        hits = [line.strip() for line in lines
-                if any(w in line for w in ("sidecar.cluster", "ERROR", "Traceback"))]
-        first = next((h for h in hits if "cluster recovered" in h), None)
-        if first is not None:
-            hits.remove(first)
+        hits = [line.strip() for line in lines if "INFO" not in line
+                and any(w in line for w in ("sidecar.cluster", "ERROR", "Traceback"))]
         found += [f"{kind}: {line[:200]}" for line in hits[:5]]
         if len(hits) > 5:
             found.append(f"{kind}: ... {len(hits) - 5} more")
@@ -559,11 +556,11 @@ def print_report(meta: dict, rows: list[Row], targets: list[dict], over: dict) -
               f"{d['grants']}, refusals {d['refusals']}, live {d['live_daemons']}, "
               f"leases open {d['leases_open']}, pending {d['pending_adjustments']}")
     print()
-    print("degraded mode (transitions: 1 = the initial connect, more = degraded during the run):")
+    print("degraded mode (transitions: into or out of degraded mode during the run):")
     for d in meta["daemon_states"]:
         flag = f"DEGRADED ({d['reason']})" if d["degraded"] else "not degraded"
         print(f"  {d['daemon']}: {flag}, transitions {d['transitions']}")
-    print("daemon logs (cluster warnings, errors; the initial connect left out): "
+    print("daemon logs (cluster warnings, errors): "
           + ("none" if not meta["daemon_log"] else ""))
     for line in meta["daemon_log"]:
         print(f"  {line}")

@@ -304,6 +304,11 @@ class Engine(_native.Core):
                          [r.match for r in rules], self.alert_thresholds, remap)
         self.rules = list(rules)
 
+    def track(self, flags: Sequence[bool]) -> None:
+        """Report, in each admit's ``Decision.tracked``, what it reserved on rule ``i``
+        when ``flags[i]`` (the rules a cluster shares). Reset by ``reconfigure``."""
+        self._track(list(flags))
+
     def period(self, kind: Kind, now: float) -> tuple[float, float]:
         """``(start, end)`` epoch seconds of the hour or day holding ``now`` in the zone."""
         return self._period(kind is Kind.DAY, now)

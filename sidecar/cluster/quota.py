@@ -136,6 +136,7 @@ class Cluster:
         self.offset = 0.0  # Redis time minus local time, at the last reply
         self.degraded = True  # until Redis first answers
         self.reason = "not connected yet"
+        self.connected = False  # Redis has answered at least once
         self.since = 0.0
         self.transitions = 0
         self.acquires = 0
@@ -366,6 +367,7 @@ class Cluster:
             return
         self.degraded, self.reason, self.since = True, reason, now
         self.transitions += 1
+        self.connected = True  # (a start without Redis never gets here: it starts degraded)
         for q in self.quotas.values():
             # nothing more is spent from leases; once Redis is back each is closed with
             # its exact use (a lease Redis reclaimed meanwhile included)
@@ -377,9 +379,13 @@ class Cluster:
 
     def _leave_degraded(self, now: float) -> None:
         self.degraded, self.reason = False, ""
-        self.transitions += 1
-        log.warning("cluster recovered after %.1f s: limits shared through Redis again",
-                    now - self.since if self.since else 0.0)
+        if not self.connected:
+            self.connected = True
+            log.info("cluster %r: connected, %d live daemons", self.name, self.live)
+        else:
+            self.transitions += 1
+            log.warning("cluster recovered after %.1f s: limits shared through Redis again",
+                        now - self.since if self.since else 0.0)
         if self.on_mode is not None:
             self.on_mode(False)
 

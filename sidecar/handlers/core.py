@@ -402,7 +402,7 @@ class Handlers(CallOps):
                      if i in cluster.rules and cluster.rules[i].policy is Policy.LOCAL_SHARE
                      else r for i, r in enumerate(rules)]
         self.engine.reconfigure(rules, **self._engine_settings(self.config))
-        self.engine._track([i in cluster.rules for i in range(len(rules))])
+        self.engine.track([i in cluster.rules for i in range(len(rules))])
 
     def _share(self, decision: Decision,
                now: float) -> Denial | Awaitable[Denial | None] | None:
@@ -421,7 +421,7 @@ class Handlers(CallOps):
                            now: float) -> Denial | None:
         assert self.cluster is not None
         refusal = None
-        for _ in range(4):  # leases taken meanwhile by concurrent admits: ask again
+        for _ in range(16):  # leases spent meanwhile by concurrent admits: ask again
             refusal = await self.cluster.acquire(short, now)
             if refusal is not None:
                 break
@@ -433,8 +433,9 @@ class Handlers(CallOps):
                 refusal = took
                 break
             short = took
-        if refusal is None:
-            refusal = Refusal(short[0][0].rule.name, 0, short[0][0].rule.amount, 0.0, "limit")
+        if refusal is None:  # concurrent admits kept winning: try again shortly
+            rule = short[0][0].rule
+            refusal = Refusal(rule.name, 0, rule.amount, 0.01, "busy")
         return self._refused(decision, refusal)
 
     def _refused(self, decision: Decision, refusal: Refusal) -> Denial:
