@@ -258,3 +258,16 @@ def test_readme_quick_start_has_two_commands():
     commands = [line for line in block.splitlines() if line.strip()]
     assert commands == ["pip install . && llm-sidecar serve",
                         "pip install -e '.[test]' && pytest"]
+
+
+def test_every_package_is_installed():
+    """``pip install .`` ships the packages pyproject lists: a new subpackage left out of
+    that list works from a checkout and is missing from every install."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(p.parent.relative_to(root).parts)
+             for p in (root / "sidecar").rglob("__init__.py")}
+    assert found == listed
