@@ -43,6 +43,7 @@ exit path, Ctrl-C included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import array
 import json
 import multiprocessing
@@ -314,10 +315,8 @@ class Clients:
         self.barrier.abort()  # releases a child waiting for one that died
         children, self.children = self.children, []
         for proc, conn in children:
-            try:
+            with contextlib.suppress(OSError):  # a child that died needs no stop
                 conn.send(("stop",))
-            except OSError:
-                pass
             proc.join(10)
             conn.close()
             if proc.is_alive():
