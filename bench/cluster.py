@@ -43,8 +43,8 @@ exit path, Ctrl-C included.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import array
+import contextlib
 import json
 import multiprocessing
 import os
