@@ -290,3 +290,26 @@ def test_standalone_never_imports_redis():
             "assert 'redis' not in sys.modules, 'redis imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
+
+def test_reload_keeps_sharing(start_daemon, tmp_path, redis_server):
+    """SIGHUP with a new amount: the counter and its leases carry over, the new amount
+    holds across the cluster from the next lease on."""
+    import signal
+
+    a, b = (start_daemon(config(redis_server.url, "global", 50), socket_path=tmp_path / n,
+                         env={"XDG_STATE_HOME": str(tmp_path / f"s{n}")}) for n in "ab")
+    wait_connected([a, b], live=2)
+    with Client(a.path) as ca, Client(b.path) as cb:
+        assert sum(ca.admit(user="u", input_tokens=1).allowed for _ in range(20)) == 20
+        for d in (a, b):
+            d.config.write_text(config(redis_server.url, "global", 80))
+            d.signal(signal.SIGHUP)
+        assert wait_for(lambda: ca.stats().config_epoch == 1 and cb.stats().config_epoch == 1)
+        allowed = 0
+        for _ in range(200):
+            allowed += ca.admit(user="u", input_tokens=1).allowed
+            allowed += cb.admit(user="u", input_tokens=1).allowed
+        assert allowed == 60  # 80 in all over the window, 20 of them before the reload
+    for d in (a, b):
+        assert d.stop() == 0
+

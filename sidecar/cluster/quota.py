@@ -100,8 +100,9 @@ class Quota:
         self.busy: asyncio.Future[Refusal | None] | None = None  # acquire in flight
         self.last_used = 0  # what the previous lease used: sizes the next one
         #: the cluster refused this counter: (local time until which to refuse without
-        #: asking, the refusal); a bucket at most, so others' returns are seen soon
-        self.full: tuple[float, Refusal] | None = None
+        #: asking, the refusal, when it said to retry); a bucket at most, so what other
+        #: daemons return is seen soon
+        self.full: tuple[float, Refusal, float] | None = None
 
 
 def _digest(*parts: str) -> str:
@@ -147,12 +148,28 @@ class Cluster:
     # -- configuration ---------------------------------------------------------------
 
     def configure(self, rules: Sequence[Shared]) -> None:
-        """The shared rules (at start and on reload); counters of a rule whose name or
-        shape changed start afresh."""
-        self.rules = {r.index: r for r in rules}
-        self.quotas = {k: q for k, q in self.quotas.items()
-                       if k[0] in self.rules and self.rules[k[0]] == q.rule}
-        self.pending = {k: v for k, v in self.pending.items() if k[0] in self.rules}
+        """The shared rules (at start and on reload). A rule that keeps its name and
+        shape keeps its leases and adjustments (a new amount or policy applies from its
+        next lease); the leases of a rule gone or reshaped are left to expire in Redis."""
+        new = {r.index: r for r in rules}
+        by_name = {r.name: r for r in rules}
+        moved = {old.index: by_name[old.name].index for old in self.rules.values()
+                 if old.name in by_name and by_name[old.name].shape == old.shape}
+        kept = {}
+        for q in self.quotas.values():
+            if q.rule.index in moved:
+                q.rule = new[moved[q.rule.index]]
+                kept[(q.rule.index, q.key)] = q
+        self.quotas = kept
+
+        def remap(table: dict[tuple[int, str, float], int]) -> dict:
+            return {(moved[i], key, slot): v for (i, key, slot), v in table.items()
+                    if i in moved}
+
+        self.pending = remap(self.pending)
+        if self._batch is not None:
+            self._batch = (self._batch[0], remap(self._batch[1]))
+        self.rules = new
 
     def stats(self, redis: str) -> ClusterStats:
         return ClusterStats(
@@ -201,7 +218,8 @@ class Cluster:
         """Spend ``tracked`` (``(rule index, key, amount)`` per shared rule an admit
         reserved on) from this daemon's leases, all or none. None: done; a list: the
         quotas short of their amount (``acquire`` them, then take again); a ``Refusal``:
-        degraded, and a ``fail_closed`` rule refuses."""
+        Redis refused one of them a moment ago, or (degraded) a ``fail_closed`` rule
+        refuses."""
         if self.degraded:
             return self._take_degraded(lease, tracked, now)
         entries = []
@@ -213,8 +231,8 @@ class Cluster:
             q = self._quota(rule, key)
             if q.valid <= now or q.granted - q.used < amount:
                 if q.full is not None and q.full[0] > now:
-                    full = q.full[1]
-                    return full._replace(retry_after=max(0.0, q.full[0] - now))
+                    refusal, retry_at = q.full[1], q.full[2]
+                    return refusal._replace(retry_after=max(0.0, retry_at - now))
                 short.append((q, amount))
             else:
                 entries.append((q, amount))
@@ -306,7 +324,7 @@ class Cluster:
             refusal = Refusal(rule.name, int(reply[1]), rule.amount,
                               wait if wait >= 0 else math.inf, "limit")
             hold = rule.span if rule.sliding else self.heartbeat
-            q.full = (now + min(refusal.retry_after, hold), refusal)
+            q.full = (now + min(refusal.retry_after, hold), refusal, now + refusal.retry_after)
             return refusal
         self.offset = float(reply[3]) - now
         self.grants += 1
@@ -345,6 +363,8 @@ class Cluster:
         if taken is None:
             return
         for q, slot, amount in taken[1]:
+            if self.rules.get(q.rule.index) is not q.rule:
+                continue  # its rule was reshaped or removed by a reload
             delta = needs[q.rule.need_at] - amount
             if delta:
                 k = (q.rule.index, q.key, slot)
@@ -356,6 +376,8 @@ class Cluster:
         if taken is None:
             return
         for q, slot, amount in taken[1]:
+            if self.rules.get(q.rule.index) is not q.rule:
+                continue  # its rule was reshaped or removed by a reload
             k = (q.rule.index, q.key, slot)
             self.pending[k] = self.pending.get(k, 0) - amount
 
