@@ -313,3 +313,20 @@ def test_reload_keeps_sharing(start_daemon, tmp_path, redis_server):
     for d in (a, b):
         assert d.stop() == 0
 
+
+def test_admit_waits_out_a_cluster_refusal(start_daemon, tmp_path, redis_server):
+    text = config(redis_server.url, "global", 4).replace('window = "60s"', 'window = "4s"')
+    a, b = (start_daemon(text, socket_path=tmp_path / n,
+                         env={"XDG_STATE_HOME": str(tmp_path / f"s{n}")}) for n in "ab")
+    wait_connected([a, b], live=2)
+    with Client(a.path) as ca, Client(b.path) as cb:
+        assert sum(ca.admit(user="u", input_tokens=1).allowed for _ in range(2)) == 2
+        assert sum(cb.admit(user="u", input_tokens=1).allowed for _ in range(3)) == 2
+        refused = cb.admit(user="u", input_tokens=1)
+        assert not refused.allowed and 0 < refused.retry_after <= 4.0
+        assert refused.limit == "shared" and refused.reason == "limit"
+        waited = cb.admit(user="u", input_tokens=1, wait=8.0)  # the window moves on
+        assert waited.allowed, waited
+    for d in (a, b):
+        assert d.stop() == 0
+

@@ -71,6 +71,12 @@ _BUDGETS = (Kind.HOUR, Kind.DAY)
 _WAITABLE = ("limit", "burst")
 
 
+def _waits(denial: Denial, wait: float) -> bool:
+    """A cluster refusal that an admit willing to ``wait`` seconds waits out."""
+    return (wait > 0 and denial.reason in ("limit", "busy")
+            and denial.retry_after <= wait)  # inf (unknown) never fits
+
+
 def _without_password(url: str) -> str:
     """``url`` fit for stats and logs."""
     parts = urllib.parse.urlsplit(url)
@@ -350,11 +356,11 @@ class Handlers(CallOps):
         self._observe(subject, decision, now)
         if decision.tracked and self.cluster is not None:
             shared = self._share(decision, now)
-            if isinstance(shared, Denial):
+            if isinstance(shared, Denial) and not _waits(shared, req.wait):
                 return self._admit_reply(req, decision, known, shared)
             if shared is not None:
-                return Deferred(asyncio.ensure_future(
-                    self._admit_shared(req, decision, known, shared)), req.id)
+                return Deferred(asyncio.ensure_future(self._admit_shared(
+                    req, subject, estimate, known, decision, shared)), req.id)
         denial = decision.denial
         if (denial is not None and req.wait > 0 and denial.reason in _WAITABLE
                 and not denial.never
@@ -365,9 +371,26 @@ class Handlers(CallOps):
             return Deferred(task, req.id)
         return self._admit_reply(req, decision, known)
 
-    async def _admit_shared(self, req: Admit, decision: Decision, known: bool,
-                            shared: Awaitable[Denial | None]) -> AdmitReply:
-        return self._admit_reply(req, decision, known, await shared)
+    async def _admit_shared(self, req: Admit, subject: Subject, estimate: Estimate,
+                            known: bool, decision: Decision,
+                            shared: Denial | Awaitable[Denial | None]) -> AdmitReply:
+        """The cluster's answer (asking Redis first when it must); a refusal whose
+        retry_after fits in what is left of the admit's ``wait`` is tried again then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait
+        while True:
+            denial = shared if isinstance(shared, Denial) else await shared
+            if denial is None or not _waits(denial, deadline - loop.time()):
+                return self._admit_reply(req, decision, known, denial)
+            await asyncio.sleep(denial.retry_after)
+            now = time.time()
+            decision = self.engine.admit(subject, estimate, now)
+            self._observe(subject, decision, now)
+            if not decision.tracked:  # refused by this daemon's own limits: no more waiting
+                return self._admit_reply(req, decision, known)
+            shared = self._share(decision, now)
+            if shared is None:
+                return self._admit_reply(req, decision, known)
 
     # -- cluster -----------------------------------------------------------------------
 
