@@ -443,8 +443,8 @@ class Cluster:
                 busy.set_result(None)
 
     async def _sync_quotas(self, now: float) -> None:
-        """Report every open lease (renewing it), close the ones whose slot is over or
-        that sat idle for a heartbeat."""
+        """Report every open lease (renewing it); close the ones whose slot is over or
+        that sat idle for half their TTL (or a heartbeat, if longer)."""
         calls: list[Call] = []
         order: list[tuple[Quota, bool, int]] = []
         for q in self.quotas.values():
