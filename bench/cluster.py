@@ -62,7 +62,7 @@ import sidecar
 
 from .limits import (LUA, LUA_SLIDING_WINDOW, PING, REDIS_SERVER, USERS, RedisServer, Row,
                      Runner, Series, _progress, _redis_server_version, _versions, interleave,
-                     lua_runner, make_row, ping_runner, redis_unavailable)
+                     lua_runner, make_row, ping_runner, print_rows, redis_unavailable)
 from .roundtrip import (ROUNDS, Placement, ServerProcess, _placements, _raise_on_sigterm,
                         host_meta, split)
 
@@ -522,20 +522,8 @@ def print_report(meta: dict, rows: list[Row], targets: list[dict], over: dict) -
           "rows: admit+settle, shown on the admit row)")
     print(f"wall time {meta['wall_s']} s")
     print()
-    header = (f"{'placement':<10} {'workload':<46} {'calls':>6} {'p50 us':>9} {'p99 us':>9} "
-              f"{'ops/s':>9} {'srv cpu us/op':>13}  p50 rounds")
-    print(header)
-    print("-" * len(header))
-    last = None
-    for r in rows:
-        if last is not None and r.placement != last:
-            print()
-        last = r.placement
-        cpu = "" if r.server_cpu_us is None else f"{r.server_cpu_us:.1f}"
-        rounds = "" if r.round_p50_us is None else \
-            f"[{r.round_p50_us[0]:.1f}-{r.round_p50_us[1]:.1f}]"
-        print(f"{r.placement:<10} {r.workload:<46} {r.samples:>6} {r.p50_us:>9.1f} "
-              f"{r.p99_us:>9.1f} {r.ops_per_s:>9,.0f} {cpu:>13}  {rounds}")
+    print_rows(rows, " calls", lambda r: f"{r.samples:>6}", digits=1, workload=46,
+               ops_width=9)
     print()
     rc = meta["redis_calls"]
     for label, x in (("cluster, 1 daemon", rc["single"]), ("cluster, 3 daemons", rc["three"])):

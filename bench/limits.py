@@ -325,6 +325,27 @@ def fixed_runner(r: Any, prefix: str, counter: list[int]) -> Runner:
 # --- servers ----------------------------------------------------------------------------
 
 
+def print_rows(rows: list[Row], third: str, cell: Callable[[Row], str], *, digits: int,
+               workload: int, ops_width: int) -> None:
+    """The rows as an aligned table, a blank line between placements; ``third`` names
+    the column ``cell`` renders (already padded) after the workload."""
+    width = len(cell(rows[0])) if rows else len(third)
+    header = (f"{'placement':<10} {'workload':<{workload}} {third:<{width}} {'p50 us':>9} "
+              f"{'p99 us':>9} {'ops/s':>{ops_width}} {'srv cpu us/op':>13}  p50 rounds")
+    print(header)
+    print("-" * len(header))
+    last = None
+    for r in rows:
+        if last is not None and r.placement != last:
+            print()
+        last = r.placement
+        cpu = "" if r.server_cpu_us is None else f"{r.server_cpu_us:.{digits}f}"
+        rounds = "" if r.round_p50_us is None else \
+            f"[{r.round_p50_us[0]:.{digits}f}-{r.round_p50_us[1]:.{digits}f}]"
+        print(f"{r.placement:<10} {r.workload:<{workload}} {cell(r)} {r.p50_us:>9.{digits}f} "
+              f"{r.p99_us:>9.{digits}f} {r.ops_per_s:>{ops_width},.0f} {cpu:>13}  {rounds}")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -587,20 +608,8 @@ def print_report(meta: dict, rows: list[Row], targets: list[dict]) -> None:
     print(f"Lua: sorted set per user, weight {WEIGHT} per entry, 60 s window; each key holds "
           f"at most ~{meta['lua_entries']} live entries in this run")
     print()
-    header = (f"{'placement':<10} {'workload':<40} {'per sample':<14} {'p50 us':>9} "
-              f"{'p99 us':>9} {'ops/s':>11} {'srv cpu us/op':>13}  p50 rounds")
-    print(header)
-    print("-" * len(header))
-    last = None
-    for r in rows:
-        if last is not None and r.placement != last:
-            print()
-        last = r.placement
-        cpu = "" if r.server_cpu_us is None else f"{r.server_cpu_us:.2f}"
-        rounds = "" if r.round_p50_us is None else \
-            f"[{r.round_p50_us[0]:.2f}-{r.round_p50_us[1]:.2f}]"
-        print(f"{r.placement:<10} {r.workload:<40} {r.unit:<14} {r.p50_us:>9.2f} "
-              f"{r.p99_us:>9.2f} {r.ops_per_s:>11,.0f} {cpu:>13}  {rounds}")
+    print_rows(rows, "per sample", lambda r: f"{r.unit:<14}", digits=2, workload=40,
+               ops_width=11)
     print()
     print("targets (reported, not enforced; same placement, same run):")
     for t in targets:

