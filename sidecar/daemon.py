@@ -231,8 +231,8 @@ class Daemon:
         self._restore_cache()
         try:
             sock = self.inherited or _bind(self.path, self.config.socket_mode)
+            await self._listen_metrics()  # first: a socket that answers means all is up
             await self.server.start(sock)
-            await self._listen_metrics()
             housekeeping = loop.create_task(self._housekeeping())
             syncing = loop.create_task(self._cluster_loop()) if self.cluster else None
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
