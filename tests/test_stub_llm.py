@@ -243,13 +243,31 @@ def test_hang_times_out(stub_llm, stream):
             message(a, stream=stream)
 
 
+def assert_transport_error(exc: BaseException, sdk_error: type, transport: type) -> None:
+    """``exc`` is the transport's error, bare (anthropic < 2.17 mid-stream) or wrapped in
+    the SDK's own error class (openai, and anthropic >= 2.17): a guard must take both."""
+    if isinstance(exc, sdk_error):
+        assert anthropic_wraps_mid_stream() or sdk_error.__module__.startswith("openai")
+        exc = exc.__cause__
+    else:
+        assert not anthropic_wraps_mid_stream()
+    assert isinstance(exc, transport)
+
+
+def anthropic_wraps_mid_stream() -> bool:
+    major, minor = (int(p) for p in anthropic.__version__.split(".")[:2])
+    return (major, minor) >= (2, 17)
+
+
 def test_hang_mid_stream(stub_llm):
     stub_llm.script(Hang(60, after_chunks=2), Hang(60, after_chunks=2))
     with oai(stub_llm, timeout=SHORT) as o, ant(stub_llm, timeout=SHORT) as a:
         with pytest.raises(openai.APITimeoutError):  # openai wraps mid-stream errors
             list(chat(o, stream=True))
-        with pytest.raises(httpx2.ReadTimeout):  # anthropic lets httpx2's through
+        # anthropic < 2.17 lets httpx2's error through mid-stream; 2.17 wraps it like openai.
+        with pytest.raises((httpx2.ReadTimeout, anthropic.APITimeoutError)) as ae:
             list(message(a, stream=True))
+        assert_transport_error(ae.value, anthropic.APITimeoutError, httpx2.ReadTimeout)
 
 
 def test_malformed_body(stub_llm):
@@ -273,9 +291,10 @@ def test_broken_stream(stub_llm):
             list(chat(o, stream=True))
         assert isinstance(oe.value.__cause__, httpx2.RemoteProtocolError)
         got = []
-        with pytest.raises(httpx2.RemoteProtocolError):
+        with pytest.raises((httpx2.RemoteProtocolError, anthropic.APIConnectionError)) as ae:
             for event in message(a, stream=True):
                 got.append(event.type)
+        assert_transport_error(ae.value, anthropic.APIConnectionError, httpx2.RemoteProtocolError)
         assert got == ["message_start", "content_block_start"]
         # A torn non-streamed body fails inside the SDK's send: wrapped by both.
         with pytest.raises(openai.APIConnectionError):
