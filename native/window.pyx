@@ -44,6 +44,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
+import os
 from collections import OrderedDict, deque
 
 # Rule kinds and key spaces; sidecar.limits maps its enums to these numbers.
@@ -60,6 +61,13 @@ cdef enum:
     S_MODEL = 2
     S_ROUTE = 3
     NSPACES = 4
+
+cdef const char* HEX = b"0123456789abcdef"
+
+#: The largest amount one request may carry in one unit (tokens, micro-dollars): sums of
+#: two and of many requests in one counter stay far inside int64. The wire's bounds
+#: (``sidecar.protocol``) are tighter; this guards the engine against its own callers.
+cdef int64_t MAX_NEED = 1LL << 56
 
 cdef enum:
     L_OPEN = 0
@@ -318,6 +326,25 @@ cdef Decision _decision(bint allowed, str lease, object denial, object estimate,
     return d
 
 
+cdef int _load_amounts(object amounts_, int64_t* out) except -1:
+    """``(input, output, micro_usd)`` into ``out``: requests, input, output, total and
+    micro-dollars, each checked before anything is changed with them."""
+    if not isinstance(amounts_, tuple) or len(<tuple>amounts_) < 3:
+        raise TypeError("amounts must be an (input, output, micro_usd) (named) tuple")
+    cdef tuple amounts = <tuple>amounts_
+    cdef int i
+    for i in range(3):
+        v = amounts[i]
+        if not isinstance(v, int) or not 0 <= v <= MAX_NEED:
+            raise ValueError(f"amount {v!r} out of range: 0 to {MAX_NEED}")
+    out[0] = 1
+    out[1] = amounts[0]
+    out[2] = amounts[1]
+    out[3] = out[1] + out[2]
+    out[4] = amounts[2]
+    return 0
+
+
 @cython.no_gc  # holds tuples, strings and Keyed records only: never part of a cycle
 @cython.freelist(64)
 cdef class Lease:
@@ -326,6 +353,8 @@ cdef class Lease:
     cdef readonly object estimate
     cdef double expires
     cdef int state
+    cdef readonly long owner   # the uid of the peer that took it (-1: any)
+    cdef readonly int64_t micro_usd  # what its settle recorded
     cdef Keyed k0, k1, k2, k3   # the records reserved on, by key space (None if unused)
     cdef Res* res
     cdef int n
@@ -374,7 +403,6 @@ cdef class Core:
     cdef object done             # OrderedDict of ended leases, for idempotence
     cdef Py_ssize_t remembered
     cdef double oldest           # no open lease expires before this
-    cdef int64_t next_id
     cdef double pstart[2]        # cached hour and day periods
     cdef double pend[2]
     cdef dict recent             # (who, fingerprint) -> deque of admit times
@@ -382,8 +410,10 @@ cdef class Core:
     cdef list sweep
     cdef Res* scratch            # admit's plan, one row per rule
     cdef int64_t* scratch_used
-    cdef char idbuf[48]          # lease id being formatted: prefix "-" decimal counter
+    cdef char idbuf[64]          # lease id being formatted: prefix "-" 32 hex digits
     cdef int idlen               # length of the prefix and its "-"
+    cdef bytes entropy           # random bytes for lease ids, used 16 at a time
+    cdef Py_ssize_t epos
     cdef object denial_type, spend_type, settle_type, period_fn
     cdef public double lease_ttl
     cdef double near
@@ -427,7 +457,8 @@ cdef class Core:
         self.pending = []
         self.sweep = []
         self.oldest = INFINITY
-        self.next_id = 1
+        self.entropy = b""
+        self.epos = 0
         self.glob = None
         self._forget_periods()
 
@@ -668,13 +699,15 @@ cdef class Core:
 
     # -- admit / settle / release ------------------------------------------------------
 
-    def admit(self, subject_, estimate_, double now, bytes fingerprint=b""):
+    def admit(self, subject_, estimate_, double now, bytes fingerprint=b"", long owner=-1):
         """Reserve ``estimate`` (``(input, output, micro_usd)``) for ``subject`` (``(user,
-        key, model, route)``) on every applicable rule, all or none."""
-        if not (isinstance(subject_, tuple) and isinstance(estimate_, tuple)):
-            raise TypeError("subject and estimate must be (named) tuples")
-        cdef tuple subject = <tuple>subject_, estimate = <tuple>estimate_
+        key, model, route)``) on every applicable rule, all or none. The lease belongs
+        to ``owner`` (a uid; -1: anyone may end it)."""
+        if not isinstance(subject_, tuple):
+            raise TypeError("subject must be a (named) tuple")
         cdef int64_t needs[5]
+        _load_amounts(estimate_, needs)
+        cdef tuple subject = <tuple>subject_, estimate = <tuple>estimate_
         cdef str user = subject[0], model = subject[2], route = subject[3]
         cdef int tier, s, i, p, nplan = 0
         cdef bint never, best_never = False
@@ -695,11 +728,6 @@ cdef class Core:
             denial = self._retry_loop(subject, fingerprint, now)
             if denial is not None:
                 return _decision(False, "", denial, estimate, EMPTY, EMPTY, EMPTY)
-        needs[0] = 1
-        needs[1] = estimate[0]
-        needs[2] = estimate[1]
-        needs[3] = needs[1] + needs[2]
-        needs[4] = estimate[2]
         tier = 1 if user else 2
         if self.nspace[S_GLOBAL]:
             kg = self._keyed(S_GLOBAL, "")
@@ -803,6 +831,8 @@ cdef class Core:
         if lease.expires < self.oldest:
             self.oldest = lease.expires
         lease.state = L_OPEN
+        lease.owner = owner
+        lease.micro_usd = 0
         lease.k0, lease.k1, lease.k2, lease.k3 = kg, kw, km, kr
         lease.hold(1)
         self.leases[lease.id] = lease
@@ -815,20 +845,20 @@ cdef class Core:
         return decision
 
     cdef str _next_id(self):
-        """``prefix-N``: formatted by hand, it is on every admit's path."""
-        cdef char digits[24]
-        cdef int64_t v = self.next_id
-        cdef int nd = 0, i
-        self.next_id += 1
-        while True:
-            digits[nd] = <char>(48 + v % 10)
-            nd += 1
-            v //= 10
-            if v == 0:
-                break
-        for i in range(nd):
-            self.idbuf[self.idlen + i] = digits[nd - 1 - i]
-        return PyUnicode_DecodeASCII(self.idbuf, self.idlen + nd, NULL)
+        """``prefix-`` and 128 random bits in hex: unguessable, so no peer can name
+        another's lease. Random bytes come from ``os.urandom`` 4 KiB at a time, which
+        keeps the syscall off nearly every admit."""
+        cdef const unsigned char* raw
+        cdef int i
+        if self.epos + 16 > len(self.entropy):
+            self.entropy = os.urandom(4096)
+            self.epos = 0
+        raw = <const unsigned char*>(<char*>self.entropy) + self.epos
+        self.epos += 16
+        for i in range(16):
+            self.idbuf[self.idlen + 2 * i] = HEX[raw[i] >> 4]
+            self.idbuf[self.idlen + 2 * i + 1] = HEX[raw[i] & 15]
+        return PyUnicode_DecodeASCII(self.idbuf, self.idlen + 32, NULL)
 
     cdef object _retry_loop(self, tuple subject, bytes fingerprint, double now):
         key = (subject[0] or subject[1], fingerprint)
@@ -843,10 +873,20 @@ cdef class Core:
         times.append(now)
         return None
 
-    def settle(self, str lease_id, usage_, double now):
+    cdef Lease _find(self, str lease_id, long owner):
+        """The lease, open or remembered, when ``owner`` may see it (else None)."""
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            lease = self.done.get(lease_id)
+        if lease is None or (owner >= 0 and (<Lease>lease).owner >= 0
+                             and (<Lease>lease).owner != owner):
+            return None
+        return <Lease>lease
+
+    def settle(self, str lease_id, usage_, double now, long owner=-1):
         """Replace the lease's estimate by ``usage`` ``(input, output, micro_usd)``.
-        Settling again changes nothing."""
-        cdef Lease lease = self.leases.pop(lease_id, None)
+        Settling again, or after a release, changes nothing and reports what was
+        recorded. Another ``owner``'s lease is not found."""
         cdef bint expired = False
         cdef int64_t actual[5]
         cdef int i
@@ -854,23 +894,18 @@ cdef class Core:
         cdef CRule* r
         cdef Keyed k
         cdef int64_t amount
-        if not isinstance(usage_, tuple):
-            raise TypeError("usage must be a (named) tuple")
-        cdef tuple usage = <tuple>usage_
-        if lease is not None:
+        _load_amounts(usage_, actual)  # before the lease is touched: all or nothing
+        cdef Lease lease = self._find(lease_id, owner)
+        if lease is None:
+            return self.settle_type(False, False, False)
+        if lease.state == L_OPEN:
+            del self.leases[lease_id]
             lease.hold(-1)
+        elif lease.state != L_EXPIRED:
+            return self.settle_type(True, True, False, (), lease.micro_usd,
+                                    lease.state == L_RELEASED)
         else:
-            lease = self.done.get(lease_id)
-            if lease is None:
-                return self.settle_type(False, False, False)
-            if lease.state != L_EXPIRED:
-                return self.settle_type(True, True, False)
             expired = True
-        actual[0] = 1
-        actual[1] = usage[0]
-        actual[2] = usage[1]
-        actual[3] = actual[1] + actual[2]
-        actual[4] = usage[2]
         spent = []
         for i in range(lease.n):
             res = &lease.res[i]
@@ -893,30 +928,24 @@ cdef class Core:
             if spend is not None:
                 spent.append(spend)
         lease.state = L_SETTLED
+        lease.micro_usd = actual[4]
         self._remember(lease)
-        return self.settle_type(True, False, expired, tuple(spent))
+        return self.settle_type(True, False, expired, tuple(spent), actual[4])
 
-    def extend(self, str lease_id, usage_, double now):
+    def extend(self, str lease_id, usage_, double now, long owner=-1):
         """Grow an open lease's reservation to ``usage`` ``(input, output, micro_usd)``
         when that is more than it holds (a stream past its estimate), on every rule or
         none. Returns a denial (as ``admit``'s) or None."""
-        cdef Lease lease = self.leases.get(lease_id)
         cdef int64_t want[5]
         cdef int64_t delta, used
         cdef int i
         cdef Res* res
         cdef CRule* r
         cdef Keyed k
-        if lease is None:
+        _load_amounts(usage_, want)
+        cdef Lease lease = self._find(lease_id, owner)
+        if lease is None or lease.state != L_OPEN:
             return self.denial_type("lease", "unknown_lease", 0, 0, INFINITY, True)
-        if not isinstance(usage_, tuple):
-            raise TypeError("usage must be a (named) tuple")
-        cdef tuple usage = <tuple>usage_
-        want[0] = 1
-        want[1] = usage[0]
-        want[2] = usage[1]
-        want[3] = want[1] + want[2]
-        want[4] = usage[2]
         for i in range(lease.n):  # check everything first: all or none
             res = &lease.res[i]
             r = &self.rules[res.rule]
@@ -940,15 +969,16 @@ cdef class Core:
             res.amount += delta
         return None
 
-    def release(self, str lease_id, double now):
+    def release(self, str lease_id, double now, long owner=-1):
         """Cancel an unused reservation: every amount it reserved is given back."""
-        cdef Lease lease = self.leases.pop(lease_id, None)
+        cdef Lease lease = self._find(lease_id, owner)
         cdef int i
         cdef Res* res
         cdef CRule* r
         cdef Keyed k
-        if lease is None:
+        if lease is None or lease.state != L_OPEN:
             return False
+        del self.leases[lease_id]
         for i in range(lease.n):
             res = &lease.res[i]
             r = &self.rules[res.rule]
@@ -1153,9 +1183,8 @@ cdef class Core:
     def open_leases(self):
         return len(self.leases)
 
-    def lease_subject(self, str lease_id):
-        """Who a lease (open, or remembered after it ended) was admitted for."""
-        lease = self.leases.get(lease_id)
-        if lease is None:
-            lease = self.done.get(lease_id)
-        return None if lease is None else (<Lease>lease).subject
+    def lease_subject(self, str lease_id, long owner=-1):
+        """Who a lease (open, or remembered after it ended) was admitted for; None when
+        unknown or another ``owner``'s."""
+        lease = self._find(lease_id, owner)
+        return None if lease is None else lease.subject

@@ -131,13 +131,18 @@ class LimitsConfig(_Section):
     rules: tuple[LimitRuleConfig, ...] = DEFAULT_LIMIT_RULES
 
 
+#: USD per million tokens, bounded (the dearest list price is a few hundred) so that
+#: no price is taken for a typo of a thousand times.
+Rate = Annotated[float, msgspec.Meta(ge=0, le=10_000)]
+
+
 class PriceConfig(_Section):
     """USD per million tokens."""
 
-    input: Annotated[float, msgspec.Meta(ge=0)]
-    output: Annotated[float, msgspec.Meta(ge=0)]
-    cached_input: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    reasoning: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    input: Rate
+    output: Rate
+    cached_input: Rate | None = None
+    reasoning: Rate | None = None
 
 
 class PricingConfig(_Section):

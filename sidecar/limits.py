@@ -42,6 +42,9 @@ from .errors import ConfigError
 _native = load("window")
 
 MICRO = 1_000_000  # USD amounts are counted in micro-dollars
+#: The largest amount a rule may have (in its units): counters are int64, and a counter
+#: may exceed its amount by what open leases settle (each bounded by the wire's limits).
+MAX_AMOUNT = 2**53
 
 
 class Scope(enum.Enum):
@@ -154,6 +157,10 @@ def parse_rule(name: str, scope: str, metric: str, window: str, amount: float, m
         if not 0 < burst_s <= span:
             raise fail(f"burst {burst!r} out of range", f"above 0s, at most the window ({window})")
     units = round(amount * MICRO) if metric_e is Metric.USD else int(amount)
+    if units > MAX_AMOUNT:
+        top = MAX_AMOUNT / MICRO if metric_e is Metric.USD else MAX_AMOUNT
+        raise fail(f"amount {amount!r} is larger than a limit can count",
+                   f"at most {top:.0f}")
     return Rule(name, scope_e, metric_e, kind, span, units, match, buckets, shadow, burst_s)
 
 
@@ -255,6 +262,8 @@ class SettleResult(NamedTuple):
     duplicate: bool  # already settled: nothing changed
     expired: bool  # settled after expiry: the truth replaced the estimate all the same
     spent: tuple[Spend, ...] = ()  # what this settle added to long windows (to persist)
+    micro_usd: int = 0  # what the settle recorded (the first one's, for a duplicate)
+    released: bool = False  # a duplicate of a release: nothing was ever charged
 
 
 class Engine(_native.Core):

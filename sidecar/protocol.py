@@ -18,6 +18,29 @@ PROTOCOL_VERSION = 1
 
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
+# Every number on the wire is bounded to what the daemon can hold and compute with: the
+# limits engine adds tokens and micro-dollars in int64, so one request's amounts (and
+# their sums over a window) must stay far below 2**63; floats must be finite (a NaN
+# fails every range check). The bounds are far beyond any real call.
+#: tokens in one field of one request (~1.1e12)
+MAX_TOKENS = 2**40
+#: USD of one call (an explicit ``usd`` on admit, settle or end)
+MAX_USD = 1e6
+#: seconds of a provider's Retry-After or a call's latency (one day)
+MAX_SECONDS = 86_400.0
+#: epoch seconds accepted as a time (year 3000)
+MAX_EPOCH = 32_503_680_000.0
+#: characters of a caller's name for something (user, key, model, route, namespace, ...)
+MAX_NAME = 512
+
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
+Usd = Annotated[float, msgspec.Meta(ge=0, le=MAX_USD)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
+Epoch = Annotated[float, msgspec.Meta(ge=0, le=MAX_EPOCH)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
+LeaseId = Annotated[str, msgspec.Meta(max_length=128)]
+HttpStatus = Annotated[int, msgspec.Meta(ge=0, le=999)]
+
 NIL = b"\xc0"  # msgpack nil: the default of opaque ``Raw`` fields (no value)
 _NIL = msgspec.Raw(NIL)
 
@@ -48,7 +71,7 @@ class Request(msgspec.Struct, tag_field="op", frozen=True, kw_only=True):
 
 
 class Hello(Request, tag="hello"):
-    client: str = ""
+    client: Name = ""
 
 
 class Ping(Request, tag="ping"):
@@ -67,11 +90,11 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One chat message as the OpenAI chat API takes it. ``content`` is text or a list of
     parts (``{"type": "text", "text": ...}``, image parts, ...)."""
 
-    role: str
+    role: Annotated[str, msgspec.Meta(max_length=64)]
     content: str | list[dict[str, object]] | None = None
-    name: str | None = None
+    name: Name | None = None
     tool_calls: list[dict[str, object]] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: Name | None = None
 
 
 class Count(Request, tag="count"):
@@ -83,13 +106,10 @@ class Count(Request, tag="count"):
     text: str | None = None
     messages: list[Message] | None = None
     tools: list[dict[str, object]] | None = None
-    model: str = ""
-    encoding: str = ""
-    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    model: Name = ""
+    encoding: Name = ""
+    max_tokens: Tokens | None = None
     special: bool = False
-
-
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class Admit(Request, tag="admit"):
@@ -103,16 +123,16 @@ class Admit(Request, tag="admit"):
     twice."""
 
     idempotent: ClassVar[bool] = False
-    user: str = ""
-    key: str = ""
-    model: str = ""
-    route: str = ""
-    input_tokens: NonNegative | None = None
+    user: Name = ""
+    key: Name = ""
+    model: Name = ""
+    route: Name = ""
+    input_tokens: Tokens | None = None
     text: str | None = None
     messages: list[Message] | None = None
     tools: list[dict[str, object]] | None = None
-    max_tokens: NonNegative | None = None
-    usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    max_tokens: Tokens | None = None
+    usd: Usd | None = None
     wait: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
 
 
@@ -121,24 +141,24 @@ class Settle(Request, tag="settle"):
     ``input_tokens`` includes ``cached_input_tokens`` (OpenAI's convention); ``usd``
     overrides the price computed for the lease's model."""
 
-    lease: str
-    input_tokens: NonNegative = 0
-    output_tokens: NonNegative = 0
-    cached_input_tokens: NonNegative = 0
-    reasoning_tokens: NonNegative = 0
-    usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    lease: LeaseId
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    cached_input_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
+    usd: Usd | None = None
 
 
 class Release(Request, tag="release"):
     """Cancel an unused reservation (the call was never made)."""
 
-    lease: str
+    lease: LeaseId
 
 
 class Limits(Request, tag="limits"):
     """Current use of every limit counter, or only of ``user``'s."""
 
-    user: str | None = None
+    user: Name | None = None
 
 
 class CacheRequest(Request, tag="_cache"):
@@ -147,17 +167,18 @@ class CacheRequest(Request, tag="_cache"):
     seed, stop, max_tokens), ``tools``, ``response_format`` and a caller ``namespace``
     (tenant). Texts are normalised (``native/normalize``) before keying."""
 
-    namespace: str = ""
-    model: str = ""
+    namespace: Name = ""
+    model: Name = ""
     messages: list[Message] | None = None
     text: str | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
     params: dict[str, object] = {}
     tools: list[dict[str, object]] | None = None
     response_format: dict[str, object] | None = None
     #: the last user turn's embedding, when the app computes its own (it is normalised;
     #: entries are only compared with vectors of the same dimension)
-    vector: list[float] | None = None
+    vector: Annotated[list[Annotated[float, msgspec.Meta(ge=-1e30, le=1e30)]],
+                      msgspec.Meta(max_length=16_384)] | None = None
 
 
 class CacheGet(CacheRequest, tag="cache_get"):
@@ -181,21 +202,21 @@ class CachePut(CacheRequest, tag="cache_put", kw_only=True):
 
     idempotent: ClassVar[bool] = True
     response: msgspec.Raw
-    kind: str = ""
+    kind: Name = ""
     ttl: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] | None = None
     error: bool = False
     tool_calls: bool = False
     no_store: bool = False
     #: the usage of the call that produced ``response``: prices what a hit saves
-    input_tokens: NonNegative = 0
-    output_tokens: NonNegative = 0
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
 
 
 class CacheInvalidate(Request, tag="cache_invalidate"):
     """Remove entries: the one with ``key``, or all of ``namespace``, or all (``all``)."""
 
-    key: bytes | None = None
-    namespace: str | None = None
+    key: Annotated[bytes, msgspec.Meta(max_length=64)] | None = None
+    namespace: Name | None = None
     all: bool = False
 
 
@@ -207,13 +228,13 @@ class Begin(CacheRequest, tag="begin"):
     output estimate), cache controls and the response ``kind`` that ``end`` stores under."""
 
     idempotent: ClassVar[bool] = False  # a resend could admit twice
-    user: str = ""
-    key: str = ""
-    route: str = ""
-    task: str = ""
-    input_tokens: NonNegative | None = None
-    max_tokens: NonNegative | None = None
-    kind: str = ""
+    user: Name = ""
+    key: Name = ""
+    route: Name = ""
+    task: Name = ""
+    input_tokens: Tokens | None = None
+    max_tokens: Tokens | None = None
+    kind: Name = ""
     no_cache: bool = False
     no_store: bool = False
     allow_stale: bool = False
@@ -228,12 +249,12 @@ class Begin(CacheRequest, tag="begin"):
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     """One provider call of a guarded request, as the client saw it."""
 
-    model: str
+    model: Name
     ok: bool
-    status: int = 0  # HTTP status when there was one
-    error: str = ""  # exception type or message, "" when ok
-    retry_after: float = 0.0  # the provider's Retry-After, seconds
-    latency: float = 0.0  # seconds
+    status: HttpStatus = 0  # HTTP status when there was one
+    error: Annotated[str, msgspec.Meta(max_length=1024)] = ""  # exception, "" when ok
+    retry_after: Seconds = 0.0  # the provider's Retry-After, seconds
+    latency: Seconds = 0.0  # seconds
 
 
 class End(Request, tag="end"):
@@ -242,14 +263,14 @@ class End(Request, tag="end"):
     cache (omitted: nothing stored; ``error`` or ``tool_calls``: never stored)."""
 
     idempotent: ClassVar[bool] = True  # settling and reporting twice change nothing
-    lease: str
-    attempts: list[Attempt] = []
-    model: str = ""  # the model that answered ("" when none did)
-    input_tokens: NonNegative = 0
-    output_tokens: NonNegative = 0
-    cached_input_tokens: NonNegative = 0
-    reasoning_tokens: NonNegative = 0
-    usd: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    lease: LeaseId
+    attempts: Annotated[list[Attempt], msgspec.Meta(max_length=64)] = []
+    model: Name = ""  # the model that answered ("" when none did)
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    cached_input_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
+    usd: Usd | None = None
     response: msgspec.Raw = _NIL  # nil: nothing to cache
     error: bool = False
     tool_calls: bool = False
@@ -261,30 +282,30 @@ class Extend(Request, tag="extend"):
     means a budget ran out mid-stream."""
 
     idempotent: ClassVar[bool] = True  # growing to the same total twice adds nothing
-    lease: str
-    input_tokens: NonNegative = 0
-    output_tokens: NonNegative = 0
-    model: str = ""
+    lease: LeaseId
+    input_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    model: Name = ""
 
 
 class Route(Request, tag="route"):
     """The model chain a request would get now (circuits and downgrade applied), without
     admitting anything; each half-open model in it takes a probe."""
 
-    route: str = ""
-    model: str = ""
-    task: str = ""
-    input_tokens: NonNegative = 0
-    user: str = ""
+    route: Name = ""
+    model: Name = ""
+    task: Name = ""
+    input_tokens: Tokens = 0
+    user: Name = ""
 
 
 class Report(Request, tag="report"):
     """One provider call's outcome, for the model's circuit breaker."""
 
-    model: str
+    model: Name
     ok: bool
-    status: int = 0
-    retry_after: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    status: HttpStatus = 0
+    retry_after: Seconds = 0.0
 
 
 class Costs(Request, tag="costs"):
@@ -292,8 +313,8 @@ class Costs(Request, tag="costs"):
     of today in the limits' zone) to ``until`` (default: now), grouped ``by`` model, user
     or route (the ``top`` groups by spend), with per-hour and per-day series."""
 
-    since: float | None = None  # epoch seconds
-    until: float | None = None
+    since: Epoch | None = None  # epoch seconds
+    until: Epoch | None = None
     by: Literal["model", "user", "route"] = "model"
     top: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
 
@@ -488,8 +509,9 @@ class SettleReply(Reply, tag="settle"):
     found: bool  # False: no such lease (never admitted, or forgotten long ago)
     duplicate: bool  # already settled before: nothing changed
     expired: bool  # settled after its TTL: the truth replaced the estimate all the same
-    usd: float  # the cost recorded
+    usd: float  # the cost recorded (for a duplicate: what the first settle recorded)
     durable: bool  # persisted before this reply
+    released: bool = False  # the lease had been released: nothing is charged
 
 
 class ReleaseReply(Reply, tag="release"):

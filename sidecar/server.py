@@ -13,6 +13,7 @@ import array
 import asyncio
 import fcntl
 import logging
+import math
 import socket
 import termios
 import time
@@ -64,11 +65,40 @@ def _classify(body: memoryview, exc: Exception) -> tuple[Error, str]:
     return Error(id=request_id, code=code, message=message), op
 
 
+class _LogBudget:
+    """At most ``burst`` tracebacks a ``period``: a client that keeps hitting one of our
+    bugs must not fill the disk with the same traceback (the error count is in stats)."""
+
+    def __init__(self, burst: int = 10, period: float = 60.0) -> None:
+        self.burst = burst
+        self.period = period
+        self.since = -math.inf
+        self.logged = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self.since >= self.period:
+            if self.suppressed:
+                log.error("%d more internal errors in the last %.0f s were not logged",
+                          self.suppressed, now - self.since)
+            self.since, self.logged, self.suppressed = now, 0, 0
+        if self.logged < self.burst:
+            self.logged += 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+_internal_log = _LogBudget()
+
+
 def _error_reply(request_id: int, what: str, exc: Exception) -> Error:
     """The one place where an exception from an op becomes an Error reply."""
     if isinstance(exc, RequestError):
         return Error(id=request_id, code=exc.code, message=exc.detail)
-    log.error("%s (id %d) failed", what, request_id, exc_info=exc)
+    if _internal_log.allow():
+        log.error("%s (id %d) failed", what, request_id, exc_info=exc)
     return Error(id=request_id, code=ErrorCode.INTERNAL,
                  message="internal error; the daemon log has the details")
 

@@ -24,7 +24,7 @@ from ..protocol import (
 )
 from ..config import RouteConfig
 from ..routing import Chain, backoff_schedule, budget_fraction
-from ._common import CACHE_FIELDS, Deferred, wire_seconds
+from ._common import CACHE_FIELDS, Deferred, bounded_micro, wire_seconds
 
 class _Admitted(NamedTuple):
     """A begin past its admit, while the cluster (maybe) has its say."""
@@ -55,11 +55,12 @@ class CallOps:
         view = self._cache_view(req)
         found = self.cache.get(view, time.time())
         if isinstance(found, CacheGetReply):
-            reply = self._begin_after_cache(req, view, found)
+            reply = self._begin_after_cache(req, view, found, self.owner)
             if isinstance(reply, BeginReply):
                 return reply
             return Deferred(asyncio.ensure_future(reply), req.id)  # the cluster is asked
-        return Deferred(asyncio.ensure_future(self._begin_semantic(req, view, found)), req.id)
+        return Deferred(asyncio.ensure_future(self._begin_semantic(req, view, found,
+                                                                   self.owner)), req.id)
 
     @staticmethod
     def _cache_view(req: Begin) -> Begin:
@@ -69,12 +70,15 @@ class CallOps:
             return req
         return msgspec.structs.replace(req, model=f"route:{req.route or req.task or '-'}")
 
-    async def _begin_semantic(self, req: Begin, view: Begin, search) -> BeginReply:
-        reply = self._begin_after_cache(req, view, await search)
+    async def _begin_semantic(self, req: Begin, view: Begin, search,
+                              owner: int) -> BeginReply:
+        reply = self._begin_after_cache(req, view, await search, owner)
         return reply if isinstance(reply, BeginReply) else await reply
 
     def _begin_after_cache(self, req: Begin, view: Begin,
-                           found: CacheGetReply) -> BeginReply | Awaitable[BeginReply]:
+                           found: CacheGetReply,
+                           owner: int) -> BeginReply | Awaitable[BeginReply]:
+        """Route and admit a begin the cache did not answer; its lease is ``owner``'s."""
         now = time.time()
         who = req.user or req.key
         if found.hit:
@@ -101,7 +105,7 @@ class CallOps:
         first = chain.models[0].model
         subject = Subject(req.user, req.key, first, chain.route)
         estimate, known, prompt = self._estimate(req, first, input_tokens)
-        decision = self.engine.admit(subject, estimate, now, prompt)
+        decision = self.engine.admit(subject, estimate, now, prompt, owner)
         self._observe(subject, decision, now)
         step = _Admitted(req, view, found, who, chain, cfg, deadline, estimate, decision, now)
         if decision.denial is None and decision.tracked and self.cluster is not None:
@@ -163,11 +167,12 @@ class CallOps:
 
     def end(self, req: End) -> EndReply | Deferred:
         now = time.time()
-        for a in req.attempts:
-            self.router.report(a.model, a.ok, now, a.retry_after)
         result, micro, subject = self._settle(
             req.lease, req.input_tokens, req.output_tokens, req.cached_input_tokens,
             req.reasoning_tokens, req.usd, req.model)
+        if result.found and not result.duplicate:  # circuits hear each call once, and
+            for a in req.attempts:  # only from the peer that holds its lease
+                self.router.report(a.model, a.ok, now, a.retry_after)
         stored, reason = False, ""
         popped = self._begun.pop(req.lease, None)
         begun = popped[1] if popped is not None else None
@@ -201,12 +206,12 @@ class CallOps:
         return self._durably(req.lease, result, reply)
 
     def extend(self, req: Extend) -> ExtendReply:
-        subject = self.engine.lease_subject(req.lease)
+        subject = self.engine.lease_subject(req.lease, self.owner)
         model = req.model or (subject.model if subject is not None else "")
-        micro = self.pricing.cost(model, PricedUsage(req.input_tokens, req.output_tokens, 0,
-                                                     0)).micro_usd
+        micro = bounded_micro(self.pricing.cost(model, PricedUsage(
+            req.input_tokens, req.output_tokens, 0, 0)).micro_usd)
         denial = self.engine.extend(req.lease, Usage(req.input_tokens, req.output_tokens,
-                                                     micro), time.time())
+                                                     micro), time.time(), self.owner)
         if denial is None:
             return ExtendReply(id=req.id, allowed=True)
         self.denials[denial.limit] = self.denials.get(denial.limit, 0) + 1

@@ -47,7 +47,7 @@ from ..protocol import (
 )
 from ..routing import Router
 from ..tokens import ESTIMATE_ENCODING, Tokenizer, get_encoding
-from ._common import Deferred, wire_seconds
+from ._common import Deferred, bounded_micro, wire_seconds
 from .calls import CallOps
 
 
@@ -114,6 +114,9 @@ class Handlers(CallOps):
                  request_log: RequestLog | None = None, request_log_path: str = "off",
                  notifier: Notifier | None = None, cluster: Cluster | None = None) -> None:
         self.journal = journal
+        #: the uid of the peer whose request runs now (set by the server before each
+        #: op; -1: no peer, e.g. in-process use): leases are bound to it
+        self.owner = -1
         self.cache_snapshot = cache_snapshot
         self.metrics = metrics
         self.socket_path = socket_path
@@ -288,7 +291,7 @@ class Handlers(CallOps):
             micro, known = round(usd * MICRO), True
         else:
             cost = self.pricing.estimate(model, input_tokens, output_tokens)
-            micro, known = cost.micro_usd, cost.known
+            micro, known = bounded_micro(cost.micro_usd), cost.known
         return Estimate(input_tokens, output_tokens, micro), known, self._prompt_key(req)
 
     def _prompt_key(self, req: Admit | Begin) -> bytes:
@@ -352,7 +355,8 @@ class Handlers(CallOps):
         subject = Subject(req.user, req.key, req.model, req.route)
         estimate, known, prompt = self._estimate(req, req.model)
         now = time.time()
-        decision = self.engine.admit(subject, estimate, now, prompt)
+        owner = self.owner  # the peer asking; a later retry admits for it too
+        decision = self.engine.admit(subject, estimate, now, prompt, owner)
         self._observe(subject, decision, now)
         if decision.tracked and self.cluster is not None:
             shared = self._share(decision, now)
@@ -360,20 +364,21 @@ class Handlers(CallOps):
                 return self._admit_reply(req, decision, known, shared)
             if shared is not None:
                 return Deferred(asyncio.ensure_future(self._admit_shared(
-                    req, subject, estimate, known, decision, shared)), req.id)
+                    req, subject, estimate, known, decision, shared, owner)), req.id)
         denial = decision.denial
         if (denial is not None and req.wait > 0 and denial.reason in _WAITABLE
                 and not denial.never
                 and (denial.retry_after <= req.wait or math.isinf(denial.retry_after))):
             # a finite retry_after within the wait, or a slot that frees when a lease ends
             task = asyncio.ensure_future(self._admit_waiting(req, subject, estimate, known,
-                                                             denial.limit))
+                                                             denial.limit, owner))
             return Deferred(task, req.id)
         return self._admit_reply(req, decision, known)
 
     async def _admit_shared(self, req: Admit, subject: Subject, estimate: Estimate,
                             known: bool, decision: Decision,
-                            shared: Denial | Awaitable[Denial | None]) -> AdmitReply:
+                            shared: Denial | Awaitable[Denial | None],
+                            owner: int) -> AdmitReply:
         """The cluster's answer (asking Redis first when it must); a refusal whose
         retry_after fits in what is left of the admit's ``wait`` is tried again then."""
         loop = asyncio.get_running_loop()
@@ -384,7 +389,7 @@ class Handlers(CallOps):
                 return self._admit_reply(req, decision, known, denial)
             await asyncio.sleep(denial.retry_after)
             now = time.time()
-            decision = self.engine.admit(subject, estimate, now)
+            decision = self.engine.admit(subject, estimate, now, b"", owner)
             self._observe(subject, decision, now)
             if not decision.tracked:  # refused by this daemon's own limits: no more waiting
                 return self._admit_reply(req, decision, known)
@@ -470,7 +475,7 @@ class Handlers(CallOps):
                       refusal.retry_after)
 
     async def _admit_waiting(self, req: Admit, subject: Subject, estimate: Estimate,
-                             known: bool, limit: str) -> AdmitReply:
+                             known: bool, limit: str, owner: int) -> AdmitReply:
         """Queue behind earlier waiters for ``limit`` (FIFO); the head retries when its
         retry_after passes or when a settle or release frees room. No polling."""
         loop = asyncio.get_running_loop()
@@ -482,7 +487,7 @@ class Handlers(CallOps):
             while True:
                 if queue[0] is me:
                     now = time.time()
-                    decision = self.engine.admit(subject, estimate, now)
+                    decision = self.engine.admit(subject, estimate, now, b"", owner)
                     self._observe(subject, decision, now)
                     denial = decision.denial
                     if denial is None:
@@ -493,7 +498,8 @@ class Handlers(CallOps):
                 else:
                     pause = deadline - loop.time()
                     if pause <= 0:
-                        decision = self.engine.admit(subject, estimate, time.time())
+                        decision = self.engine.admit(subject, estimate, time.time(), b"",
+                                                     owner)
                         return self._admit_reply(req, decision, known)
                 me = self._rearm(queue, me, loop)
                 try:
@@ -534,7 +540,7 @@ class Handlers(CallOps):
                 micro_usd=micro, error=False)
         reply = SettleReply(id=req.id, found=result.found, duplicate=result.duplicate,
                             expired=result.expired, usd=micro / MICRO,
-                            durable=self.journal is not None)
+                            durable=self.journal is not None, released=result.released)
         return self._durably(req.lease, result, reply)
 
     def _settle(self, lease: str, input_tokens: int, output_tokens: int, cached: int,
@@ -543,17 +549,19 @@ class Handlers(CallOps):
         """Settle ``lease``, priced for ``model`` (default: the model it was admitted for)
         unless ``usd`` is given. Returns the engine's result, the micro-dollars and whom
         the lease was admitted for (None: an unknown lease)."""
-        subject = self.engine.lease_subject(lease)
+        subject = self.engine.lease_subject(lease, self.owner)
         if usd is not None:
             micro = round(usd * MICRO)
         else:
             model = model or (subject.model if subject is not None else "")
-            micro = self.pricing.cost(model, PricedUsage(
-                input_tokens, output_tokens, cached, reasoning)).micro_usd if (
+            micro = bounded_micro(self.pricing.cost(model, PricedUsage(
+                input_tokens, output_tokens, cached, reasoning)).micro_usd) if (
                     subject is not None) else 0
         result = self.engine.settle(lease, Usage(input_tokens, output_tokens, micro),
-                                    time.time())
-        if result.found and not result.duplicate:
+                                    time.time(), self.owner)
+        if result.duplicate:  # what was recorded, not what this resend says
+            return result, result.micro_usd, subject
+        if result.found:
             self._wake_waiters()
             if self.cluster is not None:
                 self.cluster.settled(lease, (1, input_tokens, output_tokens,
@@ -627,7 +635,7 @@ class Handlers(CallOps):
         return self.journal.compact(chunks)
 
     def release(self, req: Release) -> ReleaseReply:
-        released = self.engine.release(req.lease, time.time())
+        released = self.engine.release(req.lease, time.time(), self.owner)
         if released:
             self._wake_waiters()
             if self.cluster is not None:

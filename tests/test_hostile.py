@@ -1,0 +1,132 @@
+"""Issue 14: no request may switch a guard off, lose a lease, or act for another peer.
+
+Engine cases run in process with a pinned clock; wire cases against a real daemon.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from sidecar import Client
+from sidecar.errors import InvalidValue
+from sidecar.limits import Engine, Estimate, Subject, Usage, parse_rule
+
+ALICE = Subject(user="alice", model="gpt-4o")
+
+
+def rule(name, scope, metric, window, amount, **kw):
+    return parse_rule(name, scope, metric, window, amount, **kw)
+
+
+def engine() -> Engine:
+    return Engine([rule("tpm", "global", "total_tokens", "60s", 1000),
+                   rule("conc", "user", "concurrent", "", 1),
+                   rule("usd", "global", "usd", "day", 1.0)])
+
+
+def test_engine_refuses_amounts_it_cannot_hold_before_changing_anything():
+    e = engine()
+    for bad in [Estimate(2**63 - 1, 1, 0), Estimate(-5, 0, 0), Estimate(0, 0, 2**62),
+                Estimate(1.5, 0, 0)]:
+        with pytest.raises((ValueError, OverflowError, TypeError)):
+            e.admit(ALICE, bad, 0.0, b"fingerprint")
+    assert all(s.used == 0 for s in e.state(0.0))
+    assert e.admit(ALICE, Estimate(10, 10, 10), 0.0).allowed  # and nothing was switched off
+    assert not e.admit(Subject(user="bob"), Estimate(990, 0, 0), 0.0).allowed
+
+
+def test_a_settle_with_bad_numbers_keeps_its_lease():
+    """Issue 14.5: the lease, its slot and its estimate survive a settle that fails."""
+    e = engine()
+    d = e.admit(ALICE, Estimate(100, 100, 1000), 0.0)
+    for bad in [Usage(2**63, 0, 0), Usage(-1, 0, 0), Usage(0, 0, 2**62)]:
+        with pytest.raises((ValueError, OverflowError)):
+            e.settle(d.lease, bad, 1.0)
+    assert e.open_leases == 1
+    assert not e.admit(ALICE, Estimate(1, 1, 1), 1.0).allowed  # the slot is still held
+    done = e.settle(d.lease, Usage(50, 50, 500), 2.0)
+    assert done.found and not done.duplicate and done.micro_usd == 500
+    assert {s.name: s.used for s in e.state(2.0)}["tpm"] == 100
+
+
+def test_duplicate_settle_reports_what_was_recorded():
+    """Issue 14.10: a resend with other numbers reports the first settle's cost, and a
+    settle after a release says nothing was charged."""
+    e = engine()
+    d = e.admit(ALICE, Estimate(100, 100, 1000), 0.0)
+    assert e.settle(d.lease, Usage(10, 10, 700), 1.0).micro_usd == 700
+    again = e.settle(d.lease, Usage(999, 999, 99_999), 2.0)
+    assert again.duplicate and again.micro_usd == 700 and not again.released
+    d2 = e.admit(Subject(user="bob"), Estimate(1, 1, 1), 3.0)
+    assert e.release(d2.lease, 3.0)
+    late = e.settle(d2.lease, Usage(5, 5, 5), 4.0)
+    assert late.found and late.duplicate and late.released and late.micro_usd == 0
+
+
+def test_lease_ids_are_unguessable_and_bound_to_their_owner():
+    """Issue 14.9: 128 random bits; another uid's settle, extend or release finds nothing."""
+    e = engine()
+    ids = [e.admit(Subject(user=f"u{i}"), Estimate(1, 0, 0), 0.0, b"", 1000).lease
+           for i in range(200)]
+    assert len(set(ids)) == 200
+    assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{32}", i) for i in ids)
+    lease = ids[0]
+    assert not e.settle(lease, Usage(1, 0, 0), 1.0, 1001).found
+    assert e.extend(lease, Usage(500, 0, 0), 1.0, 1001).reason == "unknown_lease"
+    assert not e.release(lease, 1.0, 1001)
+    assert e.lease_subject(lease, 1001) is None
+    assert e.lease_subject(lease, 1000).user == "u0"
+    assert e.settle(lease, Usage(1, 0, 0), 1.0, 1000).found
+
+
+def test_wire_settle_with_bad_numbers_keeps_the_lease(daemon):
+    with Client(daemon.path) as c:
+        go = c.admit(user="alice", model="gpt-4o", input_tokens=10, max_tokens=10)
+        with pytest.raises(InvalidValue):  # cached input above input: refused, lease kept
+            c.settle(go.lease, input_tokens=1, cached_input_tokens=5)
+        first = c.settle(go.lease, input_tokens=10, output_tokens=5)
+        assert first.found and not first.duplicate and first.usd > 0
+        again = c.settle(go.lease, input_tokens=10_000, output_tokens=10_000)
+        assert again.duplicate and again.usd == first.usd
+        go2 = c.admit(user="alice", model="gpt-4o", input_tokens=10, max_tokens=10)
+        assert c.release(go2.lease).released
+        late = c.settle(go2.lease, input_tokens=10, output_tokens=5)
+        assert late.duplicate and late.released and late.usd == 0.0
+    assert "Traceback" not in daemon.log()
+
+
+def test_end_reports_attempts_only_for_a_lease_it_holds(daemon):
+    """A forged end (unknown lease) must not move a circuit; a resent end counts once."""
+    failed = [{"model": "gpt-4o", "ok": False, "status": 500}] * 5
+    with Client(daemon.path) as c:
+        from sidecar.protocol import Attempt
+        attempts = [Attempt(**a) for a in failed]
+        r = c.end("f00dfeed-" + "0" * 32, attempts=attempts)
+        assert not r.found
+        assert c.stats().circuits.get("gpt-4o", "closed") == "closed"
+
+
+def run_as(uid: int, code: str, path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, timeout=30, preexec_fn=lambda: os.setuid(uid))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_another_uid_cannot_end_my_lease(start_daemon, tmp_path):
+    tmp_path.chmod(0o755)
+    d = start_daemon("[server]\nsocket_mode = \"0666\"\n")
+    with Client(d.path) as c:
+        go = c.admit(user="alice", model="gpt-4o", input_tokens=10, max_tokens=10)
+    steal = ("import sys; from sidecar import Client\n"
+             "with Client(sys.argv[1], expected_uid=0) as c:\n"
+             f"    print(c.settle({go.lease!r}, input_tokens=1).found,"
+             f" c.release({go.lease!r}).released)\n")
+    out = run_as(65534, steal, d.path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+    with Client(d.path) as c:
+        assert c.settle(go.lease, input_tokens=10).found
