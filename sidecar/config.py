@@ -34,6 +34,24 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     """A config table: frozen, and an unknown key is an error, not ignored."""
 
 
+Uid = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+
+
+class AccessConfig(_Section):
+    """Who may do what, by the peer's uid and gid (SO_PEERCRED, which the kernel
+    vouches for). Apps may connect and use the app ops; operators may also invalidate
+    the cache, report circuit outcomes, read per-user costs and every user's limits.
+    Root and the daemon's own uid are always operators."""
+
+    #: empty: whoever can open the socket (its mode and group decide); else only these
+    app_uids: tuple[Uid, ...] = ()
+    app_gids: tuple[Uid, ...] = ()
+    operator_uids: tuple[Uid, ...] = ()
+    operator_gids: tuple[Uid, ...] = ()
+    #: each app uid sees only its own cache entries (namespaces are per uid)
+    isolate_cache: bool = False
+
+
 class ServerConfig(_Section):
     socket: str = ""
     socket_mode: str = "0660"
@@ -41,6 +59,7 @@ class ServerConfig(_Section):
     frame_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
     drain_timeout: Annotated[float, msgspec.Meta(ge=0, le=600)] = 5.0
+    access: AccessConfig = AccessConfig()
 
 
 class NormalizeConfig(_Section):

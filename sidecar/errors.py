@@ -79,6 +79,12 @@ class UnknownEncoding(InvalidValue):
     code = ErrorCode.UNKNOWN_ENCODING
 
 
+class Forbidden(RequestError, PermissionError):
+    """The daemon's ``[server.access]`` does not let this peer (uid/gid) do that."""
+
+    code = ErrorCode.FORBIDDEN
+
+
 class FrameTooLarge(RequestError):
     """A frame exceeded the daemon's max frame size; the connection was closed."""
 
@@ -111,6 +117,7 @@ _BY_CODE: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.INTERNAL: InternalError,
     ErrorCode.INVALID_VALUE: InvalidValue,
     ErrorCode.UNKNOWN_ENCODING: UnknownEncoding,
+    ErrorCode.FORBIDDEN: Forbidden,
 }
 
 

@@ -57,6 +57,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 7  # a bug or backend failure inside the daemon
     INVALID_VALUE = 8  # well-typed but unacceptable (e.g. both text and messages)
     UNKNOWN_ENCODING = 9  # no such tokenizer encoding; the message lists the known ones
+    FORBIDDEN = 10  # the peer's uid/gid may not do this (``[server.access]``)
 
 
 # --- requests -------------------------------------------------------------------------

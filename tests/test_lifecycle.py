@@ -248,7 +248,8 @@ def test_readme_python_example_runs(daemon):
         out += r.stdout
     assert "round trip" in out and "settled $" in out and "100 degrees Celsius" in out
     assert "provider claude-sonnet-4 claude-sonnet-4 says: 42" in out
-    assert re.search(r"spent today \$0\.\d{6}: .*alice \$0\.\d{6}", out)
+    assert re.search(r"this call cost \$0\.\d{6}", out)
+    assert re.search(r"spent today by all users \$0\.\d{6}: .*bob \$0\.\d{6}", out)
 
 
 def test_readme_quick_start_has_two_commands():

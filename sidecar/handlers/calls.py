@@ -62,10 +62,10 @@ class CallOps:
         return Deferred(asyncio.ensure_future(self._begin_semantic(req, view, found,
                                                                    self.owner)), req.id)
 
-    @staticmethod
-    def _cache_view(req: Begin) -> Begin:
+    def _cache_view(self, req: Begin) -> Begin:
         """The request as the cache keys it: a routed request is keyed by its route (or
         task), so answers of different routes never mix."""
+        req = self._scoped(req)
         if req.model:
             return req
         return msgspec.structs.replace(req, model=f"route:{req.route or req.task or '-'}")
@@ -235,6 +235,8 @@ class CallOps:
                           retry_after=round(chain.retry_after, 6))
 
     def report(self, req: Report) -> ReportReply:
+        self._operator_only("report (a circuit outcome without a lease; apps report "
+                            "through end)")
         state = self.router.report(req.model, req.ok, time.time(), req.retry_after)
         return ReportReply(id=req.id, state=state.value)
 

@@ -30,7 +30,7 @@ from ..ledger.costs import By, CostTracker, Tallies
 from ..ledger.requestlog import RequestLog
 from ..metrics import Exposition, Gauges, Metrics
 from ..normalize import Normalizer
-from ..errors import InvalidValue, JournalError, Overloaded
+from ..errors import Forbidden, InvalidValue, JournalError, Overloaded
 from ..journal import Journal
 from ..limits import (
     MICRO, NEED_AT, Decision, Denial, Engine, Estimate, Kind, shape_of, SettleResult, Spend, Subject, Usage, compile_rules,
@@ -53,6 +53,7 @@ from .calls import CallOps
 
 Handler = Callable[[Request], "Reply | Deferred"]
 R = TypeVar("R", SettleReply, EndReply)
+C = TypeVar("C", CacheGet, CachePut, Begin)
 log = logging.getLogger("sidecar.handlers")
 #: A journal record: a settle's spend (the limits engine's) or cost tracker rows.
 _JOURNAL_RECORD = msgspec.msgpack.Decoder(Union[list[Spend], Tallies])  # type: ignore[valid-type]
@@ -117,6 +118,8 @@ class Handlers(CallOps):
         #: the uid of the peer whose request runs now (set by the server before each
         #: op; -1: no peer, e.g. in-process use): leases are bound to it
         self.owner = -1
+        #: whether that peer may use the operator ops (``[server.access]``)
+        self.operator = True
         self.cache_snapshot = cache_snapshot
         self.metrics = metrics
         self.socket_path = socket_path
@@ -642,7 +645,23 @@ class Handlers(CallOps):
                 self.cluster.released(req.lease)
         return ReleaseReply(id=req.id, released=released)
 
+    def _operator_only(self, what: str) -> None:
+        """Refuse ``what`` to a peer that is not an operator (``[server.access]``)."""
+        if not self.operator:
+            raise Forbidden(f"{what} is for operators: run it as root or as the daemon's "
+                            "user, or add your uid or gid to server.access.operator_uids "
+                            "or operator_gids")
+
+    def _scoped(self, req: C) -> C:
+        """With ``server.access.isolate_cache``, an app peer's cache requests live in a
+        namespace of its own uid: no peer reads or fills another's entries."""
+        if self.operator or not self.config.server.access.isolate_cache:
+            return req
+        return msgspec.structs.replace(req, namespace=f"uid:{self.owner}/{req.namespace}")
+
     def limits(self, req: Limits) -> LimitsReply:
+        if req.user is None:
+            self._operator_only("every user's limits (limits without a user)")
         rows = []
         for st in self.engine.state(time.time(), req.user):
             scale = MICRO if st.metric == "usd" else 1
@@ -654,16 +673,18 @@ class Handlers(CallOps):
     # -- caches -----------------------------------------------------------------------
 
     def cache_get(self, req: CacheGet) -> CacheGetReply | Deferred:
-        reply = self.cache.get(req, time.time())
+        reply = self.cache.get(self._scoped(req), time.time())
         if isinstance(reply, CacheGetReply):
             return reply
         # a semantic search: embedding and search run on the cache's worker thread
         return Deferred(asyncio.ensure_future(reply), req.id)
 
     def cache_put(self, req: CachePut) -> CachePutReply:
-        return self.cache.put(req, time.time())
+        return self.cache.put(self._scoped(req), time.time())
 
     def cache_invalidate(self, req: CacheInvalidate) -> CacheInvalidateReply:
+        if req.all or req.namespace is not None or self.config.server.access.isolate_cache:
+            self._operator_only("cache invalidation (but of one key)")
         return CacheInvalidateReply(id=req.id, removed=self.cache.invalidate(req))
 
     def stats(self, req: Stats) -> StatsReply:
@@ -699,6 +720,8 @@ class Handlers(CallOps):
         )
 
     def cost_summary(self, req: Costs) -> CostsReply:
+        if req.by == "user":
+            self._operator_only("costs by user")
         now = time.time()
         costs = self.accounting.costs
         since = req.since if req.since is not None else costs.day_of(now)
