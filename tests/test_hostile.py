@@ -5,14 +5,15 @@ Engine cases run in process with a pinned clock; wire cases against a real daemo
 from __future__ import annotations
 
 import os
+import pickle
 import re
-import subprocess
-import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from sidecar import Client
-from sidecar.errors import InvalidValue
+from sidecar.errors import Forbidden, InvalidValue
 from sidecar.limits import Engine, Estimate, Subject, Usage, parse_rule
 
 ALICE = Subject(user="alice", model="gpt-4o")
@@ -110,23 +111,139 @@ def test_end_reports_attempts_only_for_a_lease_it_holds(daemon):
         assert c.stats().circuits.get("gpt-4o", "closed") == "closed"
 
 
-def run_as(uid: int, code: str, path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                          text=True, timeout=30, preexec_fn=lambda: os.setuid(uid))
+NOBODY = 65534
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
-def test_another_uid_cannot_end_my_lease(start_daemon, tmp_path):
-    tmp_path.chmod(0o755)
-    d = start_daemon("[server]\nsocket_mode = \"0666\"\n")
+def as_uid(uid: int, fn):
+    """``fn()`` in a forked child running as ``uid`` (modules already imported, so no new
+    interpreter has to be readable by it); returns its result or re-raises its error."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                result = ("ok", fn())
+            except Exception as exc:  # carried to the parent, which re-raises it
+                result = ("error", repr(exc))
+            os.write(write, pickle.dumps(result))
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and data, "the child failed before it could answer"
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise AssertionError(f"as uid {uid}: {value}")
+    return value
+
+
+@pytest.fixture
+def shared_daemon(start_daemon):
+    """A daemon whose socket any uid may open (a world-readable directory, mode 0666)."""
+    def start(extra: str = ""):
+        where = Path(tempfile.mkdtemp(prefix="llm-sidecar-shared-"))
+        where.chmod(0o755)
+        return start_daemon('[server]\nsocket_mode = "0666"\n' + extra,
+                            socket_path=where / "llm.sock")
+    return start
+
+
+root_only = pytest.mark.skipif(os.geteuid() != 0,
+                               reason="needs root to act as another uid (setuid)")
+
+
+@root_only
+def test_another_uid_cannot_end_my_lease(shared_daemon):
+    d = shared_daemon()
     with Client(d.path) as c:
         go = c.admit(user="alice", model="gpt-4o", input_tokens=10, max_tokens=10)
-    steal = ("import sys; from sidecar import Client\n"
-             "with Client(sys.argv[1], expected_uid=0) as c:\n"
-             f"    print(c.settle({go.lease!r}, input_tokens=1).found,"
-             f" c.release({go.lease!r}).released)\n")
-    out = run_as(65534, steal, d.path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False"]
+
+    def steal():
+        with Client(d.path) as c:
+            return (c.settle(go.lease, input_tokens=1).found, c.release(go.lease).released,
+                    c.extend(go.lease, output_tokens=10**6).reason)
+
+    assert as_uid(NOBODY, steal) == (False, False, "unknown_lease")
     with Client(d.path) as c:
-        assert c.settle(go.lease, input_tokens=10).found
+        done = c.settle(go.lease, input_tokens=10)
+        assert done.found and not done.duplicate
+
+
+@root_only
+def test_operator_ops_are_forbidden_to_apps(shared_daemon):
+    d = shared_daemon()
+
+    def app():
+        out = []
+        with Client(d.path) as c:
+            for call in (lambda: c.cache_invalidate(all=True),
+                         lambda: c.report("gpt-4o", ok=False, status=500),
+                         lambda: c.costs(by="user"),
+                         lambda: c.limits()):
+                try:
+                    call()
+                    out.append("allowed")
+                except Forbidden as exc:
+                    out.append(f"forbidden: {exc.detail[:20]}")
+            out.append(c.costs(by="model").by)  # aggregates stay open
+            out.append(len(c.limits(user="alice").limits) > 0)
+            out.append(c.admit(user="alice", model="gpt-4o", input_tokens=5).allowed)
+        return out
+
+    got = as_uid(NOBODY, app)
+    assert all(g.startswith("forbidden") for g in got[:4]), got
+    assert got[4:] == ["model", True, True]
+    with Client(d.path) as c:  # root is an operator
+        assert c.cache_invalidate(all=True).removed == 0
+        assert c.costs(by="user").by == "user"
+        assert c.report("gpt-4o", ok=True).state == "closed"
+
+
+@root_only
+def test_operators_and_apps_by_config(shared_daemon):
+    d = shared_daemon(f"[server.access]\napp_uids = [{NOBODY - 1}]\n"
+                      f"operator_uids = [{NOBODY}]\n")
+
+    def operator():
+        with Client(d.path) as c:
+            return c.costs(by="user").by
+
+    assert as_uid(NOBODY, operator) == "user"  # an operator needs no app entry
+
+    def outsider():
+        with Client(d.path) as c:
+            try:
+                c.ping()
+            except Forbidden as exc:
+                return exc.detail
+        return "served"
+
+    detail = as_uid(NOBODY - 2, outsider)
+    assert "server.access" in detail
+
+
+@root_only
+def test_isolated_cache_namespaces_per_uid(shared_daemon):
+    d = shared_daemon("[server.access]\nisolate_cache = true\n")
+    with Client(d.path) as c:
+        assert c.cache_put(text="what is two plus two", model="gpt-4o",
+                           response="four").stored
+
+    def look():
+        with Client(d.path) as c:
+            miss = c.cache_get(text="what is two plus two", model="gpt-4o").hit
+            c.cache_put(text="what is two plus two", model="gpt-4o", response="mine")
+            return miss, c.cache_get(text="what is two plus two", model="gpt-4o").value()
+
+    assert as_uid(NOBODY, look) == (False, "mine")
+    with Client(d.path) as c:  # root (an operator) sees the shared namespace, unchanged
+        assert c.cache_get(text="what is two plus two", model="gpt-4o").value() == "four"
