@@ -94,6 +94,20 @@ def test_private_directory_is_created_0700_and_checked(tmp_path, start_daemon):
     assert "mode 0700" in d.log()
 
 
+def test_lock_file_is_removed_on_sigterm_if_still_ours(start_daemon):
+    d = start_daemon()
+    lock = d.path.with_name(d.path.name + ".lock")
+    assert lock.read_text() == f"{d.pid}\n"
+    assert d.stop() == 0
+    assert not lock.exists()
+    # Replaced while the daemon ran (an operator, another daemon): not ours to remove.
+    d = start_daemon()
+    lock.unlink()
+    lock.write_text("someone else's\n")
+    assert d.stop() == 0
+    assert lock.read_text() == "someone else's\n"
+
+
 def test_socket_from_environment(tmp_path, start_daemon):
     # No --socket: daemon and CLI both find the path in LLM_SIDECAR_SOCKET.
     path = tmp_path / "env.sock"
