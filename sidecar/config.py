@@ -505,10 +505,8 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
         key = "server.socket_mode"
         raise ConfigError(f"invalid mode {server.socket_mode!r}", source=origin.get(key, ""),
                           key=key, hint=HINTS[key])
-    if server.socket and not os.path.isabs(server.socket):
-        key = "server.socket"
-        raise ConfigError(f"socket path {server.socket!r} is not absolute",
-                          source=origin.get(key, ""), key=key, hint=HINTS[key])
+    if server.socket:
+        _require_absolute(server.socket, origin.get("server.socket", ""))
     for prefix, encoding in config.tokens.models.items():
         if encoding not in KNOWN_ENCODINGS:
             key = "tokens.models"
@@ -566,6 +564,14 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
         config, normalize=msgspec.structs.replace(config.normalize, filler_words=words))
 
 
+def _require_absolute(socket: str, source: str) -> None:
+    """The daemon's socket path must not depend on the directory it was started in."""
+    if not os.path.isabs(socket):
+        key = "server.socket"
+        raise ConfigError(f"socket path {socket!r} is not absolute", source=source, key=key,
+                          hint=HINTS[key])
+
+
 def dump(config: Config) -> dict[str, Any]:
     """The effective settings as plain data (for ``config check`` and logs)."""
     data = msgspec.to_builtins(config)
@@ -592,6 +598,7 @@ def server_socket_path(config: Config, explicit: str | None = None,
     """Where the daemon listens: ``--socket``, config/env, else the first default it may
     create (``/run/llm.sock``, ``$XDG_RUNTIME_DIR/llm.sock``, ``/tmp/llm-sidecar-<uid>``)."""
     if explicit:
+        _require_absolute(explicit, "--socket")
         return Path(explicit)
     if config.server.socket:
         return Path(config.server.socket)

@@ -103,6 +103,9 @@ def test_server_socket_resolution(tmp_path):
     c = config.load(None, {"LLM_SIDECAR_SOCKET": str(tmp_path / "e.sock")})
     assert config.server_socket_path(c, None) == tmp_path / "e.sock"
     assert config.server_socket_path(c, "/explicit.sock") == Path("/explicit.sock")
+    with pytest.raises(ConfigError, match="not absolute") as info:
+        config.server_socket_path(c, "relative.sock")
+    assert info.value.source == "--socket" and info.value.key == "server.socket"
     default = config.server_socket_path(config.load(None, {}), None, {})
     expected = ("/run/llm.sock" if os.access("/run", os.W_OK | os.X_OK)
                 else f"/tmp/llm-sidecar-{os.getuid()}/llm.sock")
