@@ -10,6 +10,7 @@ oversize request fails locally instead of costing the connection.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import struct
@@ -88,6 +89,12 @@ def _end_request(lease: str, fields: dict[str, Any]) -> End:
     return End(lease=lease, **fields)
 
 
+def _keep_for(hello: HelloReply) -> float:
+    """How long a connection may sit unused and still be reused: half the daemon's idle
+    timeout, so a request never meets the daemon closing it as idle."""
+    return hello.idle_timeout / 2 if hello.idle_timeout > 0 else math.inf
+
+
 def _unwrap(replies: list[Reply | BaseException], return_exceptions: bool) -> list:
     if not return_exceptions:
         for item in replies:
@@ -100,7 +107,8 @@ def _unwrap(replies: list[Reply | BaseException], return_exceptions: bool) -> li
 
 
 class _SyncConnection:
-    __slots__ = ("sock", "reader", "encoder", "next_id", "max_frame", "path", "kernel_timeout")
+    __slots__ = ("sock", "reader", "encoder", "next_id", "max_frame", "path", "kernel_timeout",
+                 "keep_for", "sent_at")
 
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
@@ -110,6 +118,8 @@ class _SyncConnection:
         self.next_id = 1
         self.max_frame = DEFAULT_MAX_FRAME
         self.kernel_timeout = -1.0
+        self.keep_for = math.inf
+        self.sent_at = 0.0
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
@@ -143,6 +153,7 @@ class _SyncConnection:
                                 f"{PROTOCOL_VERSION}; upgrade the older side")
         self.max_frame = hello.max_frame
         self.reader.max_frame = max(hello.max_frame, DEFAULT_MAX_FRAME)
+        self.keep_for = _keep_for(hello)
 
     def close(self) -> None:
         self.sock.close()
@@ -164,7 +175,8 @@ class _SyncConnection:
         as its exception. Raises ``TimeoutError`` past ``timeout`` seconds."""
         frames, ids = _encode_requests(self.encoder, requests, self.next_id, self.max_frame)
         self.next_id = ids[-1] + 1
-        deadline = time.monotonic() + timeout
+        self.sent_at = time.monotonic()
+        deadline = self.sent_at + timeout
         self._set_timeout(timeout)
         sock = self.sock
         try:
@@ -246,7 +258,12 @@ class Client:
             if self._closed:
                 raise RuntimeError("client is closed")
             if self._idle:
-                return self._idle.pop()
+                now = time.monotonic()
+                while self._idle:
+                    conn = self._idle.pop()
+                    if now - conn.sent_at < conn.keep_for:
+                        return conn
+                    conn.close()  # unused too long: the daemon may be closing it as idle
         return _SyncConnection(self.path, timeout)
 
     def _release(self, conn: _SyncConnection) -> None:
@@ -411,6 +428,8 @@ class _AsyncProtocol(asyncio.Protocol):
         self.next_id = 1
         self.max_frame = DEFAULT_MAX_FRAME
         self.lost: BaseException | None = None
+        self.keep_for = math.inf
+        self.sent_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -459,6 +478,7 @@ class _AsyncProtocol(asyncio.Protocol):
             fut: asyncio.Future[Reply] = loop.create_future()
             self.waiting.append((request_id, fut))
             futures.append(fut)
+        self.sent_at = time.monotonic()
         self.transport.write(frames)
         return futures
 
@@ -492,7 +512,10 @@ class AsyncClient:
     async def _connection(self, timeout: float) -> _AsyncProtocol:
         proto = self._proto
         if proto is not None and proto.lost is None:
-            return proto
+            if proto.waiting or time.monotonic() - proto.sent_at < proto.keep_for:
+                return proto
+            self._proto = None  # unused too long: the daemon may be closing it as idle
+            proto.transport.close()
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
@@ -525,6 +548,7 @@ class AsyncClient:
                                     f"{PROTOCOL_VERSION}; upgrade the older side")
             proto.max_frame = hello.max_frame
             proto.reader.max_frame = max(hello.max_frame, DEFAULT_MAX_FRAME)
+            proto.keep_for = _keep_for(hello)
             self._proto = proto
             return proto
 

@@ -52,6 +52,8 @@ def test_config_file_from_env(tmp_path):
     ('[log]\nlevel = "loud"\n', True, "log.level", "Invalid enum value"),
     ('[normalize]\nfiller_words = ["two words"]\n', True, "normalize.filler_words", "single word"),
     ('[server\n', True, "", "invalid TOML"),
+    ('[server]\nidle_timeout = 0\n', True, "server.idle_timeout", "> 0"),
+    ('[server]\nmax_connections_per_pid = 0\n', True, "server.max_connections_per_pid", ">= 1"),
 ])
 def test_file_errors_name_file_key_and_hint(tmp_path, text, source_is_file, key, fragment):
     p = write(tmp_path, text)
