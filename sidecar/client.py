@@ -5,7 +5,9 @@ back in order, raise ``sidecar.errors`` exceptions, and reconnect after a daemon
 a call that finds its connection dead before any reply arrived is sent once more on a
 fresh connection when every request in it is idempotent. Each new connection starts with
 ``hello``, which checks the protocol version and learns the daemon's max frame size, so an
-oversize request fails locally instead of costing the connection.
+oversize request fails locally instead of costing the connection. Before ``hello`` each
+connection checks who listens (``sidecar.peer.daemon_problem``): a socket in another
+user's directory or served by an unexpected uid raises ``UntrustedSocket``, nothing sent.
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ from . import __version__, guard
 from .guard import CallResult, Guarded
 from .config import client_socket_path
 from .errors import (
-    FrameTooLarge, ProtocolError, SidecarTimeout, SidecarUnavailable, error_from_reply,
+    FrameTooLarge, ProtocolError, SidecarTimeout, SidecarUnavailable, UntrustedSocket,
+    error_from_reply,
 )
 from .framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
+from .peer import daemon_problem
 from .protocol import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePut, CachePutReply, ChainModel, Costs, CostsReply,
@@ -110,7 +114,7 @@ class _SyncConnection:
     __slots__ = ("sock", "reader", "encoder", "next_id", "max_frame", "path", "kernel_timeout",
                  "keep_for", "sent_at")
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, expected_uid: int | None) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.reader = FrameReader(DEFAULT_MAX_FRAME)
@@ -135,6 +139,10 @@ class _SyncConnection:
         except OSError as exc:
             self.sock.close()
             raise SidecarUnavailable(path, exc.strerror or str(exc)) from None
+        problem = daemon_problem(self.sock, path, expected_uid)
+        if problem is not None:
+            self.sock.close()
+            raise UntrustedSocket(path, problem)
         try:
             hello = self.exchange([Hello(client=_CLIENT_NAME)], timeout)[0]
         except _Dead:
@@ -229,11 +237,15 @@ class Client:
 
     ``socket`` defaults to ``LLM_SIDECAR_SOCKET``, else the first default path that
     exists. ``timeout`` (seconds) bounds every call unless the call gives its own.
+    ``expected_uid``: the daemon's uid, if not ours, root's or that of the owner of a
+    socket directory no one else may write (``sidecar.peer.trusted_uids``).
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT, max_idle: int = 8) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, max_idle: int = 8,
+                 expected_uid: int | None = None) -> None:
         self.path = str(client_socket_path(socket))
+        self.expected_uid = expected_uid
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: list[_SyncConnection] = []
@@ -264,7 +276,7 @@ class Client:
                     if now - conn.sent_at < conn.keep_for:
                         return conn
                     conn.close()  # unused too long: the daemon may be closing it as idle
-        return _SyncConnection(self.path, timeout)
+        return _SyncConnection(self.path, timeout, self.expected_uid)
 
     def _release(self, conn: _SyncConnection) -> None:
         with self._lock:
@@ -491,8 +503,9 @@ class AsyncClient:
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, expected_uid: int | None = None) -> None:
         self.path = str(client_socket_path(socket))
+        self.expected_uid = expected_uid  # as ``Client``'s
         self.timeout = timeout
         self._proto: _AsyncProtocol | None = None
         self._connecting: asyncio.Lock | None = None
@@ -531,6 +544,11 @@ class AsyncClient:
                 raise SidecarTimeout(f"connecting to {self.path} timed out") from None
             except OSError as exc:
                 raise SidecarUnavailable(self.path, exc.strerror or str(exc)) from None
+            problem = daemon_problem(proto.transport.get_extra_info("socket"), self.path,
+                                     self.expected_uid)
+            if problem is not None:
+                proto.transport.close()
+                raise UntrustedSocket(self.path, problem)
             (fut,) = proto.send([Hello(client=_CLIENT_NAME)])
             try:
                 hello = await asyncio.wait_for(fut, timeout)
@@ -616,7 +634,8 @@ class AsyncClient:
         request = Admit(**fields)
         budget = max(timeout or self.timeout, request.wait + self.timeout)
         if request.wait > 0:
-            async with AsyncClient(self.path, timeout=self.timeout) as own:
+            async with AsyncClient(self.path, timeout=self.timeout,
+                                   expected_uid=self.expected_uid) as own:
                 return await own.call(request, timeout=budget)  # type: ignore[return-value]
         return await self.call(request, timeout=budget)  # type: ignore[return-value]
 

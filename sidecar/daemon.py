@@ -33,6 +33,7 @@ from .handlers import Handlers
 from .journal import Journal
 from .ledger.requestlog import RequestLog
 from .metrics import Exposition, Metrics
+from .peer import PRIVATE_DIR_PREFIX, private_dir_problem
 from .protocol import OPS
 from .server import MetricsListener, Server
 
@@ -41,18 +42,12 @@ log = logging.getLogger("sidecar.daemon")
 
 def _prepare_directory(path: Path) -> None:
     parent = path.parent
-    private = parent.name.startswith("llm-sidecar-")
     if not parent.exists():
+        private = parent.name.startswith(PRIVATE_DIR_PREFIX)
         parent.mkdir(mode=0o700 if private else 0o755, parents=True)
-    if private:
-        # A per-user directory in /tmp must be ours and closed to others, or another user
-        # could swap the socket underneath the clients.
-        st = parent.lstat()
-        if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
-                or st.st_mode & 0o077):
-            raise DaemonStartError(
-                f"{parent} must be a directory owned by uid {os.getuid()} with mode 0700; "
-                "remove it or pass --socket PATH")
+    problem = private_dir_problem(parent)
+    if problem is not None:
+        raise DaemonStartError(f"{problem}; remove it or pass --socket PATH")
 
 
 def _lock_path(path: Path) -> Path:
