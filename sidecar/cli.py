@@ -355,7 +355,8 @@ def render_stats(stats: StatsReply) -> str:
     daemon = _table([
         ("version", stats.build.version), ("pid", str(stats.pid)), ("socket", stats.socket),
         ("uptime", _uptime(stats.uptime_s)),
-        ("connections", f"{stats.connections_now:,} now, {stats.connections_total:,} total"),
+        ("connections", f"{stats.connections_now:,} now, {stats.connections_total:,} total"
+         + (f"; closed {_pairs(stats.connections_closed)}" if stats.connections_closed else "")),
         ("requests", f"{stats.requests_total:,}"), ("errors", f"{stats.errors_total:,}"),
         ("config epoch", str(stats.config_epoch)), ("request log", log_line),
     ])

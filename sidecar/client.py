@@ -5,11 +5,14 @@ back in order, raise ``sidecar.errors`` exceptions, and reconnect after a daemon
 a call that finds its connection dead before any reply arrived is sent once more on a
 fresh connection when every request in it is idempotent. Each new connection starts with
 ``hello``, which checks the protocol version and learns the daemon's max frame size, so an
-oversize request fails locally instead of costing the connection.
+oversize request fails locally instead of costing the connection. Before ``hello`` each
+connection checks who listens (``sidecar.peer.daemon_problem``): a socket in another
+user's directory or served by an unexpected uid raises ``UntrustedSocket``, nothing sent.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import struct
@@ -24,9 +27,11 @@ from . import __version__, guard
 from .guard import CallResult, Guarded
 from .config import client_socket_path
 from .errors import (
-    FrameTooLarge, ProtocolError, SidecarTimeout, SidecarUnavailable, error_from_reply,
+    FrameTooLarge, ProtocolError, SidecarTimeout, SidecarUnavailable, UntrustedSocket,
+    error_from_reply,
 )
 from .framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
+from .peer import daemon_problem
 from .protocol import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePut, CachePutReply, ChainModel, Costs, CostsReply,
@@ -88,6 +93,12 @@ def _end_request(lease: str, fields: dict[str, Any]) -> End:
     return End(lease=lease, **fields)
 
 
+def _keep_for(hello: HelloReply) -> float:
+    """How long a connection may sit unused and still be reused: half the daemon's idle
+    timeout, so a request never meets the daemon closing it as idle."""
+    return hello.idle_timeout / 2 if hello.idle_timeout > 0 else math.inf
+
+
 def _unwrap(replies: list[Reply | BaseException], return_exceptions: bool) -> list:
     if not return_exceptions:
         for item in replies:
@@ -100,9 +111,10 @@ def _unwrap(replies: list[Reply | BaseException], return_exceptions: bool) -> li
 
 
 class _SyncConnection:
-    __slots__ = ("sock", "reader", "encoder", "next_id", "max_frame", "path", "kernel_timeout")
+    __slots__ = ("sock", "reader", "encoder", "next_id", "max_frame", "path", "kernel_timeout",
+                 "keep_for", "sent_at")
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, expected_uid: int | None) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.reader = FrameReader(DEFAULT_MAX_FRAME)
@@ -110,6 +122,8 @@ class _SyncConnection:
         self.next_id = 1
         self.max_frame = DEFAULT_MAX_FRAME
         self.kernel_timeout = -1.0
+        self.keep_for = math.inf
+        self.sent_at = 0.0
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
@@ -125,6 +139,10 @@ class _SyncConnection:
         except OSError as exc:
             self.sock.close()
             raise SidecarUnavailable(path, exc.strerror or str(exc)) from None
+        problem = daemon_problem(self.sock, path, expected_uid)
+        if problem is not None:
+            self.sock.close()
+            raise UntrustedSocket(path, problem)
         try:
             hello = self.exchange([Hello(client=_CLIENT_NAME)], timeout)[0]
         except _Dead:
@@ -143,6 +161,7 @@ class _SyncConnection:
                                 f"{PROTOCOL_VERSION}; upgrade the older side")
         self.max_frame = hello.max_frame
         self.reader.max_frame = max(hello.max_frame, DEFAULT_MAX_FRAME)
+        self.keep_for = _keep_for(hello)
 
     def close(self) -> None:
         self.sock.close()
@@ -164,7 +183,8 @@ class _SyncConnection:
         as its exception. Raises ``TimeoutError`` past ``timeout`` seconds."""
         frames, ids = _encode_requests(self.encoder, requests, self.next_id, self.max_frame)
         self.next_id = ids[-1] + 1
-        deadline = time.monotonic() + timeout
+        self.sent_at = time.monotonic()
+        deadline = self.sent_at + timeout
         self._set_timeout(timeout)
         sock = self.sock
         try:
@@ -217,11 +237,15 @@ class Client:
 
     ``socket`` defaults to ``LLM_SIDECAR_SOCKET``, else the first default path that
     exists. ``timeout`` (seconds) bounds every call unless the call gives its own.
+    ``expected_uid``: the daemon's uid, if not ours, root's or that of the owner of a
+    socket directory no one else may write (``sidecar.peer.trusted_uids``).
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT, max_idle: int = 8) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, max_idle: int = 8,
+                 expected_uid: int | None = None) -> None:
         self.path = str(client_socket_path(socket))
+        self.expected_uid = expected_uid
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: list[_SyncConnection] = []
@@ -246,8 +270,13 @@ class Client:
             if self._closed:
                 raise RuntimeError("client is closed")
             if self._idle:
-                return self._idle.pop()
-        return _SyncConnection(self.path, timeout)
+                now = time.monotonic()
+                while self._idle:
+                    conn = self._idle.pop()
+                    if now - conn.sent_at < conn.keep_for:
+                        return conn
+                    conn.close()  # unused too long: the daemon may be closing it as idle
+        return _SyncConnection(self.path, timeout, self.expected_uid)
 
     def _release(self, conn: _SyncConnection) -> None:
         with self._lock:
@@ -411,6 +440,8 @@ class _AsyncProtocol(asyncio.Protocol):
         self.next_id = 1
         self.max_frame = DEFAULT_MAX_FRAME
         self.lost: BaseException | None = None
+        self.keep_for = math.inf
+        self.sent_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -459,6 +490,7 @@ class _AsyncProtocol(asyncio.Protocol):
             fut: asyncio.Future[Reply] = loop.create_future()
             self.waiting.append((request_id, fut))
             futures.append(fut)
+        self.sent_at = time.monotonic()
         self.transport.write(frames)
         return futures
 
@@ -471,8 +503,9 @@ class AsyncClient:
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, expected_uid: int | None = None) -> None:
         self.path = str(client_socket_path(socket))
+        self.expected_uid = expected_uid  # as ``Client``'s
         self.timeout = timeout
         self._proto: _AsyncProtocol | None = None
         self._connecting: asyncio.Lock | None = None
@@ -492,7 +525,10 @@ class AsyncClient:
     async def _connection(self, timeout: float) -> _AsyncProtocol:
         proto = self._proto
         if proto is not None and proto.lost is None:
-            return proto
+            if proto.waiting or time.monotonic() - proto.sent_at < proto.keep_for:
+                return proto
+            self._proto = None  # unused too long: the daemon may be closing it as idle
+            proto.transport.close()
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
@@ -508,6 +544,11 @@ class AsyncClient:
                 raise SidecarTimeout(f"connecting to {self.path} timed out") from None
             except OSError as exc:
                 raise SidecarUnavailable(self.path, exc.strerror or str(exc)) from None
+            problem = daemon_problem(proto.transport.get_extra_info("socket"), self.path,
+                                     self.expected_uid)
+            if problem is not None:
+                proto.transport.close()
+                raise UntrustedSocket(self.path, problem)
             (fut,) = proto.send([Hello(client=_CLIENT_NAME)])
             try:
                 hello = await asyncio.wait_for(fut, timeout)
@@ -525,6 +566,7 @@ class AsyncClient:
                                     f"{PROTOCOL_VERSION}; upgrade the older side")
             proto.max_frame = hello.max_frame
             proto.reader.max_frame = max(hello.max_frame, DEFAULT_MAX_FRAME)
+            proto.keep_for = _keep_for(hello)
             self._proto = proto
             return proto
 
@@ -592,7 +634,8 @@ class AsyncClient:
         request = Admit(**fields)
         budget = max(timeout or self.timeout, request.wait + self.timeout)
         if request.wait > 0:
-            async with AsyncClient(self.path, timeout=self.timeout) as own:
+            async with AsyncClient(self.path, timeout=self.timeout,
+                                   expected_uid=self.expected_uid) as own:
                 return await own.call(request, timeout=budget)  # type: ignore[return-value]
         return await self.call(request, timeout=budget)  # type: ignore[return-value]
 

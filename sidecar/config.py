@@ -58,6 +58,13 @@ class ServerConfig(_Section):
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = DEFAULT_MAX_FRAME
     frame_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    #: one user, one process (SO_PEERCRED) may hold this many at once, so a leak or a
+    #: hostile peer cannot take every connection; beyond it: OVERLOADED
+    max_connections_per_uid: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 2048
+    max_connections_per_pid: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+    #: seconds without a request after which a connection is closed (not one waiting
+    #: for a reply; a stalled partial frame is frame_timeout's)
+    idle_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
     drain_timeout: Annotated[float, msgspec.Meta(ge=0, le=600)] = 5.0
     access: AccessConfig = AccessConfig()
 
@@ -399,6 +406,9 @@ HINTS: dict[str, str] = {
     "server.max_frame_bytes": "bytes, from 1024 to 1073741824; the default is 4194304 (4 MiB)",
     "server.frame_timeout": "seconds a partial frame may stall before its connection is closed",
     "server.max_connections": "connections served at once, from 1 to 1000000",
+    "server.max_connections_per_uid": "connections one user may hold at once (SO_PEERCRED)",
+    "server.max_connections_per_pid": "connections one process may hold at once",
+    "server.idle_timeout": "seconds without a request before a connection is closed",
     "server.drain_timeout": "seconds to answer in-flight requests on SIGTERM",
     "normalize.filler_words": 'a list of single words, e.g. ["please", "just"]',
     "tokens.models": 'a table of model-name prefix = encoding, e.g. "gpt-4o" = "o200k_base"',
@@ -529,10 +539,8 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
         key = "server.socket_mode"
         raise ConfigError(f"invalid mode {server.socket_mode!r}", source=origin.get(key, ""),
                           key=key, hint=HINTS[key])
-    if server.socket and not os.path.isabs(server.socket):
-        key = "server.socket"
-        raise ConfigError(f"socket path {server.socket!r} is not absolute",
-                          source=origin.get(key, ""), key=key, hint=HINTS[key])
+    if server.socket:
+        _require_absolute(server.socket, origin.get("server.socket", ""))
     for prefix, encoding in config.tokens.models.items():
         if encoding not in KNOWN_ENCODINGS:
             key = "tokens.models"
@@ -590,6 +598,14 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
         config, normalize=msgspec.structs.replace(config.normalize, filler_words=words))
 
 
+def _require_absolute(socket: str, source: str) -> None:
+    """The daemon's socket path must not depend on the directory it was started in."""
+    if not os.path.isabs(socket):
+        key = "server.socket"
+        raise ConfigError(f"socket path {socket!r} is not absolute", source=source, key=key,
+                          hint=HINTS[key])
+
+
 def dump(config: Config) -> dict[str, Any]:
     """The effective settings as plain data (for ``config check`` and logs)."""
     data = msgspec.to_builtins(config)
@@ -616,6 +632,7 @@ def server_socket_path(config: Config, explicit: str | None = None,
     """Where the daemon listens: ``--socket``, config/env, else the first default it may
     create (``/run/llm.sock``, ``$XDG_RUNTIME_DIR/llm.sock``, ``/tmp/llm-sidecar-<uid>``)."""
     if explicit:
+        _require_absolute(explicit, "--socket")
         return Path(explicit)
     if config.server.socket:
         return Path(config.server.socket)

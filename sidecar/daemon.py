@@ -4,7 +4,7 @@
 socket probe) and binds it with the configured mode, or adopts the socket systemd passed
 by socket activation, reloads on SIGHUP (validate first, keep the
 old config on error), and on SIGTERM/SIGINT stops accepting, answers what has arrived,
-removes the socket and returns 0.
+removes the socket and its lock file and returns 0.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from .handlers import Handlers
 from .journal import Journal
 from .ledger.requestlog import RequestLog
 from .metrics import Exposition, Metrics
+from .peer import PRIVATE_DIR_PREFIX, private_dir_problem
 from .protocol import OPS
 from .server import MetricsListener, Server
 
@@ -41,37 +42,41 @@ log = logging.getLogger("sidecar.daemon")
 
 def _prepare_directory(path: Path) -> None:
     parent = path.parent
-    private = parent.name.startswith("llm-sidecar-")
     if not parent.exists():
+        private = parent.name.startswith(PRIVATE_DIR_PREFIX)
         parent.mkdir(mode=0o700 if private else 0o755, parents=True)
-    if private:
-        # A per-user directory in /tmp must be ours and closed to others, or another user
-        # could swap the socket underneath the clients.
-        st = parent.lstat()
-        if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
-                or st.st_mode & 0o077):
-            raise DaemonStartError(
-                f"{parent} must be a directory owned by uid {os.getuid()} with mode 0700; "
-                "remove it or pass --socket PATH")
+    problem = private_dir_problem(parent)
+    if problem is not None:
+        raise DaemonStartError(f"{problem}; remove it or pass --socket PATH")
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
 
 
 def _claim(path: Path) -> int:
     """Lock ``<socket>.lock`` for the daemon's lifetime and clear a stale socket."""
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    lock_path = _lock_path(path)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DaemonStartError(
+                f"another llm-sidecar daemon (pid {owner}) owns {path}; stop it first "
+                "or pass --socket PATH") from None
+        if _is_file(fd, lock_path):
+            break
+        # The previous owner removed the file (``_unclaim``) after we opened it: a lock
+        # on an unlinked file excludes no one, so take the new one.
         os.close(fd)
-        raise DaemonStartError(
-            f"another llm-sidecar daemon (pid {owner}) owns {path}; stop it first "
-            "or pass --socket PATH") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
-            os.close(fd)
+            _unclaim(path, fd)
             raise DaemonStartError(f"{path} exists and is not a socket; remove it or pass "
                                    "--socket PATH")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,17 +85,37 @@ def _claim(path: Path) -> int:
             probe.connect(str(path))
         except OSError as exc:
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                os.close(fd)
+                _unclaim(path, fd)
                 raise DaemonStartError(f"cannot probe existing socket {path}: {exc}") from None
             log.info("removing stale socket %s", path)
             path.unlink()
         else:
-            os.close(fd)
+            _unclaim(path, fd)
             raise DaemonStartError(f"a live daemon already answers on {path}; stop it first "
                                    "or pass --socket PATH")
         finally:
             probe.close()
     return fd
+
+
+def _is_file(fd: int, path: Path) -> bool:
+    """``fd`` is still the file at ``path`` (not replaced or removed since it was opened)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _unclaim(path: Path, fd: int) -> None:
+    """Remove the lock file, while still holding its lock and only if it is ours, then
+    release it."""
+    lock_path = _lock_path(path)
+    with contextlib.suppress(FileNotFoundError):  # already gone is fine
+        if _is_file(fd, lock_path):
+            lock_path.unlink()
+    os.close(fd)
 
 
 def _bind(path: Path, mode: int) -> socket.socket:
@@ -269,7 +294,7 @@ class Daemon:
         finally:
             self._unlink()
             if lock_fd is not None:
-                os.close(lock_fd)
+                _unclaim(self.path, lock_fd)
 
     async def _restore(self) -> None:
         """Replay the limits journal into the engine, then start it afresh from a

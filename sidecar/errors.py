@@ -26,6 +26,22 @@ class SidecarUnavailable(SidecarError, ConnectionError):
         )
 
 
+class UntrustedSocket(SidecarUnavailable):
+    """What answers on the socket is not a daemon this client trusts: its per-user
+    directory or the process listening there belongs to another user (see
+    ``sidecar.peer``). Nothing was sent to it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super(SidecarUnavailable, self).__init__(
+            f"refusing the llm-sidecar socket at {path}: {reason}. Nothing was sent. "
+            "If that is your daemon's user, pass expected_uid=UID to the client; otherwise "
+            "remove the path (the daemon recreates it) or point the client at your "
+            "daemon's socket with socket=... or LLM_SIDECAR_SOCKET."
+        )
+
+
 class SidecarTimeout(SidecarError, TimeoutError):
     """The daemon did not answer within the call's timeout."""
 

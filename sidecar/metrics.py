@@ -145,6 +145,8 @@ class Metrics:
         self.ops = {name: OpMetrics() for name in (*ops, self.INVALID)}
         self.connections_now = 0
         self.connections_total = 0
+        #: reason ("idle" or the config key of the bound refused at) -> connections
+        self.connections_closed: dict[str, int] = {}
         self._models: set[str] = set()
         #: (model, input class) -> provider call latency, seconds
         self.provider: dict[tuple[str, str], Histogram] = {}
@@ -309,6 +311,9 @@ class _Collector:
                        {(): g.notify_dropped})
         yield _counter("llm_sidecar_connections", "Connections accepted.", [],
                        {(): m.connections_total})
+        yield _counter("llm_sidecar_connections_closed",
+                       "Connections the daemon closed: idle, or refused at a bound.",
+                       ["reason"], m.connections_closed)
         yield _gauge("llm_sidecar_connections_open", "Connections open now.", [],
                      {(): m.connections_now})
         yield _gauge("llm_sidecar_uptime_seconds", "Seconds since the daemon started.", [],

@@ -344,6 +344,9 @@ class HelloReply(Reply, tag="hello"):
     features: list[str]
     max_frame: int
     pid: int
+    #: seconds of silence after which the daemon closes a connection (0: never); clients
+    #: retire pooled connections well before, so a request never races the close
+    idle_timeout: float = 0.0
 
 
 class Pong(Reply, tag="ping"):
@@ -477,6 +480,9 @@ class StatsReply(Reply, tag="stats"):
     alert_counts: dict[str, int] = {}  # kind -> alerts fired since start
     request_log: LogStats | None = None
     cluster: ClusterStats | None = None  # None: standalone
+    #: reason -> connections the daemon closed: "idle", or refused at a bound named by
+    #: its config key ("max_connections", "max_connections_per_uid", ..._per_pid")
+    connections_closed: dict[str, int] = {}
 
 
 class CountReply(Reply, tag="count"):

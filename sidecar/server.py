@@ -5,7 +5,10 @@ call, and the replies of a burst go out in one write, so a pipelining client get
 answers in order with one syscall per burst. A connection's trouble stays its own: a bad
 frame gets an ``Error`` reply, an oversize length prefix or a stalled partial frame
 closes that connection only. Memory per connection is bounded by the max frame size
-(input) and by pausing reads while the peer does not drain its replies (output).
+(input) and by pausing reads while the peer does not drain its replies (output). The
+number of connections is bounded three ways: in all, per uid and per pid of the peer
+(``SO_PEERCRED``); a connection silent for ``server.idle_timeout`` is closed, so
+forgotten connections give their slots back.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from .framing import FrameReader, OversizeFrame, append_frame
 from .errors import RequestError
 from .handlers import Deferred, Handlers
 from .metrics import MASK, OP_BOUNDS_NS, Metrics, OpMetrics
+from .peer import Peer, peer_of
 from .protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
 
 if TYPE_CHECKING:
@@ -103,8 +107,14 @@ def _error_reply(request_id: int, what: str, exc: Exception) -> Error:
                  message="internal error; the daemon log has the details")
 
 
+#: The peer of a connection refused before its credentials were read: uid -1 matches no
+#: user, so nothing is ever granted to it.
+_UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
+
+
 class Connection(asyncio.Protocol):
-    __slots__ = ("server", "transport", "reader", "partial_since", "closing", "waiting")
+    __slots__ = ("server", "transport", "reader", "partial_since", "closing", "waiting",
+                 "peer", "active", "quiet_since")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -114,26 +124,43 @@ class Connection(asyncio.Protocol):
         self.closing = False
         #: True while a reply is computed off the loop: reading pauses, order is kept.
         self.waiting = False
+        #: Who connected (SO_PEERCRED at connect time), read once.
+        self.peer = _UNKNOWN_PEER
+        #: Set by any traffic, cleared by the sweep: a flag store costs the hot path less
+        #: than a clock read, and the sweep dates the silence to within its interval.
+        self.active = True
+        self.quiet_since = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         server = self.server
-        metrics = server.metrics
-        if len(server.connections) >= server.config.server.max_connections:
-            self.abort(ErrorCode.OVERLOADED,
-                       f"connection limit of {server.config.server.max_connections} reached")
+        cfg = server.config.server
+        if len(server.connections) >= cfg.max_connections:
+            self.refuse("max_connections", f"connection limit of {cfg.max_connections} "
+                        "reached (server.max_connections)")
+            return
+        try:
+            self.peer = peer = peer_of(transport.get_extra_info("socket"))
+        except OSError as exc:  # never seen on a Unix socket; refuse rather than guess
+            self.abort(ErrorCode.INTERNAL, f"cannot read the peer's credentials: {exc}")
+            return
+        if server.per_uid.get(peer.uid, 0) >= cfg.max_connections_per_uid:
+            self.refuse("max_connections_per_uid",
+                        f"uid {peer.uid} already holds {cfg.max_connections_per_uid} "
+                        "connections (server.max_connections_per_uid); close idle ones")
+            return
+        if server.per_pid.get(peer.pid, 0) >= cfg.max_connections_per_pid:
+            self.refuse("max_connections_per_pid",
+                        f"pid {peer.pid} already holds {cfg.max_connections_per_pid} "
+                        "connections (server.max_connections_per_pid); close idle ones")
             return
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        server.connections.add(self)
-        metrics.connections_now += 1
-        metrics.connections_total += 1
+        server.track(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self in self.server.connections:
-            self.server.connections.discard(self)
-            self.server.metrics.connections_now -= 1
+        self.server.forget(self)
         self.closing = True
 
     def pause_writing(self) -> None:
@@ -142,12 +169,14 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.active = True  # the peer read its replies: not idle
         if self.transport is not None and not self.closing and not self.waiting:
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self.active = True
         try:
             frames = self.reader.feed(data)
         except OversizeFrame as exc:
@@ -190,6 +219,7 @@ class Connection(asyncio.Protocol):
                 metrics: OpMetrics, start: int) -> None:
         if self.closing or self.transport is None or self.transport.is_closing():
             return
+        self.active = True  # the idle clock restarts when the reply goes out
         out = bytearray()
         self.server.finish(deferred, metrics, start, out)
         self.transport.write(out)
@@ -199,6 +229,12 @@ class Connection(asyncio.Protocol):
         return False  # close our side too once the replies are written
 
     # -- helpers ---------------------------------------------------------------------
+
+    def refuse(self, bound: str, message: str) -> None:
+        """Turn the connection away at a configured bound (counted by the bound's key)."""
+        closed = self.server.metrics.connections_closed
+        closed[bound] = closed.get(bound, 0) + 1
+        self.abort(ErrorCode.OVERLOADED, message)
 
     def abort(self, code: ErrorCode, message: str) -> None:
         """Send a final Error (id None) and close after it is written."""
@@ -236,6 +272,9 @@ class Server:
         self.metrics = metrics
         self.encoder = msgspec.msgpack.Encoder()
         self.connections: set[Connection] = set()
+        #: connections held by each peer uid and pid; entries at zero are dropped
+        self.per_uid: dict[int, int] = {}
+        self.per_pid: dict[int, int] = {}
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._dispatch = {
@@ -248,6 +287,28 @@ class Server:
         self.config = config
         for conn in self.connections:
             conn.reader.max_frame = config.server.max_frame_bytes
+
+    def track(self, conn: Connection) -> None:
+        """Count an accepted connection (its peer's is already read)."""
+        self.connections.add(conn)
+        uid, pid = conn.peer.uid, conn.peer.pid
+        self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
+        self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
+        self.metrics.connections_now += 1
+        self.metrics.connections_total += 1
+
+    def forget(self, conn: Connection) -> None:
+        """Uncount a connection that is closing (once: later calls do nothing)."""
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        for counts, key in ((self.per_uid, conn.peer.uid), (self.per_pid, conn.peer.pid)):
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
+        self.metrics.connections_now -= 1
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -315,18 +376,47 @@ class Server:
                         reply.code if type(reply) is Error else None)
 
     async def _sweep(self) -> None:
-        """Close connections whose partial frame stalled past ``frame_timeout``."""
+        """Close connections whose partial frame stalled past ``frame_timeout``, and
+        those silent past ``idle_timeout`` (see ``_close_idle``)."""
         while True:
-            timeout = self.config.server.frame_timeout
-            await asyncio.sleep(min(1.0, timeout / 4))
+            cfg = self.config.server
+            await asyncio.sleep(min(1.0, cfg.frame_timeout / 4, cfg.idle_timeout / 4))
+            timeout, idle_timeout = cfg.frame_timeout, cfg.idle_timeout
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn.partial_since is not None and now - conn.partial_since > timeout:
-                    log.info("closing a connection whose partial frame stalled for %.1f s",
-                             now - conn.partial_since)
-                    self.metrics.op(Metrics.INVALID).observe(0, ErrorCode.MALFORMED)
-                    conn.abort(ErrorCode.MALFORMED,
-                               f"incomplete frame stalled for more than {timeout:g} s")
+                if conn.partial_since is not None:
+                    if now - conn.partial_since > timeout:
+                        log.info("closing a connection whose partial frame stalled for "
+                                 "%.1f s", now - conn.partial_since)
+                        self.metrics.op(Metrics.INVALID).observe(0, ErrorCode.MALFORMED)
+                        conn.abort(ErrorCode.MALFORMED,
+                                   f"incomplete frame stalled for more than {timeout:g} s")
+                elif conn.active:
+                    conn.active = False
+                    conn.quiet_since = now
+                elif now - conn.quiet_since > idle_timeout:
+                    self._close_idle(conn)
+
+    def _close_idle(self, conn: Connection) -> None:
+        """Close a connection that has been silent for ``idle_timeout``, unless a reply
+        is being computed for it or a request just arrived. Closed without a frame, as
+        an HTTP keep-alive timeout: the clients retire pooled connections before it (they
+        learn the timeout from ``hello``) and reconnect."""
+        transport = conn.transport
+        if conn.waiting or conn.closing or transport is None:
+            return
+        if transport.get_write_buffer_size():
+            # Its replies sat unread all that time (its requests wait unread behind
+            # them): the peer is stuck, and close() would wait for it to read for ever.
+            transport.abort()
+        elif conn.idle():
+            transport.close()
+        else:
+            return
+        conn.closing = True
+        self.forget(conn)
+        closed = self.metrics.connections_closed
+        closed["idle"] = closed.get("idle", 0) + 1
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -342,8 +432,7 @@ class Server:
                     conn.closing = True
                     if conn.transport is not None:
                         conn.transport.close()
-                    self.connections.discard(conn)
-                    self.metrics.connections_now -= 1
+                    self.forget(conn)
             if self.connections:
                 await asyncio.sleep(0.005)
         busy = len(self.connections)
@@ -408,4 +497,4 @@ class MetricsListener:
             await self._server.wait_closed()
 
 
-__all__ = ["Connection", "MetricsListener", "Server"]
+__all__ = ["Connection", "MetricsListener", "Peer", "Server"]

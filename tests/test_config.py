@@ -52,6 +52,8 @@ def test_config_file_from_env(tmp_path):
     ('[log]\nlevel = "loud"\n', True, "log.level", "Invalid enum value"),
     ('[normalize]\nfiller_words = ["two words"]\n', True, "normalize.filler_words", "single word"),
     ('[server\n', True, "", "invalid TOML"),
+    ('[server]\nidle_timeout = 0\n', True, "server.idle_timeout", "> 0"),
+    ('[server]\nmax_connections_per_pid = 0\n', True, "server.max_connections_per_pid", ">= 1"),
 ])
 def test_file_errors_name_file_key_and_hint(tmp_path, text, source_is_file, key, fragment):
     p = write(tmp_path, text)
@@ -103,6 +105,9 @@ def test_server_socket_resolution(tmp_path):
     c = config.load(None, {"LLM_SIDECAR_SOCKET": str(tmp_path / "e.sock")})
     assert config.server_socket_path(c, None) == tmp_path / "e.sock"
     assert config.server_socket_path(c, "/explicit.sock") == Path("/explicit.sock")
+    with pytest.raises(ConfigError, match="not absolute") as info:
+        config.server_socket_path(c, "relative.sock")
+    assert info.value.source == "--socket" and info.value.key == "server.socket"
     default = config.server_socket_path(config.load(None, {}), None, {})
     expected = ("/run/llm.sock" if os.access("/run", os.W_OK | os.X_OK)
                 else f"/tmp/llm-sidecar-{os.getuid()}/llm.sock")

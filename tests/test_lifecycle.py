@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from clirun import cli
+from clirun import cli, cli_argv, cli_env
 from rawsock import Raw
 from sidecar import Client
 from sidecar.protocol import Pong
@@ -92,6 +92,34 @@ def test_private_directory_is_created_0700_and_checked(tmp_path, start_daemon):
     d = start_daemon(socket_path=private / "llm.sock", wait=False)
     assert d.proc.wait(30) == 2
     assert "mode 0700" in d.log()
+
+
+def test_relative_socket_is_refused_like_in_config(tmp_path):
+    # --socket obeys config's rule for server.socket: the same message, nothing bound
+    def serve(*args, env=None):
+        return subprocess.run(cli_argv("serve", *args), capture_output=True, text=True,
+                              env=cli_env(env), timeout=30, cwd=tmp_path)
+
+    flag = serve("--socket", "rel.sock")
+    variable = serve(env={"LLM_SIDECAR_SOCKET": "rel.sock"})
+    for r, source in ((flag, "--socket"), (variable, "LLM_SIDECAR_SOCKET")):
+        assert r.returncode == 2, r.stderr
+        assert f"{source}: server.socket: socket path 'rel.sock' is not absolute" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_file_is_removed_on_sigterm_if_still_ours(start_daemon):
+    d = start_daemon()
+    lock = d.path.with_name(d.path.name + ".lock")
+    assert lock.read_text() == f"{d.pid}\n"
+    assert d.stop() == 0
+    assert not lock.exists()
+    # Replaced while the daemon ran (an operator, another daemon): not ours to remove.
+    d = start_daemon()
+    lock.unlink()
+    lock.write_text("someone else's\n")
+    assert d.stop() == 0
+    assert lock.read_text() == "someone else's\n"
 
 
 def test_socket_from_environment(tmp_path, start_daemon):

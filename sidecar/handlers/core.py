@@ -222,6 +222,7 @@ class Handlers(CallOps):
         return HelloReply(
             id=req.id, protocol=PROTOCOL_VERSION, server=f"llm-sidecar/{__version__}",
             features=list(OPS), max_frame=self.config.server.max_frame_bytes, pid=os.getpid(),
+            idle_timeout=self.config.server.idle_timeout,
         )
 
     def ping(self, req: Ping) -> Pong:
@@ -717,6 +718,7 @@ class Handlers(CallOps):
             request_log=self.accounting.log_stats(self.request_log_path),
             cluster=self.cluster.stats(_without_password(self.config.cluster.redis_url))
             if self.cluster is not None else None,
+            connections_closed=dict(self.metrics.connections_closed),
         )
 
     def cost_summary(self, req: Costs) -> CostsReply:
