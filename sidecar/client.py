@@ -166,6 +166,22 @@ class _SyncConnection:
     def close(self) -> None:
         self.sock.close()
 
+    def _last_words(self) -> None:
+        """Raise the error a daemon sent before closing on us (a refused connection:
+        forbidden, overloaded), if one is waiting unread; else return."""
+        try:
+            data = self.sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            frames = self.reader.feed(data) if data else []
+        except (OSError, OversizeFrame):
+            return
+        for frame in frames:
+            try:
+                reply = REPLY_DECODER.decode(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return
+            if type(reply) is Error and reply.id is None:
+                raise error_from_reply(reply.code, reply.message, None)
+
     def _set_timeout(self, timeout: float) -> None:
         # Each call passes its remaining time, a hair under the last one: keep the kernel
         # timeout unless it must grow or shrink by over 5% (the loop in ``exchange``
@@ -190,6 +206,7 @@ class _SyncConnection:
         try:
             sock.sendall(frames)
         except (BrokenPipeError, ConnectionResetError):
+            self._last_words()
             raise _Dead() from None
         except BlockingIOError:
             raise TimeoutError() from None

@@ -13,9 +13,13 @@ import socket
 import stat
 import struct
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from .config import AccessConfig
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux's value; Python lacks it
 PRIVATE_DIR_PREFIX = "llm-sidecar-"
 
 
@@ -36,6 +40,31 @@ def peer_of(sock: _HasSockopt) -> Peer:
     """The peer of a connected Unix socket (raises ``OSError`` for other sockets)."""
     return Peer._make(_UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
+
+
+def groups_of(sock: _HasSockopt) -> frozenset[int]:
+    """Every group of the peer: its gid at connect time and, where the kernel tells
+    (``SO_PEERGROUPS``, Linux 4.13+), its supplementary groups."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 256)
+    except OSError:  # an older kernel, or more than 256 groups: the primary gid only
+        return frozenset()
+    return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+
+
+def access(rules: AccessConfig, peer: Peer, sock: _HasSockopt) -> bool | None:
+    """What ``[server.access]`` grants ``peer``: True (operator), False (app) or None
+    (nothing: the connection is refused). Root and the daemon's own uid are operators."""
+    groups: frozenset[int] = frozenset()
+    if rules.operator_gids or rules.app_gids:
+        groups = groups_of(sock) | {peer.gid}
+    if (peer.uid in (0, os.getuid()) or peer.uid in rules.operator_uids
+            or not groups.isdisjoint(rules.operator_gids)):
+        return True
+    if (not (rules.app_uids or rules.app_gids) or peer.uid in rules.app_uids
+            or not groups.isdisjoint(rules.app_gids)):
+        return False
+    return None
 
 
 def private_dir_problem(directory: Path) -> str | None:

@@ -29,7 +29,7 @@ from .framing import FrameReader, OversizeFrame, append_frame
 from .errors import RequestError
 from .handlers import Deferred, Handlers
 from .metrics import MASK, OP_BOUNDS_NS, Metrics, OpMetrics
-from .peer import Peer, peer_of
+from .peer import Peer, access, peer_of
 from .protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ _UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
 
 class Connection(asyncio.Protocol):
     __slots__ = ("server", "transport", "reader", "partial_since", "closing", "waiting",
-                 "peer", "active", "quiet_since")
+                 "peer", "operator", "active", "quiet_since")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -126,6 +126,8 @@ class Connection(asyncio.Protocol):
         self.waiting = False
         #: Who connected (SO_PEERCRED at connect time), read once.
         self.peer = _UNKNOWN_PEER
+        #: Whether the peer may use the operator ops (``[server.access]``), decided once.
+        self.operator = False
         #: Set by any traffic, cleared by the sweep: a flag store costs the hot path less
         #: than a clock read, and the sweep dates the silence to within its interval.
         self.active = True
@@ -156,6 +158,14 @@ class Connection(asyncio.Protocol):
                         f"pid {peer.pid} already holds {cfg.max_connections_per_pid} "
                         "connections (server.max_connections_per_pid); close idle ones")
             return
+        granted = access(cfg.access, peer, transport.get_extra_info("socket"))
+        if granted is None:
+            self.abort(ErrorCode.FORBIDDEN,
+                       f"uid {peer.uid} (gid {peer.gid}) may not use this daemon: it is in "
+                       "neither server.access.app_uids/app_gids nor operator_uids/"
+                       "operator_gids")
+            return
+        self.operator = granted
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         server.track(self)
 
@@ -195,6 +205,9 @@ class Connection(asyncio.Protocol):
 
     def _run(self, frames: list[memoryview], first: int) -> None:
         out = bytearray()
+        handlers = self.server.handlers  # ops act for this peer (leases, operator ops)
+        handlers.owner = self.peer.uid
+        handlers.operator = self.operator
         try:
             pending = self.server.process(frames, out, first)
         except Exception:  # a bug of ours: this connection's stream is lost, not others'
