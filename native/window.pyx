@@ -1117,6 +1117,7 @@ cdef class Core:
         cdef int evicted = 0, i, s
         cdef CRule* r
         cdef bint idle
+        cdef Py_ssize_t cut
         if not self.sweep:
             self.sweep = [(S_WHO, key) for key in self.who]
             self.sweep += [(S_MODEL, key) for key in self.models]
@@ -1124,10 +1125,14 @@ cdef class Core:
             if self.glob is not None:
                 self.sweep.append((S_GLOBAL, ""))
             cutoff = now - self.retry_loop_window
-            for key in [key for key, t in self.recent.items() if not t or t[-1] <= cutoff]:
+            # wraparound=False: t[-1] would not count from the end (a deque raised)
+            for key in [key for key, t in self.recent.items()
+                        if not t or t[len(t) - 1] <= cutoff]:
                 del self.recent[key]
-        batch = self.sweep[-budget:]
-        del self.sweep[-budget:]
+        # wraparound=False: a negative slice bound would not count from the end
+        cut = max(len(self.sweep) - budget, 0)
+        batch = self.sweep[cut:]
+        del self.sweep[cut:]
         for s, key in batch:
             d = None if s == S_GLOBAL else self.who if s == S_WHO else \
                 self.models if s == S_MODEL else self.routes
@@ -1152,6 +1157,11 @@ cdef class Core:
     @property
     def open_leases(self):
         return len(self.leases)
+
+    @property
+    def retry_loop_keys(self):
+        """(user, prompt) keys the retry-loop guard tracks now."""
+        return len(self.recent)
 
     def lease_subject(self, str lease_id):
         """Who a lease (open, or remembered after it ended) was admitted for."""

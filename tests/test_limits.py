@@ -313,6 +313,20 @@ def test_retry_loop_guard():
     assert e.admit(ALICE, Estimate(0, 0, 0), 10.5, same).allowed  # window moved on
 
 
+def test_retry_loop_keys_leave_after_their_window():
+    e = Engine([rule("rpm", "user", "requests", "60s", 1000)], retry_loop_max=3,
+               retry_loop_window=10.0)
+    for i in range(100):
+        e.admit(ALICE, Estimate(0, 0, 0), i / 100, i.to_bytes(16, "big"))
+    e.admit(Subject(user="bob"), Estimate(0, 0, 0), 5.0, b"\x01" * 16)
+    e.evict_idle(9.0)  # wraparound=False once made this an IndexError: none may leave yet
+    assert e.retry_loop_keys == 101
+    e.evict_idle(11.0)
+    assert e.retry_loop_keys == 1  # bob's admit at 5.0 is still in its window
+    e.evict_idle(15.0)
+    assert e.retry_loop_keys == 0
+
+
 def test_idle_counters_are_evicted():
     e = Engine([rule("rpm", "user", "requests", "10s", 5, buckets=10)])
     for i in range(100):
