@@ -183,6 +183,7 @@ class Handlers(CallOps):
         return dict(zone=limits.timezone, lease_ttl=limits.lease_ttl,
                     near_fraction=limits.near_fraction, retry_loop_max=limits.retry_loop_max,
                     retry_loop_window=limits.retry_loop_window,
+                    retry_loop_max_keys=limits.retry_loop_max_keys,
                     alert_thresholds=limits.alert_thresholds)
 
     @staticmethod
