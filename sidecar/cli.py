@@ -358,6 +358,7 @@ def render_stats(stats: StatsReply) -> str:
         ("connections", f"{stats.connections_now:,} now, {stats.connections_total:,} total"),
         ("requests", f"{stats.requests_total:,}"), ("errors", f"{stats.errors_total:,}"),
         ("config epoch", str(stats.config_epoch)), ("request log", log_line),
+        ("task failures", _pairs(dict(sorted(stats.task_failures.items()))) or "none"),
     ])
     ops = _table(
         [(name, op.requests, sum(op.errors.values()), _ms(op.p50_us), _ms(op.p95_us),

@@ -447,6 +447,7 @@ class StatsReply(Reply, tag="stats"):
     limit_near: dict[str, int] = {}  # limit name -> admits that left it >= near_fraction
     limit_shadow: dict[str, int] = {}  # shadow limit -> admits it would have denied
     open_leases: int = 0
+    task_failures: dict[str, int] = {}  # periodic task -> failures (each keeps running)
     cache: CacheStats | None = None
     circuits: dict[str, str] = {}  # model -> "closed" | "open" | "half_open"
     latency: list[LatencyStats] = []  # provider calls by model and input size

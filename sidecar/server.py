@@ -289,14 +289,15 @@ class Server:
         while True:
             timeout = self.config.server.frame_timeout
             await asyncio.sleep(min(1.0, timeout / 4))
-            now = time.monotonic()
-            for conn in list(self.connections):
-                if conn.partial_since is not None and now - conn.partial_since > timeout:
-                    log.info("closing a connection whose partial frame stalled for %.1f s",
-                             now - conn.partial_since)
-                    self.metrics.op(Metrics.INVALID).observe(0, ErrorCode.MALFORMED)
-                    conn.abort(ErrorCode.MALFORMED,
-                               f"incomplete frame stalled for more than {timeout:g} s")
+            with self.metrics.task_failures.guard("server.sweep"):  # must outlive a bug
+                now = time.monotonic()
+                for conn in list(self.connections):
+                    if conn.partial_since is not None and now - conn.partial_since > timeout:
+                        log.info("closing a connection whose partial frame stalled for "
+                                 "%.1f s", now - conn.partial_since)
+                        self.metrics.op(Metrics.INVALID).observe(0, ErrorCode.MALFORMED)
+                        conn.abort(ErrorCode.MALFORMED,
+                                   f"incomplete frame stalled for more than {timeout:g} s")
 
     def stop_accepting(self) -> None:
         if self._server is not None:

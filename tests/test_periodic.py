@@ -1,0 +1,57 @@
+"""The daemon's periodic tasks survive their own failures visibly: counted, logged at most
+once a minute each."""
+import logging
+import re
+
+import msgspec
+
+from sidecar import Client
+from sidecar.cli import render_stats
+from sidecar.metrics import Exposition, Gauges, Metrics
+from sidecar.periodic import TaskFailures
+from sidecar.protocol import OPS
+
+
+def test_a_failing_task_is_counted_and_logged_once_a_minute(caplog):
+    failures = TaskFailures(log_every=60.0)
+    with caplog.at_level(logging.ERROR, logger="sidecar.periodic"):
+        for now in (0.0, 1.0, 59.9, 60.0, 61.0):
+            failures.record("housekeeping.limits", IndexError("boom"), now)
+        failures.record("cluster.sync", OSError("down"), 61.0)  # its own minute
+    assert failures.counts == {"housekeeping.limits": 5, "cluster.sync": 1}
+    logged = [(r.getMessage(), r.exc_info[0]) for r in caplog.records]
+    assert [m.split(" failed")[0] for m, _ in logged] == [
+        "periodic task housekeeping.limits", "periodic task housekeeping.limits",
+        "periodic task cluster.sync"]
+    assert "2 more since the last report" in logged[1][0]
+    assert [exc for _, exc in logged] == [IndexError, IndexError, OSError]
+
+
+def test_guard_swallows_a_failure_and_the_next_step_runs():
+    failures = TaskFailures()
+    ran = []
+    for step in ("a", "b"):
+        with failures.guard(step):
+            if step == "a":
+                raise RuntimeError("a bug in step a")
+            ran.append(step)
+    assert ran == ["b"] and failures.counts == {"a": 1}
+
+
+def test_task_failures_in_the_dashboard_and_prometheus(daemon):
+    with Client(daemon.path) as c:
+        stats = c.stats()
+    assert re.search(r"task failures +none\n", render_stats(stats))
+    shown = render_stats(msgspec.structs.replace(
+        stats, task_failures={"housekeeping.limits": 3, "cluster.sync": 1}))
+    daemon_section = shown.split("== ops ==")[0]
+    assert re.search(r"task failures +cluster.sync=1, housekeeping.limits=3\n",
+                     daemon_section)
+    metrics = Metrics(OPS)
+    metrics.task_failures.record("server.sweep", ValueError(), 0.0)
+    text = Exposition(metrics).render(Gauges(
+        uptime_s=1.0, open_leases=0, cache_entries={}, cache_bytes={}, cache_hits={},
+        cache_misses={}, semantic_pending=0, circuits={}, transitions={}, log_written=0,
+        log_dropped=0, log_failed=0, notify_dropped=0, limit_alerts={}, alert_counts={},
+        cluster=None)).decode()
+    assert 'llm_sidecar_task_failures_total{task="server.sweep"} 1.0' in text
