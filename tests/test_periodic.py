@@ -1,7 +1,9 @@
-"""The daemon's periodic tasks survive their own failures visibly: counted, logged at most
-once a minute each."""
+"""The daemon's periodic tasks: they survive their own failures visibly (counted, logged
+at most once a minute each), and housekeeping under the shipped default config keeps the
+retry-loop guard's memory bounded."""
 import logging
 import re
+import time
 
 import msgspec
 
@@ -9,7 +11,7 @@ from sidecar import Client
 from sidecar.cli import render_stats
 from sidecar.metrics import Exposition, Gauges, Metrics
 from sidecar.periodic import TaskFailures
-from sidecar.protocol import OPS
+from sidecar.protocol import OPS, Admit
 
 
 def test_a_failing_task_is_counted_and_logged_once_a_minute(caplog):
@@ -55,3 +57,19 @@ def test_task_failures_in_the_dashboard_and_prometheus(daemon):
         log_dropped=0, log_failed=0, notify_dropped=0, limit_alerts={}, alert_counts={},
         cluster=None)).decode()
     assert 'llm_sidecar_task_failures_total{task="server.sweep"} 1.0' in text
+
+
+def test_housekeeping_with_the_default_config_and_retry_loop_data(daemon):
+    """The shipped default (retry_loop_max = 5) holds admits in the retry-loop map; the
+    housekeeping that prunes it once raised IndexError every other second."""
+    with Client(daemon.path) as c:
+        replies = c.batch([Admit(user="u", text=f"prompt {i % 7}", max_tokens=5)
+                           for i in range(50)])
+        assert any(r.reason == "retry_loop" for r in replies)  # the guard is on
+        time.sleep(2.5)  # housekeeping runs every second: at least two ticks
+        stats = c.stats()
+    assert "Traceback" not in daemon.log(), daemon.log()
+    assert stats.task_failures == {}
+    assert stats.retry_loop_keys == 7  # still in their 60 s window: nothing pruned early
+    assert "retry-loop guard: 7 of 10,000 (user, prompt) keys tracked, 0 forgotten" in \
+        render_stats(stats)
