@@ -6,6 +6,7 @@ import re
 import time
 
 import msgspec
+import psutil
 
 from sidecar import Client
 from sidecar.cli import render_stats
@@ -73,3 +74,25 @@ def test_housekeeping_with_the_default_config_and_retry_loop_data(daemon):
     assert stats.retry_loop_keys == 7  # still in their 60 s window: nothing pruned early
     assert "retry-loop guard: 7 of 10,000 (user, prompt) keys tracked, 0 forgotten" in \
         render_stats(stats)
+
+
+def test_rss_flat_after_200k_distinct_prompts_from_one_user(daemon):
+    """Default config: every admit (denied after the first few by the per-user rate, as
+    a loop's retries would be) adds a retry-loop key; the map stops at its cap."""
+    proc = psutil.Process(daemon.pid)
+    daemon.wait_semantic_ready()  # its model loads in the background after start
+
+    def admit(start: int, stop: int) -> None:
+        for lo in range(start, stop, 2000):
+            c.batch([Admit(user="u", text=f"distinct prompt number {i}", max_tokens=1)
+                     for i in range(lo, min(lo + 2000, stop))])
+
+    with Client(daemon.path, timeout=60) as c:
+        admit(0, 2000)  # warm up the tokenizer's cache, buffers and allocator pools
+        before = proc.memory_info().rss
+        admit(2000, 202_000)
+        after = proc.memory_info().rss
+        stats = c.stats()
+    assert after - before < 10 * 2**20, f"RSS grew {(after - before) / 2**20:.1f} MiB"
+    assert stats.retry_loop_keys == stats.retry_loop_max_keys == 10_000
+    assert stats.retry_loop_forgotten == 192_000
