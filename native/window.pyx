@@ -45,7 +45,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 # Rule kinds and key spaces; sidecar.limits maps its enums to these numbers.
 cdef enum:
@@ -405,7 +405,8 @@ cdef class Core:
     cdef double oldest           # no open lease expires before this
     cdef double pstart[2]        # cached hour and day periods
     cdef double pend[2]
-    cdef dict recent             # (who, fingerprint) -> deque of admit times
+    cdef object recent           # OrderedDict (who, fingerprint) -> list of admit times,
+                                 # least recently admitted first
     cdef list pending            # spend of leases expired inside admit, not yet taken
     cdef list sweep
     cdef Res* scratch            # admit's plan, one row per rule
@@ -419,6 +420,8 @@ cdef class Core:
     cdef double near
     cdef public int retry_loop_max
     cdef public double retry_loop_window
+    cdef public Py_ssize_t retry_loop_max_keys
+    cdef readonly int64_t retry_loop_forgotten  # keys still in their window dropped at the cap
 
     def __cinit__(self, *args, **kwargs):
         self.rules = NULL
@@ -453,7 +456,9 @@ cdef class Core:
         self.routes = {}
         self.leases = {}
         self.done = OrderedDict()
-        self.recent = {}
+        self.recent = OrderedDict()
+        self.retry_loop_max_keys = 10_000
+        self.retry_loop_forgotten = 0
         self.pending = []
         self.sweep = []
         self.oldest = INFINITY
@@ -861,17 +866,45 @@ cdef class Core:
         return PyUnicode_DecodeASCII(self.idbuf, self.idlen + 32, NULL)
 
     cdef object _retry_loop(self, tuple subject, bytes fingerprint, double now):
+        cdef double cutoff = now - self.retry_loop_window
+        cdef list times
+        cdef Py_ssize_t n = 0
         key = (subject[0] or subject[1], fingerprint)
-        times = self.recent.get(key)
-        if times is None:
-            times = self.recent[key] = deque()
-        while times and times[0] <= now - self.retry_loop_window:
-            times.popleft()
+        found = self.recent.get(key)
+        if found is None:
+            # two at most, so an admit's work stays bounded; one more than it adds, so the
+            # map also shrinks back under a cap that a reload lowered
+            self._prune_recent(cutoff, 2, self.retry_loop_max_keys - 1)
+            times = self.recent[key] = []
+        else:
+            times = <list>found
+            while n < len(times) and <double>times[n] <= cutoff:
+                n += 1
+            del times[:n]
         if len(times) >= self.retry_loop_max:
             return self.denial_type("retry_loop", "retry_loop", len(times), self.retry_loop_max,
                                     times[0] + self.retry_loop_window - now, False)
         times.append(now)
+        self.recent.move_to_end(key)  # keeps the map ordered by latest admit: oldest first
         return None
+
+    cdef Py_ssize_t _prune_recent(self, double cutoff, Py_ssize_t budget,
+                                  Py_ssize_t keep) except -1:
+        """Drop up to ``budget`` retry-loop keys from the oldest on: those whose latest
+        admit left the window, and while more than ``keep`` remain, the oldest at all."""
+        cdef Py_ssize_t dropped = 0
+        cdef list times
+        while dropped < budget and self.recent:
+            key, times = self.recent.popitem(last=False)
+            if times and <double>times[len(times) - 1] > cutoff:  # still in its window
+                if len(self.recent) >= keep:
+                    self.retry_loop_forgotten += 1
+                else:
+                    self.recent[key] = times
+                    self.recent.move_to_end(key, last=False)
+                    break
+            dropped += 1
+        return dropped
 
     cdef Lease _find(self, str lease_id, long owner):
         """The lease, open or remembered, when ``owner`` may see it (else None)."""
@@ -1142,22 +1175,24 @@ cdef class Core:
     def evict_idle(self, double now, int budget=20_000):
         """Drop key records whose windows are empty and that no open lease points at,
         looking at up to ``budget`` records per call (a full pass spans several calls, so
-        a sweep never stalls the caller however many keys there are)."""
+        a sweep never stalls the caller however many keys there are); and up to
+        ``budget`` retry-loop keys whose window has passed or that exceed their cap."""
         cdef Keyed k
         cdef int evicted = 0, i, s
         cdef CRule* r
         cdef bint idle
+        cdef Py_ssize_t cut
+        self._prune_recent(now - self.retry_loop_window, budget, self.retry_loop_max_keys)
         if not self.sweep:
             self.sweep = [(S_WHO, key) for key in self.who]
             self.sweep += [(S_MODEL, key) for key in self.models]
             self.sweep += [(S_ROUTE, key) for key in self.routes]
             if self.glob is not None:
                 self.sweep.append((S_GLOBAL, ""))
-            cutoff = now - self.retry_loop_window
-            for key in [key for key, t in self.recent.items() if not t or t[-1] <= cutoff]:
-                del self.recent[key]
-        batch = self.sweep[-budget:]
-        del self.sweep[-budget:]
+        # wraparound=False: a negative slice bound would not count from the end
+        cut = max(len(self.sweep) - budget, 0)
+        batch = self.sweep[cut:]
+        del self.sweep[cut:]
         for s, key in batch:
             d = None if s == S_GLOBAL else self.who if s == S_WHO else \
                 self.models if s == S_MODEL else self.routes
@@ -1182,6 +1217,11 @@ cdef class Core:
     @property
     def open_leases(self):
         return len(self.leases)
+
+    @property
+    def retry_loop_keys(self):
+        """(user, prompt) keys the retry-loop guard tracks now."""
+        return len(self.recent)
 
     def lease_subject(self, str lease_id, long owner=-1):
         """Who a lease (open, or remembered after it ended) was admitted for; None when

@@ -359,6 +359,7 @@ def render_stats(stats: StatsReply) -> str:
          + (f"; closed {_pairs(stats.connections_closed)}" if stats.connections_closed else "")),
         ("requests", f"{stats.requests_total:,}"), ("errors", f"{stats.errors_total:,}"),
         ("config epoch", str(stats.config_epoch)), ("request log", log_line),
+        ("task failures", _pairs(dict(sorted(stats.task_failures.items()))) or "none"),
     ])
     ops = _table(
         [(name, op.requests, sum(op.errors.values()), _ms(op.p50_us), _ms(op.p95_us),
@@ -371,7 +372,10 @@ def render_stats(stats: StatsReply) -> str:
         alerts_by_limit.setdefault(name, []).append(f"{threshold or key} x{times:,}")
     names = list(dict.fromkeys([*stats.limit_denials, *stats.limit_near,
                                 *stats.limit_shadow, *alerts_by_limit]))
-    limits = f"{_INDENT}open leases: {stats.open_leases:,}\n" + _table(
+    limits = (f"{_INDENT}open leases: {stats.open_leases:,}\n"
+              f"{_INDENT}retry-loop guard: {stats.retry_loop_keys:,} of "
+              f"{stats.retry_loop_max_keys:,} (user, prompt) keys tracked, "
+              f"{stats.retry_loop_forgotten:,} forgotten at the cap\n") + _table(
         [(n, stats.limit_denials.get(n, 0), stats.limit_near.get(n, 0),
           stats.limit_shadow.get(n, 0), ", ".join(alerts_by_limit.get(n, ())))
          for n in names],

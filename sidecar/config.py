@@ -147,8 +147,11 @@ class LimitsConfig(_Section):
     near_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
     #: the same user sending the same prompt fingerprint this often within the window is
     #: denied with reason retry_loop; 0 turns the guard off
-    retry_loop_max: Annotated[int, msgspec.Meta(ge=0)] = 5
+    retry_loop_max: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 5
     retry_loop_window: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
+    #: (user, prompt) pairs the guard tracks at once (~350 bytes each): past it the least
+    #: recently admitted pair is forgotten, so its memory stays bounded
+    retry_loop_max_keys: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
     #: where settled spend of windows over a minute is persisted; "" = the state
     #: directory, one file per socket path; "off" = not persisted (a crash loses it)
     journal: str = ""

@@ -272,17 +272,19 @@ class Engine(_native.Core):
 
     def __init__(self, rules: Sequence[Rule], *, zone: str = "UTC", lease_ttl: float = 300.0,
                  near_fraction: float = 0.8, retry_loop_max: int = 0,
-                 retry_loop_window: float = 60.0, remembered_leases: int = 100_000,
+                 retry_loop_window: float = 60.0, retry_loop_max_keys: int = 10_000,
+                 remembered_leases: int = 100_000,
                  alert_thresholds: Sequence[float] = (0.5, 0.8, 1.0)) -> None:
         self._init_core(os.urandom(4).hex(), remembered_leases, Denial, Spend, SettleResult,
                         self._period)
         self.rules: list[Rule] = []
         self._settings(zone, lease_ttl, near_fraction, retry_loop_max, retry_loop_window,
-                       alert_thresholds)
+                       retry_loop_max_keys, alert_thresholds)
         self._install(rules, None)
 
     def reconfigure(self, rules: Sequence[Rule], *, zone: str, lease_ttl: float,
                     near_fraction: float, retry_loop_max: int, retry_loop_window: float,
+                    retry_loop_max_keys: int = 10_000,
                     alert_thresholds: Sequence[float] = (0.5, 0.8, 1.0)) -> None:
         """Take new rules (SIGHUP). Counters and open reservations of a rule that keeps its
         name and shape (scope, metric, window) carry over, whatever its amount; the others
@@ -291,17 +293,22 @@ class Engine(_native.Core):
         new_index = {shape(r): i for i, r in enumerate(rules)}
         remap = [new_index.get(shape(r), -1) for r in self.rules]
         self._settings(zone, lease_ttl, near_fraction, retry_loop_max, retry_loop_window,
-                       alert_thresholds)
+                       retry_loop_max_keys, alert_thresholds)
         self._install(rules, remap)
 
     def _settings(self, zone: str, lease_ttl: float, near_fraction: float,
-                  retry_loop_max: int, retry_loop_window: float,
+                  retry_loop_max: int, retry_loop_window: float, retry_loop_max_keys: int,
                   alert_thresholds: Sequence[float]) -> None:
+        if retry_loop_max_keys < 1:
+            raise ValueError(f"retry_loop_max_keys must be >= 1, not {retry_loop_max_keys}")
         self.zone = _zone(zone)
         self.lease_ttl = lease_ttl
         self.near_fraction = near_fraction
         self.retry_loop_max = retry_loop_max
         self.retry_loop_window = retry_loop_window
+        #: the retry-loop guard tracks at most this many (user, prompt) keys, dropping the
+        #: least recently admitted beyond it (``retry_loop_forgotten`` counts those)
+        self.retry_loop_max_keys = retry_loop_max_keys
         self.alert_thresholds = tuple(sorted(alert_thresholds))
 
     def _install(self, rules: Sequence[Rule], remap: list[int] | None) -> None:

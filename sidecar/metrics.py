@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
+from .periodic import TaskFailures
 from .protocol import ClusterStats, ErrorCode, LatencyStats, OpStats
 
 #: Samples kept per histogram for percentiles (a power of two: ring index ``n & MASK``).
@@ -158,6 +159,8 @@ class Metrics:
         #: model -> tokens (input, output, cached input, reasoning) and micro-dollars
         self.usage: dict[str, list[int]] = {}
         self.saved: dict[str, int] = {}  # model -> micro-dollars the cache saved
+        #: failures of the daemon's periodic tasks, by task (each survives its own)
+        self.task_failures = TaskFailures()
 
     def op(self, name: str) -> OpMetrics:
         return self.ops[name]
@@ -309,6 +312,9 @@ class _Collector:
         yield _counter("llm_sidecar_alert_notifications_dropped",
                        "Alert notifications dropped because the queue was full.", [],
                        {(): g.notify_dropped})
+        yield _counter("llm_sidecar_task_failures",
+                       "Failures of the daemon's periodic tasks (each keeps running), by "
+                       "task.", ["task"], m.task_failures.counts)
         yield _counter("llm_sidecar_connections", "Connections accepted.", [],
                        {(): m.connections_total})
         yield _counter("llm_sidecar_connections_closed",

@@ -472,6 +472,10 @@ class StatsReply(Reply, tag="stats"):
     limit_near: dict[str, int] = {}  # limit name -> admits that left it >= near_fraction
     limit_shadow: dict[str, int] = {}  # shadow limit -> admits it would have denied
     open_leases: int = 0
+    retry_loop_keys: int = 0  # (user, prompt) pairs the retry-loop guard tracks now
+    retry_loop_max_keys: int = 0  # its cap (limits.retry_loop_max_keys)
+    retry_loop_forgotten: int = 0  # pairs still in their window dropped at the cap
+    task_failures: dict[str, int] = {}  # periodic task -> failures (each keeps running)
     cache: CacheStats | None = None
     circuits: dict[str, str] = {}  # model -> "closed" | "open" | "half_open"
     latency: list[LatencyStats] = []  # provider calls by model and input size

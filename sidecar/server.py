@@ -16,7 +16,6 @@ import array
 import asyncio
 import fcntl
 import logging
-import math
 import socket
 import termios
 import time
@@ -31,6 +30,7 @@ from .handlers import Deferred, Handlers
 from .metrics import MASK, OP_BOUNDS_NS, Metrics, OpMetrics
 from .peer import Peer, access, peer_of
 from .protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
+from .throttle import ThrottledLog
 
 if TYPE_CHECKING:
     from .config import Config
@@ -69,40 +69,16 @@ def _classify(body: memoryview, exc: Exception) -> tuple[Error, str]:
     return Error(id=request_id, code=code, message=message), op
 
 
-class _LogBudget:
-    """At most ``burst`` tracebacks a ``period``: a client that keeps hitting one of our
-    bugs must not fill the disk with the same traceback (the error count is in stats)."""
-
-    def __init__(self, burst: int = 10, period: float = 60.0) -> None:
-        self.burst = burst
-        self.period = period
-        self.since = -math.inf
-        self.logged = 0
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if now - self.since >= self.period:
-            if self.suppressed:
-                log.error("%d more internal errors in the last %.0f s were not logged",
-                          self.suppressed, now - self.since)
-            self.since, self.logged, self.suppressed = now, 0, 0
-        if self.logged < self.burst:
-            self.logged += 1
-            return True
-        self.suppressed += 1
-        return False
-
-
-_internal_log = _LogBudget()
+#: a client that keeps hitting one of our bugs must not fill the disk with the same
+#: traceback: one a minute, the rest counted (each is an INTERNAL error in stats)
+_internal_log = ThrottledLog(log)
 
 
 def _error_reply(request_id: int, what: str, exc: Exception) -> Error:
     """The one place where an exception from an op becomes an Error reply."""
     if isinstance(exc, RequestError):
         return Error(id=request_id, code=exc.code, message=exc.detail)
-    if _internal_log.allow():
-        log.error("%s (id %d) failed", what, request_id, exc_info=exc)
+    _internal_log.error("%s (id %d) failed", what, request_id, exc_info=exc)
     return Error(id=request_id, code=ErrorCode.INTERNAL,
                  message="internal error; the daemon log has the details")
 
@@ -395,20 +371,21 @@ class Server:
             cfg = self.config.server
             await asyncio.sleep(min(1.0, cfg.frame_timeout / 4, cfg.idle_timeout / 4))
             timeout, idle_timeout = cfg.frame_timeout, cfg.idle_timeout
-            now = time.monotonic()
-            for conn in list(self.connections):
-                if conn.partial_since is not None:
-                    if now - conn.partial_since > timeout:
-                        log.info("closing a connection whose partial frame stalled for "
-                                 "%.1f s", now - conn.partial_since)
-                        self.metrics.op(Metrics.INVALID).observe(0, ErrorCode.MALFORMED)
-                        conn.abort(ErrorCode.MALFORMED,
-                                   f"incomplete frame stalled for more than {timeout:g} s")
-                elif conn.active:
-                    conn.active = False
-                    conn.quiet_since = now
-                elif now - conn.quiet_since > idle_timeout:
-                    self._close_idle(conn)
+            with self.metrics.task_failures.guard("server.sweep"):  # must outlive a bug
+                now = time.monotonic()
+                for conn in list(self.connections):
+                    if conn.partial_since is not None:
+                        if now - conn.partial_since > timeout:
+                            log.info("closing a connection whose partial frame stalled "
+                                     "for %.1f s", now - conn.partial_since)
+                            self.metrics.op(Metrics.INVALID).observe(0, ErrorCode.MALFORMED)
+                            conn.abort(ErrorCode.MALFORMED, "incomplete frame stalled for "
+                                       f"more than {timeout:g} s")
+                    elif conn.active:
+                        conn.active = False
+                        conn.quiet_since = now
+                    elif now - conn.quiet_since > idle_timeout:
+                        self._close_idle(conn)
 
     def _close_idle(self, conn: Connection) -> None:
         """Close a connection that has been silent for ``idle_timeout``, unless a reply

@@ -21,14 +21,18 @@ class ThrottledLog:
         self._next = 0.0
         self._held = 0  # lines held back since the last one logged
 
-    def error(self, message: str, *args: object) -> None:
-        """Log ``message % args``, with how many were held back before it, unless a
-        line went out less than ``interval`` seconds ago."""
-        now = time.monotonic()
+    def error(self, message: str, *args: object, exc_info: BaseException | None = None,
+              now: float | None = None) -> None:
+        """Log ``message % args`` (with ``exc_info``'s traceback), with how many were held
+        back before it, unless a line went out less than ``interval`` seconds before
+        ``now`` (default: the monotonic clock)."""
+        if now is None:
+            now = time.monotonic()
         if now < self._next:
             self._held += 1
             return
         self._next = now + self.interval
         held, self._held = self._held, 0
         self.logger.error(message + " (%d more since the last report; next report in "
-                          "%.0f s at the earliest)", *args, held, self.interval)
+                          "%.0f s at the earliest)", *args, held, self.interval,
+                          exc_info=exc_info)

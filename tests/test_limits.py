@@ -313,6 +313,52 @@ def test_retry_loop_guard():
     assert e.admit(ALICE, Estimate(0, 0, 0), 10.5, same).allowed  # window moved on
 
 
+def test_retry_loop_keys_leave_after_their_window_a_budget_at_a_time():
+    e = Engine([rule("rpm", "user", "requests", "60s", 1000)], retry_loop_max=3,
+               retry_loop_window=10.0)
+    for i in range(100):
+        e.admit(ALICE, Estimate(0, 0, 0), i / 100, i.to_bytes(16, "big"))
+    e.admit(Subject(user="bob"), Estimate(0, 0, 0), 5.0, b"\x01" * 16)
+    e.evict_idle(9.0)  # wraparound=False once made this an IndexError: none may leave yet
+    assert e.retry_loop_keys == 101
+    e.evict_idle(11.0, budget=30)  # every alice key is past its window: 30 per call
+    assert e.retry_loop_keys == 71
+    e.evict_idle(11.0)
+    assert e.retry_loop_keys == 1  # bob's admit at 5.0 is still in its window
+    e.evict_idle(15.0)
+    assert e.retry_loop_keys == 0 and e.retry_loop_forgotten == 0
+
+
+def test_retry_loop_keys_are_capped_and_a_loop_under_the_cap_is_caught():
+    e = Engine([rule("rpm", "user", "requests", "60s", 1)], retry_loop_max=3,
+               retry_loop_window=10.0, retry_loop_max_keys=50)
+    same = b"\xff" * 16
+    for i in range(49):  # 49 other prompts: with the looping one, exactly at the cap
+        e.admit(ALICE, Estimate(0, 0, 0), 0.0, i.to_bytes(16, "big"))
+        if i % 20 == 0:  # denied by rpm (it allows one): still attempts of a loop
+            assert e.admit(ALICE, Estimate(0, 0, 0), 0.0, same).denial.reason == "limit"
+    d = e.admit(ALICE, Estimate(0, 0, 0), 1.0, same)
+    assert d.denial.reason == "retry_loop" and e.retry_loop_forgotten == 0
+    for i in range(100, 300):  # distinct prompts from now on: the map stays at its cap
+        e.admit(ALICE, Estimate(0, 0, 0), 2.0, i.to_bytes(16, "big"))
+    assert e.retry_loop_keys == 50 and e.retry_loop_forgotten == 200
+    # at the cap the least recently admitted key went first: the loop is forgotten
+    assert e.admit(ALICE, Estimate(0, 0, 0), 3.0, same).denial.reason == "limit"
+    e.reconfigure(e.rules, zone="UTC", lease_ttl=300, near_fraction=0.8, retry_loop_max=3,
+                  retry_loop_window=10.0, retry_loop_max_keys=10)
+    e.evict_idle(3.0)  # a lowered cap applies at the next tick
+    assert e.retry_loop_keys == 10
+
+
+@pytest.mark.parametrize("line", ["retry_loop_max_keys = 0", "retry_loop_max = 1001"])
+def test_retry_loop_memory_bounds_are_validated(tmp_path, line):
+    p = tmp_path / "c.toml"
+    p.write_text(f"[limits]\n{line}\n")
+    with pytest.raises(ConfigError, match=line.split(" ")[0]):
+        config_mod.load(p, {})
+    assert config_mod.load(None, {}).limits.retry_loop_max_keys == 10_000
+
+
 def test_idle_counters_are_evicted():
     e = Engine([rule("rpm", "user", "requests", "10s", 5, buckets=10)])
     for i in range(100):

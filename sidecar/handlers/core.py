@@ -189,6 +189,7 @@ class Handlers(CallOps):
         return dict(zone=limits.timezone, lease_ttl=limits.lease_ttl,
                     near_fraction=limits.near_fraction, retry_loop_max=limits.retry_loop_max,
                     retry_loop_window=limits.retry_loop_window,
+                    retry_loop_max_keys=limits.retry_loop_max_keys,
                     alert_thresholds=limits.alert_thresholds)
 
     @staticmethod
@@ -254,27 +255,33 @@ class Handlers(CallOps):
 
     def housekeeping(self, now: float) -> None:
         """Once a second: expire leases past their TTL, drop idle counters and cache
-        entries past their stale window."""
-        expired, spent = self.engine.expire(now)
-        if expired:
-            self._wake_waiters()
-        try:  # nobody waits on an expiry or on cost rows: just log a failure
+        entries past their stale window. Each step is guarded on its own, so one that
+        fails (counted in ``stats`` ``task_failures``) never skips the others."""
+        guard = self.metrics.task_failures.guard
+        with guard("housekeeping.leases"):
+            expired, spent = self.engine.expire(now)
+            if expired:
+                self._wake_waiters()
+            # nobody waits on an expiry or on cost rows: a journal failure is only counted
             durable = self._persist(spent, costs=True)
-        except (JournalError, Overloaded) as exc:
-            log.error("expired spend and cost rows not persisted: %s", exc)
-        else:
             if durable is not None:
                 durable.add_done_callback(_log_failure)
-        if self.journal is not None and self.journal.needs_compaction:
-            compacted = self.compact_journal(now)
-            if compacted is not None:
-                compacted.add_done_callback(_log_failure)
-        self.engine.evict_idle(now)
-        self.cache.housekeeping(now)
-        self.accounting.costs.expire(now)
-        self.accounting.alerts.expire(now)
-        for lease in [k for k, (_, b) in self._begun.items() if b.until <= now]:
-            del self._begun[lease]
+        with guard("housekeeping.journal"):
+            if self.journal is not None and self.journal.needs_compaction:
+                compacted = self.compact_journal(now)
+                if compacted is not None:
+                    compacted.add_done_callback(_log_failure)
+        with guard("housekeeping.limits"):
+            self.engine.evict_idle(now)
+        with guard("housekeeping.cache"):
+            self.cache.housekeeping(now)
+        with guard("housekeeping.costs"):
+            self.accounting.costs.expire(now)
+        with guard("housekeeping.alerts"):
+            self.accounting.alerts.expire(now)
+        with guard("housekeeping.calls"):
+            for lease in [k for k, (_, b) in self._begun.items() if b.until <= now]:
+                del self._begun[lease]
 
     def _input_tokens(self, req: Admit | Begin, model: str) -> int:
         if req.input_tokens is not None:
@@ -708,6 +715,10 @@ class Handlers(CallOps):
             limit_near=dict(self.near),
             limit_shadow=dict(self.shadow),
             open_leases=self.engine.open_leases,
+            retry_loop_keys=self.engine.retry_loop_keys,
+            retry_loop_max_keys=self.engine.retry_loop_max_keys,
+            retry_loop_forgotten=self.engine.retry_loop_forgotten,
+            task_failures=dict(self.metrics.task_failures.counts),
             cache=self.cache.stats(self.cache_snapshot),
             circuits=self.router.states(now),
             latency=self.metrics.latency(),
