@@ -8,7 +8,9 @@ byte-pair merge does. Only counts are produced, never ids, which allows:
 
 - a piece that is itself a token counts 1 after one hash lookup;
 - a bounded, direct-mapped cache of short multi-token pieces -> count, verified against
-  the stored bytes, so a hit is always exact.
+  the stored bytes, so a hit is always exact. One thread at a time uses it; a count that
+  finds it taken merges every piece itself rather than wait (the merge is pure), so a
+  short count on the daemon's event loop never waits for a long one on a worker thread.
 
 ``RankTable`` is the compact read-only form of the merge ranks (one contiguous buffer:
 offsets by rank, an open-addressing XXH3 hash of token bytes -> rank, the token bytes),
@@ -19,7 +21,7 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.pythread cimport (
     PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock, PyThread_acquire_lock,
-    PyThread_release_lock, WAIT_LOCK,
+    PyThread_release_lock, NOWAIT_LOCK,
 )
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
@@ -325,6 +327,7 @@ cdef class Counter:
     cdef PyThread_type_lock lock
     cdef readonly uint64_t cache_hits
     cdef readonly uint64_t cache_misses
+    cdef readonly uint64_t uncached  # counts made without the cache: another thread held it
 
     def __cinit__(self, RankTable table, int pretokenizer):
         if pretokenizer not in (PT_CL100K, PT_O200K):
@@ -342,13 +345,14 @@ cdef class Counter:
         if self.lock != NULL:
             PyThread_free_lock(self.lock)
 
-    cdef Py_ssize_t _piece(self, const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t _piece(self, const uint8_t* p, Py_ssize_t n, bint cached) noexcept nogil:
+        """Tokens of one piece; ``cached`` only when the caller holds ``self.lock``."""
         cdef uint64_t h
         cdef CacheEntry* e
         cdef Py_ssize_t count
         if n == 1 or self.table.rank_of(p, n) >= 0:
             return 1
-        if n > CACHE_MAX_LEN:
+        if n > CACHE_MAX_LEN or not cached:
             return _merge_count(self.table, p, n)
         h = _hash(p, n)
         e = &self.cache[h & (CACHE_SLOTS - 1)]
@@ -364,14 +368,15 @@ cdef class Counter:
         return count
 
     cdef Py_ssize_t _count(self, int kind, const void* data, Py_ssize_t n,
-                           const uint8_t* utf8) noexcept nogil:
+                           const uint8_t* utf8, bint cached) noexcept nogil:
         if kind == PyUnicode_1BYTE_KIND:
-            return self._scan(<const uint8_t*>data, n, utf8)
+            return self._scan(<const uint8_t*>data, n, utf8, cached)
         if kind == PyUnicode_2BYTE_KIND:
-            return self._scan(<const uint16_t*>data, n, utf8)
-        return self._scan(<const uint32_t*>data, n, utf8)
+            return self._scan(<const uint16_t*>data, n, utf8, cached)
+        return self._scan(<const uint32_t*>data, n, utf8, cached)
 
-    cdef Py_ssize_t _scan(self, const pt_char* s, Py_ssize_t n, const uint8_t* utf8) noexcept nogil:
+    cdef Py_ssize_t _scan(self, const pt_char* s, Py_ssize_t n, const uint8_t* utf8,
+                          bint cached) noexcept nogil:
         cdef Py_ssize_t pos = 0, end, k, total = 0, got
         cdef Py_ssize_t bpos = 0, bend
         while pos < n:
@@ -379,7 +384,7 @@ cdef class Counter:
             bend = bpos
             for k in range(pos, end):
                 bend += _utf8_width(s[k])
-            got = self._piece(utf8 + bpos, bend - bpos)
+            got = self._piece(utf8 + bpos, bend - bpos, cached)
             if got < 0:
                 return -1
             total += got
@@ -393,18 +398,20 @@ cdef class Counter:
         cdef const uint8_t* utf8 = <const uint8_t*>PyUnicode_AsUTF8AndSize(text, &size)
         cdef int kind = PyUnicode_KIND(text)
         cdef const void* data = PyUnicode_DATA(text)
+        cdef bint cached
         if n == 0:
             return 0
+        # Never wait for the cache: its holder may be a worker inside a count of megabytes
+        # while this caller is the event loop. Without it the count is the same, only slower.
+        cached = PyThread_acquire_lock(self.lock, NOWAIT_LOCK)
+        if not cached:
+            self.uncached += 1  # under the GIL: no other thread writes it meanwhile
         if n >= NOGIL_MIN:
             with nogil:
-                PyThread_acquire_lock(self.lock, WAIT_LOCK)
-                total = self._count(kind, data, n, utf8)
-                PyThread_release_lock(self.lock)
+                total = self._count(kind, data, n, utf8, cached)
         else:
-            if not PyThread_acquire_lock(self.lock, 0):
-                with nogil:
-                    PyThread_acquire_lock(self.lock, WAIT_LOCK)
-            total = self._count(kind, data, n, utf8)
+            total = self._count(kind, data, n, utf8, cached)
+        if cached:
             PyThread_release_lock(self.lock)
         if total < 0:
             raise MemoryError()
@@ -413,9 +420,10 @@ cdef class Counter:
     def count_piece(self, bytes piece) -> int:
         """Tokens of one pre-tokenised piece given as UTF-8 bytes (tests, diagnostics)."""
         cdef Py_ssize_t got
-        PyThread_acquire_lock(self.lock, WAIT_LOCK)
-        got = self._piece(piece, len(piece)) if len(piece) else 0
-        PyThread_release_lock(self.lock)
+        cdef bint cached = PyThread_acquire_lock(self.lock, NOWAIT_LOCK)
+        got = self._piece(piece, len(piece), cached) if len(piece) else 0
+        if cached:
+            PyThread_release_lock(self.lock)
         if got < 0:
             raise MemoryError()
         return got

@@ -8,6 +8,8 @@ import random
 import select
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -17,6 +19,7 @@ from gil import ticks_during
 from rawsock import Raw
 from sidecar import AsyncClient, Client
 from sidecar import tokens
+from sidecar._native import tokens as native_tokens
 from sidecar.errors import InvalidValue, TokenizerUnavailable, UnknownEncoding
 from sidecar.protocol import Count, Ping, Pong
 
@@ -52,6 +55,13 @@ def corpus() -> list[str]:
         "I'm we'll they've she'd it's DON'T I'M" * 20, "a" * 3000, "ab" * 2000,
     ]
     return found
+
+
+def distinct_words(n: int) -> str:
+    """``n`` random words: few repeated pieces, so few cache hits and a slow count."""
+    rng = random.Random(20261123)
+    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz")
+                            for _ in range(rng.randint(3, 12))) for _ in range(n))
 
 
 @pytest.fixture(scope="module", params=ENCODINGS)
@@ -101,6 +111,29 @@ def test_long_input_counts_and_releases_the_gil():
     n, during = ticks_during(lambda: enc.count(text))
     assert n == len(tiktoken_oracle.get("o200k_base").encode_ordinary(text))
     assert during > 0
+
+
+def test_a_short_count_ends_while_another_thread_is_inside_a_long_one():
+    """The piece cache has one lock and a long count holds it throughout; a short count
+    on another thread (the daemon's event loop) must not wait for it. The long count's
+    cache misses (written only by the lock's holder) show it was still going."""
+    counter = native_tokens.Counter(tokens.load_rank_table("o200k_base"),
+                                    native_tokens.PRETOKENIZERS["o200k_base"])
+    huge = distinct_words(450_000)
+    short = corpus()[0][:2000]
+    counted = []
+    long_count = threading.Thread(target=lambda: counted.append(counter.count(huge)))
+    long_count.start()
+    while counter.cache_misses == 0:  # until the long count is inside, holding the cache
+        time.sleep(0)
+    n = counter.count(short)
+    misses_then = counter.cache_misses
+    long_count.join()
+    assert misses_then < counter.cache_misses, "the short count waited for the long one"
+    assert counter.uncached == 1  # the short count went around the cache, the long one not
+    oracle = tiktoken_oracle.get("o200k_base")
+    assert n == len(oracle.encode_ordinary(short))
+    assert counted == [len(oracle.encode_ordinary(huge))]
 
 
 # --- models and chats -------------------------------------------------------------------
@@ -260,9 +293,7 @@ def test_large_count_runs_off_the_loop_and_keeps_order(start_daemon):
             r.id for r in replies if not isinstance(r, Exception))
         assert c.stats().ops["count"].requests == 3
     # While one connection waits for a long count, another is answered first.
-    rng = random.Random(20261123)  # distinct words: no piece cache hits, a slow count
-    huge = " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz")
-                            for _ in range(rng.randint(3, 12))) for _ in range(450_000))
+    huge = distinct_words(450_000)
     with Raw(d.path, timeout=60) as waiting, Client(d.path) as other:
         other.ping()  # connected and warm: the next ping is one round trip
         waiting.send({"op": "count", "id": 1, "text": huge, "encoding": "o200k_base"})
