@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rawsock import Raw
 from sidecar import Client
 from sidecar.errors import Forbidden, InvalidValue
 from sidecar.limits import Engine, Estimate, Subject, Usage, parse_rule
@@ -176,6 +177,29 @@ def test_another_uid_cannot_end_my_lease(shared_daemon):
     with Client(d.path) as c:
         done = c.settle(go.lease, input_tokens=10)
         assert done.found and not done.duplicate
+
+
+@root_only
+@pytest.mark.parametrize("op", ["admit", "begin"])
+def test_a_long_text_counted_off_the_loop_keeps_its_peer(shared_daemon, op):
+    """An admit or begin whose text is counted on a worker thread ends after other peers'
+    requests ran on the loop; its lease is still the asking peer's."""
+    d = shared_daemon('[tokens]\noffload_chars = 1000\n[cache.semantic]\nenabled = false\n'
+                      '[[limits.rules]]\nname = "big"\nscope = "user"\n'
+                      'metric = "total_tokens"\nwindow = "60s"\namount = 100000000\n')
+    text = " ".join(f"w{i}q{i * 7919 % 100003}" for i in range(300_000))  # a slow count
+    with Raw(d.path, timeout=60) as mine:
+        mine.send({"op": op, "id": 1, "user": "alice", "model": "gpt-4o", "text": text})
+
+        def meanwhile():  # another peer's requests while the text is counted
+            with Client(d.path) as c:
+                return sum(c.ping() > 0 for _ in range(200))
+
+        assert as_uid(NOBODY, meanwhile) == 200
+        reply = mine.recv()
+    assert reply.lease, reply
+    with Client(d.path) as c:
+        assert c.release(reply.lease).released  # root's own lease, not nobody's
 
 
 @root_only

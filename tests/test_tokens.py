@@ -305,6 +305,35 @@ def test_large_count_runs_off_the_loop_and_keeps_order(start_daemon):
     assert d.stop() == 0
 
 
+@pytest.mark.parametrize("op", ["count", "admit", "begin"])
+def test_a_long_text_never_holds_up_other_clients(start_daemon, op):
+    """A count, admit or begin whose text is past offload_chars is counted on a worker
+    thread: another connection's counts, admits and begins are answered while it runs
+    (an admit or begin used to count on the event loop, and a short count to wait there
+    for the worker's cache: every client froze)."""
+    d = start_daemon("[tokens]\noffload_chars = 100000\n")
+    huge = distinct_words(450_000)
+    short = corpus()[0][:2000]
+    oracle = tiktoken_oracle.get("o200k_base")
+    expected = len(oracle.encode_ordinary(short))
+    with Raw(d.path, timeout=60) as waiting, Client(d.path, timeout=60) as other:
+        other.ping()  # connected and warm
+        big = {"op": op, "id": 1, "text": huge, "model": "gpt-4o"}
+        waiting.send(big if op == "count" else {**big, "user": "big"})
+        # Many round trips: the long one is under way well before the last of them.
+        for _ in range(50):
+            assert other.count_tokens(short, model="gpt-4o").input_tokens == expected
+        assert other.admit(user="u", text=short, model="gpt-4o").input_tokens == expected
+        begun = other.begin(user="u", text=short, model="gpt-4o")
+        assert (begun.outcome, begun.input_tokens) == ("go", expected)
+        other.ping()  # one more turn of the loop: a reply finished before it is out by now
+        readable, _, _ = select.select([waiting.sock], [], [], 0)
+        assert not readable, f"the other client was answered only after the long {op}"
+        reply = waiting.recv()
+    assert reply.input_tokens == len(oracle.encode_ordinary(huge))
+    assert d.stop() == 0
+
+
 def test_cli_count(tmp_path):
     f = tmp_path / "prompt.txt"
     f.write_text("Hello, world! How many tokens is this?")

@@ -47,20 +47,22 @@ class CallOps:
 
     def begin(self, req: Begin) -> BeginReply | Deferred:
         """Exact cache, then (when the scope has entries) the semantic tier on its
-        thread, then route and admit."""
+        thread, then count (a long text on a worker thread), route and admit."""
         if req.kind and req.kind not in self.config.cache.policy:
             # refused now: at end the call would be paid for and its answer unstorable
             raise InvalidValue(f"unknown response kind {req.kind!r}; known: "
                                + ", ".join(sorted(self.config.cache.policy)))
         view = self._cache_view(req)
         found = self.cache.get(view, time.time())
-        if isinstance(found, CacheGetReply):
-            reply = self._begin_after_cache(req, view, found, self.owner)
+        owner = self.owner  # the peer asking: a begin finished later still acts for it
+        long_count = req.input_tokens is None and self._long_count(req)
+        if isinstance(found, CacheGetReply) and (found.hit or not long_count):
+            reply = self._begin_after_cache(req, view, found, owner)
             if isinstance(reply, BeginReply):
                 return reply
             return Deferred(asyncio.ensure_future(reply), req.id)  # the cluster is asked
-        return Deferred(asyncio.ensure_future(self._begin_semantic(req, view, found,
-                                                                   self.owner)), req.id)
+        return Deferred(asyncio.ensure_future(self._begin_off_loop(req, view, found, owner,
+                                                                   long_count)), req.id)
 
     def _cache_view(self, req: Begin) -> Begin:
         """The request as the cache keys it: a routed request is keyed by its route (or
@@ -70,15 +72,24 @@ class CallOps:
             return req
         return msgspec.structs.replace(req, model=f"route:{req.route or req.task or '-'}")
 
-    async def _begin_semantic(self, req: Begin, view: Begin, search,
-                              owner: int) -> BeginReply:
-        reply = self._begin_after_cache(req, view, await search, owner)
+    async def _begin_off_loop(self, req: Begin, view: Begin,
+                              found: CacheGetReply | Awaitable[CacheGetReply], owner: int,
+                              long_count: bool) -> BeginReply:
+        """A begin that waits for the semantic tier's search, or counts a long text on a
+        worker thread (after a miss), or both."""
+        if not isinstance(found, CacheGetReply):
+            found = await found
+        input_tokens = None
+        if long_count and not found.hit:
+            input_tokens = await self._input_tokens_off_loop(req, req.model)
+        reply = self._begin_after_cache(req, view, found, owner, input_tokens)
         return reply if isinstance(reply, BeginReply) else await reply
 
-    def _begin_after_cache(self, req: Begin, view: Begin,
-                           found: CacheGetReply,
-                           owner: int) -> BeginReply | Awaitable[BeginReply]:
-        """Route and admit a begin the cache did not answer; its lease is ``owner``'s."""
+    def _begin_after_cache(self, req: Begin, view: Begin, found: CacheGetReply, owner: int,
+                           input_tokens: int | None = None
+                           ) -> BeginReply | Awaitable[BeginReply]:
+        """Route and admit a begin the cache did not answer; its lease is ``owner``'s.
+        ``input_tokens`` when already counted (off the loop)."""
         now = time.time()
         who = req.user or req.key
         if found.hit:
@@ -87,7 +98,8 @@ class CallOps:
                               tier=found.tier, similarity=found.similarity,
                               verdict=found.verdict, stale=found.stale)
         used = budget_fraction(self.engine.budgets(who, now))
-        input_tokens = self._input_tokens(req, req.model)
+        if input_tokens is None:
+            input_tokens = self._input_tokens(req, req.model)
         picked = self.router.pick_route(req.route, req.model, req.task, input_tokens)
         cfg = self.config.routes.get(picked)
         deadline = cfg.deadline if cfg is not None else self.config.routing.model_timeout

@@ -234,13 +234,26 @@ class Handlers(CallOps):
         return FingerprintReply(id=req.id, normalized=normalized, key=key, spec=spec)
 
     def count(self, req: Count) -> CountReply | Deferred:
-        size = len(req.text) if req.text is not None else sum(
-            len(m.content) if isinstance(m.content, str) else 64 for m in req.messages or ())
-        if size >= self.config.tokens.offload_chars:
+        if self._long_count(req):
             # Counting releases the GIL: a worker thread keeps the loop serving others.
             loop = asyncio.get_running_loop()
             return Deferred(loop.run_in_executor(None, self._count, req, self.tokenizer), req.id)
         return self._count(req, self.tokenizer)
+
+    def _long_count(self, req: Count | Admit | Begin) -> bool:
+        """Whether counting ``req``'s text belongs on a worker thread: from
+        ``tokens.offload_chars`` on, a count would hold up every client of the loop."""
+        if req.text is not None:
+            size = len(req.text)
+        else:
+            size = 0
+            for m in req.messages or ():
+                if isinstance(m.content, str):
+                    size += len(m.content)
+                else:  # text parts are counted; other parts cost little
+                    size += sum(len(p["text"]) if isinstance(p.get("text"), str) else 64
+                                for p in m.content or ())
+        return size >= self.config.tokens.offload_chars
 
     @staticmethod
     def _count(req: Count, tokenizer: Tokenizer) -> CountReply:
@@ -282,6 +295,11 @@ class Handlers(CallOps):
         with guard("housekeeping.calls"):
             for lease in [k for k, (_, b) in self._begun.items() if b.until <= now]:
                 del self._begun[lease]
+
+    def _input_tokens_off_loop(self, req: Admit | Begin, model: str) -> Awaitable[int]:
+        """``_input_tokens`` on a worker thread, for a text where ``_long_count``."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, self._input_tokens, req, model)
 
     def _input_tokens(self, req: Admit | Begin, model: str) -> int:
         if req.input_tokens is not None:
@@ -363,10 +381,16 @@ class Handlers(CallOps):
         return 1
 
     def admit(self, req: Admit) -> AdmitReply | Deferred:
+        owner = self.owner  # the peer asking; a later retry or count off the loop acts for it
+        if req.input_tokens is None and self._long_count(req):
+            return Deferred(asyncio.ensure_future(self._admit_counted(req, owner)), req.id)
+        return self._admit(req, owner)
+
+    def _admit(self, req: Admit, owner: int,
+               input_tokens: int | None = None) -> AdmitReply | Deferred:
         subject = Subject(req.user, req.key, req.model, req.route)
-        estimate, known, prompt = self._estimate(req, req.model)
+        estimate, known, prompt = self._estimate(req, req.model, input_tokens)
         now = time.time()
-        owner = self.owner  # the peer asking; a later retry admits for it too
         decision = self.engine.admit(subject, estimate, now, prompt, owner)
         self._observe(subject, decision, now)
         if decision.tracked and self.cluster is not None:
@@ -385,6 +409,11 @@ class Handlers(CallOps):
                                                              denial.limit, owner))
             return Deferred(task, req.id)
         return self._admit_reply(req, decision, known)
+
+    async def _admit_counted(self, req: Admit, owner: int) -> AdmitReply:
+        """An admit whose text is counted on a worker thread first, as a long count is."""
+        reply = self._admit(req, owner, await self._input_tokens_off_loop(req, req.model))
+        return await reply.future if isinstance(reply, Deferred) else reply
 
     async def _admit_shared(self, req: Admit, subject: Subject, estimate: Estimate,
                             known: bool, decision: Decision,
