@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
                         "against tiktoken and bpe-openai")
     sp.add_argument("--quick", action="store_true", help="short run")
     sp.add_argument("--json", action="store_true", help="print all rows as JSON")
+    sp = sub.add_parser("stall", help="ping round trips while another connection's long "
+                        "count (admit, begin) runs, against pings with nothing running")
+    sp.add_argument("--quick", action="store_true", help="short run")
+    sp.add_argument("--json", action="store_true", help="print all rows as JSON")
     sp = sub.add_parser("limits", help="limits engine admit+settle: daemon over the socket and "
                         "in-process, against the seed's Redis Lua and INCRBY+EXPIRE baselines")
     sp.add_argument("--quick", action="store_true", help="short run")
@@ -60,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import tokens
 
             return tokens.run(args)
+        if args.command == "stall":
+            from . import stall
+
+            return stall.run(args)
         if args.command == "limits":
             from . import limits
 
