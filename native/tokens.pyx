@@ -28,8 +28,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
 from includes.pyunicode cimport (
-    PyUnicode_KIND, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_AsUTF8AndSize,
-    PyUnicode_1BYTE_KIND, PyUnicode_2BYTE_KIND,
+    PyUnicode_KIND, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_IS_ASCII,
+    PyUnicode_AsUTF8AndSize, PyUnicode_1BYTE_KIND, PyUnicode_2BYTE_KIND,
 )
 from includes.xxhash cimport XXH3_64bits_withSeed
 
@@ -319,6 +319,44 @@ cdef inline Py_ssize_t _utf8_width(uint32_t c) noexcept nogil:
     return 4
 
 
+cdef Py_ssize_t _to_utf8(const pt_char* s, Py_ssize_t n, uint8_t* out) noexcept nogil:
+    """UTF-8 of ``n`` code points into ``out`` (room for 4 bytes each); -1 at a lone
+    surrogate, which has no UTF-8 (the caller lets CPython raise its error)."""
+    cdef Py_ssize_t i, o = 0
+    cdef uint32_t c
+    for i in range(n):
+        c = s[i]
+        if c < 0x80:
+            out[o] = <uint8_t>c
+            o += 1
+        elif c < 0x800:
+            out[o] = <uint8_t>(0xC0 | (c >> 6))
+            out[o + 1] = <uint8_t>(0x80 | (c & 0x3F))
+            o += 2
+        elif c < 0x10000:
+            if 0xD800 <= c <= 0xDFFF:
+                return -1
+            out[o] = <uint8_t>(0xE0 | (c >> 12))
+            out[o + 1] = <uint8_t>(0x80 | ((c >> 6) & 0x3F))
+            out[o + 2] = <uint8_t>(0x80 | (c & 0x3F))
+            o += 3
+        else:
+            out[o] = <uint8_t>(0xF0 | (c >> 18))
+            out[o + 1] = <uint8_t>(0x80 | ((c >> 12) & 0x3F))
+            out[o + 2] = <uint8_t>(0x80 | ((c >> 6) & 0x3F))
+            out[o + 3] = <uint8_t>(0x80 | (c & 0x3F))
+            o += 4
+    return o
+
+
+cdef Py_ssize_t _utf8_of(int kind, const void* data, Py_ssize_t n, uint8_t* out) noexcept nogil:
+    if kind == PyUnicode_1BYTE_KIND:
+        return _to_utf8(<const uint8_t*>data, n, out)
+    if kind == PyUnicode_2BYTE_KIND:
+        return _to_utf8(<const uint16_t*>data, n, out)
+    return _to_utf8(<const uint32_t*>data, n, out)
+
+
 cdef class Counter:
     """Counts tokens of one encoding: a RankTable plus its pre-tokeniser and a cache."""
     cdef readonly RankTable table
@@ -393,14 +431,19 @@ cdef class Counter:
         return total
 
     def count(self, str text) -> int:
-        """Tokens in ``text`` (no lone surrogates: the caller replaces them first)."""
-        cdef Py_ssize_t size, n = PyUnicode_GET_LENGTH(text), total
-        cdef const uint8_t* utf8 = <const uint8_t*>PyUnicode_AsUTF8AndSize(text, &size)
+        """Tokens in ``text``; UnicodeEncodeError at a lone surrogate (the caller
+        replaces them, as tiktoken does, and counts again)."""
+        cdef Py_ssize_t size = 0, n = PyUnicode_GET_LENGTH(text), total = -1
         cdef int kind = PyUnicode_KIND(text)
         cdef const void* data = PyUnicode_DATA(text)
+        cdef const uint8_t* utf8 = NULL
+        cdef uint8_t* own = NULL
         cdef bint cached
         if n == 0:
             return 0
+        if n < NOGIL_MIN or PyUnicode_IS_ASCII(text):
+            # ASCII is its own UTF-8, and a short text converts in no time.
+            utf8 = <const uint8_t*>PyUnicode_AsUTF8AndSize(text, &size)
         # Never wait for the cache: its holder may be a worker inside a count of megabytes
         # while this caller is the event loop. Without it the count is the same, only slower.
         cached = PyThread_acquire_lock(self.lock, NOWAIT_LOCK)
@@ -408,11 +451,22 @@ cdef class Counter:
             self.uncached += 1  # under the GIL: no other thread writes it meanwhile
         if n >= NOGIL_MIN:
             with nogil:
-                total = self._count(kind, data, n, utf8, cached)
+                if utf8 == NULL:
+                    # Converted here: CPython's converter holds the GIL (~7 ms for 4 MB),
+                    # which the event loop would wait for while a worker counts.
+                    own = <uint8_t*>malloc(4 * n)
+                    if own != NULL:
+                        size = _utf8_of(kind, data, n, own)
+                        utf8 = own
+                if utf8 != NULL and size >= 0:
+                    total = self._count(kind, data, n, utf8, cached)
         else:
             total = self._count(kind, data, n, utf8, cached)
         if cached:
             PyThread_release_lock(self.lock)
+        free(own)
+        if size < 0:
+            PyUnicode_AsUTF8AndSize(text, &size)  # raises CPython's UnicodeEncodeError
         if total < 0:
             raise MemoryError()
         return total

@@ -113,6 +113,22 @@ def test_long_input_counts_and_releases_the_gil():
     assert during > 0
 
 
+@pytest.mark.parametrize("letters", ["abcdé ", "abc ж ", "abc 中文 ", "ab 🎉 "])
+def test_long_non_ascii_text_is_converted_without_the_gil(pair, letters):
+    """A long text's UTF-8 is made inside the GIL-free part of the count: CPython's own
+    conversion holds the GIL (~7 ms for 4 MB, an event-loop stall when a worker counts)
+    and leaves a copy on the str, which is how this test tells them apart."""
+    ours, theirs = pair
+    rng = random.Random(5)
+    text = "".join(rng.choice(letters) for _ in range(20_000))
+    size = sys.getsizeof(text)
+    n = ours.count(text)
+    assert sys.getsizeof(text) == size, "the count converted the text under the GIL"
+    assert n == len(theirs.encode_ordinary(text))  # tiktoken's conversion leaves a copy
+    broken = text[:9_000] + "\ud800" + text[9_000:]  # a lone surrogate, as tiktoken takes it
+    assert ours.count(broken) == len(theirs.encode_ordinary(broken))
+
+
 def test_a_short_count_ends_while_another_thread_is_inside_a_long_one():
     """The piece cache has one lock and a long count holds it throughout; a short count
     on another thread (the daemon's event loop) must not wait for it. The long count's
