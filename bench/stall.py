@@ -13,8 +13,9 @@ frame limit; a second count takes such words with accented letters (Latin-1 text
 the daemon converts to UTF-8 before counting). For reference, the count with an unknown
 encoding ("frame only"): the daemon reads and decodes the frame on its loop, then refuses
 it at once, so its row is what receiving such a frame costs the other clients, without any
-counting. A round trip counts as "during" only when it was sent after the long request and
-answered before its reply arrived (both processes read CLOCK_MONOTONIC). Baseline and
+counting. A round trip counts as "during" when it was sent while a long request was in
+flight (after it was sent, before its reply arrived; both processes read CLOCK_MONOTONIC),
+however late it was answered: one held up until the long request ends counts. Baseline and
 loaded phases alternate in interleaved rounds so host-speed drift hits them alike.
 Placements: "same-cpu" (every daemon thread and both clients on one CPU), "cross-cpu"
 (daemon on one CPU, clients on another) and "unpinned" (the scheduler's choice). It prints
@@ -206,13 +207,13 @@ def _expect(conn, what: str, timeout: float = 300.0):
 
 def _during(prober: Prober, conn, load: str, n: int) -> tuple[list, list[int]]:
     """Probe until the child reports its ``n`` long requests done; returns the round
-    trips that lay wholly inside one of them, and the long requests' durations."""
+    trips sent while one of them was in flight, and the long requests' durations."""
     stamps: list[tuple[int, int, int]] = []
     conn.send(("run", load, n))
     while not conn.poll():
         prober.pair(stamps)
     spans = _expect(conn, "done")[1]
-    inside = [(k, s, e) for k, s, e in stamps if any(a <= s and e <= b for a, b in spans)]
+    inside = [(k, s, e) for k, s, e in stamps if any(a <= s < b for a, b in spans)]
     return inside, [b - a for a, b in spans]
 
 
@@ -294,7 +295,7 @@ def print_report(meta: dict, rows: list[Row]) -> None:
           f"{s['long_requests']} per loaded round ('frame only': x20); {s['rounds']} rounds "
           f"per load, baseline {s['baseline_pairs']} pairs per round")
     print(f"probe: one connection, a ping then a count of {SHORT_CHARS:,} chars in turn; "
-          "'during' = sent after a long request and answered before its reply")
+          "'during' = sent while a long request was in flight, however late answered")
     print("placements: " + "; ".join(meta["placements"]))
     print()
     header = (f"{'placement':<10} {'load':<22} {'pings':>6} {'ping p50/p99/max us':>25} "
