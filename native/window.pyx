@@ -421,6 +421,8 @@ cdef class Core:
     cdef public int retry_loop_max
     cdef public double retry_loop_window
     cdef public Py_ssize_t retry_loop_max_keys
+    cdef public Py_ssize_t max_owned  # open leases one owner may hold (0: no cap)
+    cdef dict owned                   # owner uid -> open leases it holds (none: absent)
     cdef readonly int64_t retry_loop_forgotten  # keys still in their window dropped at the cap
 
     def __cinit__(self, *args, **kwargs):
@@ -455,6 +457,8 @@ cdef class Core:
         self.models = {}
         self.routes = {}
         self.leases = {}
+        self.owned = {}
+        self.max_owned = 0
         self.done = OrderedDict()
         self.recent = OrderedDict()
         self.retry_loop_max_keys = 10_000
@@ -733,6 +737,12 @@ cdef class Core:
             denial = self._retry_loop(subject, fingerprint, now)
             if denial is not None:
                 return _decision(False, "", denial, estimate, EMPTY, EMPTY, EMPTY)
+        if owner >= 0 and self.max_owned:  # one peer's open leases are bounded (memory)
+            held = self.owned.get(owner, 0)
+            if held >= self.max_owned:
+                denial = self.denial_type("open_leases", "limit", held, self.max_owned,
+                                          INFINITY, False)
+                return _decision(False, "", denial, estimate, EMPTY, EMPTY, EMPTY)
         tier = 1 if user else 2
         if self.nspace[S_GLOBAL]:
             kg = self._keyed(S_GLOBAL, "")
@@ -841,6 +851,8 @@ cdef class Core:
         lease.k0, lease.k1, lease.k2, lease.k3 = kg, kw, km, kr
         lease.hold(1)
         self.leases[lease.id] = lease
+        if owner >= 0:
+            self.owned[owner] = self.owned.get(owner, 0) + 1
         decision = _decision(True, lease.id, None, estimate,
                              EMPTY if near is None else tuple(near),
                              EMPTY if shadow is None else tuple(shadow),
@@ -934,6 +946,7 @@ cdef class Core:
         if lease.state == L_OPEN:
             del self.leases[lease_id]
             lease.hold(-1)
+            self._disown(lease)
         elif lease.state != L_EXPIRED:
             return self.settle_type(True, True, False, (), lease.micro_usd,
                                     lease.state == L_RELEASED)
@@ -1064,9 +1077,20 @@ cdef class Core:
         count = self._expire(now, spent) if now >= self.oldest else 0
         return count, spent
 
+    cdef void _disown(self, Lease lease):
+        """An open lease ends: its owner holds one fewer."""
+        cdef Py_ssize_t left
+        if lease.owner >= 0:
+            left = self.owned[lease.owner] - 1
+            if left:
+                self.owned[lease.owner] = left
+            else:
+                del self.owned[lease.owner]
+
     cdef void _close(self, Lease lease, int state):
         """An open lease ends: its records are no longer held, and it is remembered."""
         lease.hold(-1)
+        self._disown(lease)
         lease.state = state
         self._remember(lease)
 

@@ -152,6 +152,10 @@ class LimitsConfig(_Section):
     #: (user, prompt) pairs the guard tracks at once (~350 bytes each): past it the least
     #: recently admitted pair is forgotten, so its memory stays bounded
     retry_loop_max_keys: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
+    #: open leases (admitted, not yet settled, released or expired) one peer uid may
+    #: hold; past it admits are denied by "open_leases" until one ends. Bounds what one
+    #: peer can make the daemon keep (leases, and begin's request for end). 0: no cap
+    max_open_leases_per_uid: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 10_000
     #: where settled spend of windows over a minute is persisted; "" = the state
     #: directory, one file per socket path; "off" = not persisted (a crash loses it)
     journal: str = ""

@@ -274,18 +274,20 @@ class Engine(_native.Core):
                  near_fraction: float = 0.8, retry_loop_max: int = 0,
                  retry_loop_window: float = 60.0, retry_loop_max_keys: int = 10_000,
                  remembered_leases: int = 100_000,
-                 alert_thresholds: Sequence[float] = (0.5, 0.8, 1.0)) -> None:
+                 alert_thresholds: Sequence[float] = (0.5, 0.8, 1.0),
+                 max_open_leases_per_uid: int = 0) -> None:
         self._init_core(os.urandom(4).hex(), remembered_leases, Denial, Spend, SettleResult,
                         self._period)
         self.rules: list[Rule] = []
         self._settings(zone, lease_ttl, near_fraction, retry_loop_max, retry_loop_window,
-                       retry_loop_max_keys, alert_thresholds)
+                       retry_loop_max_keys, alert_thresholds, max_open_leases_per_uid)
         self._install(rules, None)
 
     def reconfigure(self, rules: Sequence[Rule], *, zone: str, lease_ttl: float,
                     near_fraction: float, retry_loop_max: int, retry_loop_window: float,
                     retry_loop_max_keys: int = 10_000,
-                    alert_thresholds: Sequence[float] = (0.5, 0.8, 1.0)) -> None:
+                    alert_thresholds: Sequence[float] = (0.5, 0.8, 1.0),
+                    max_open_leases_per_uid: int = 0) -> None:
         """Take new rules (SIGHUP). Counters and open reservations of a rule that keeps its
         name and shape (scope, metric, window) carry over, whatever its amount; the others
         start empty."""
@@ -293,12 +295,12 @@ class Engine(_native.Core):
         new_index = {shape(r): i for i, r in enumerate(rules)}
         remap = [new_index.get(shape(r), -1) for r in self.rules]
         self._settings(zone, lease_ttl, near_fraction, retry_loop_max, retry_loop_window,
-                       retry_loop_max_keys, alert_thresholds)
+                       retry_loop_max_keys, alert_thresholds, max_open_leases_per_uid)
         self._install(rules, remap)
 
     def _settings(self, zone: str, lease_ttl: float, near_fraction: float,
                   retry_loop_max: int, retry_loop_window: float, retry_loop_max_keys: int,
-                  alert_thresholds: Sequence[float]) -> None:
+                  alert_thresholds: Sequence[float], max_open_leases_per_uid: int) -> None:
         if retry_loop_max_keys < 1:
             raise ValueError(f"retry_loop_max_keys must be >= 1, not {retry_loop_max_keys}")
         self.zone = _zone(zone)
@@ -310,6 +312,9 @@ class Engine(_native.Core):
         #: least recently admitted beyond it (``retry_loop_forgotten`` counts those)
         self.retry_loop_max_keys = retry_loop_max_keys
         self.alert_thresholds = tuple(sorted(alert_thresholds))
+        #: open leases one peer uid may hold (0: no cap); past it an admit is denied by
+        #: the limit "open_leases" until one of its leases ends
+        self.max_owned = max_open_leases_per_uid
 
     def _install(self, rules: Sequence[Rule], remap: list[int] | None) -> None:
         table = [(_native.KINDS[r.kind.value], _native.SPACES[r.scope.value],

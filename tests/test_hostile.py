@@ -4,6 +4,7 @@ Engine cases run in process with a pinned clock; wire cases against a real daemo
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -271,3 +272,36 @@ def test_isolated_cache_namespaces_per_uid(shared_daemon):
     assert as_uid(NOBODY, look) == (False, "mine")
     with Client(d.path) as c:  # root (an operator) sees the shared namespace, unchanged
         assert c.cache_get(text="what is two plus two", model="gpt-4o").value() == "four"
+
+
+def test_one_owner_holds_a_bounded_number_of_open_leases():
+    """Memory per peer: past max_open_leases_per_uid the owner is denied until one of its
+    leases ends; other owners (and owner-less callers) are not affected."""
+    e = Engine([rule("conc", "global", "concurrent", "", 1000)], max_open_leases_per_uid=3)
+    mine = [e.admit(Subject(user=f"u{i}"), Estimate(1, 0, 0), 0.0, b"", 7) for i in range(3)]
+    assert all(d.allowed for d in mine)
+    over = e.admit(Subject(user="u9"), Estimate(1, 0, 0), 0.0, b"", 7)
+    assert not over.allowed and over.denial.limit == "open_leases"
+    assert math.isinf(over.denial.retry_after) and not over.denial.never
+    assert e.admit(Subject(user="u9"), Estimate(1, 0, 0), 0.0, b"", 8).allowed
+    assert e.admit(Subject(user="u9"), Estimate(1, 0, 0), 0.0).allowed
+    e.settle(mine[0].lease, Usage(1, 0, 0), 1.0, 7)
+    assert e.admit(Subject(user="u9"), Estimate(1, 0, 0), 1.0, b"", 7).allowed
+    e.release(mine[1].lease, 1.0, 7)
+    assert e.admit(Subject(user="u10"), Estimate(1, 0, 0), 1.0, b"", 7).allowed
+    assert not e.admit(Subject(user="u11"), Estimate(1, 0, 0), 1.0, b"", 7).allowed
+    e.expire(1000.0)  # every lease expired: the owner holds none
+    assert e.admit(Subject(user="u12"), Estimate(1, 0, 0), 1000.0, b"", 7).allowed
+
+
+def test_open_lease_cap_over_the_wire(start_daemon):
+    d = start_daemon("[limits]\nmax_open_leases_per_uid = 2\n")
+    with Client(d.path) as c:
+        a = c.admit(user="a", model="gpt-4o", input_tokens=5)
+        b = c.admit(user="b", model="gpt-4o", input_tokens=5)
+        over = c.admit(user="c", model="gpt-4o", input_tokens=5)
+        assert a.allowed and b.allowed and not over.allowed
+        assert over.limit == "open_leases" and over.retry_after is None
+        c.release(a.lease)
+        assert c.admit(user="c", model="gpt-4o", input_tokens=5).allowed
+        assert c.stats().limit_denials.get("open_leases") == 1

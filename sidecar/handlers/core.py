@@ -207,7 +207,8 @@ class Handlers(CallOps):
                     near_fraction=limits.near_fraction, retry_loop_max=limits.retry_loop_max,
                     retry_loop_window=limits.retry_loop_window,
                     retry_loop_max_keys=limits.retry_loop_max_keys,
-                    alert_thresholds=limits.alert_thresholds)
+                    alert_thresholds=limits.alert_thresholds,
+                    max_open_leases_per_uid=limits.max_open_leases_per_uid)
 
     @staticmethod
     def _pricing(config: Config) -> PricingRegistry:
