@@ -44,7 +44,7 @@ _native = load("window")
 MICRO = 1_000_000  # USD amounts are counted in micro-dollars
 #: The largest amount a rule may have (in its units): counters are int64, and a counter
 #: may exceed its amount by what open leases settle (each bounded by the wire's limits).
-MAX_AMOUNT = 2**53
+MAX_AMOUNT = 2**62
 
 
 class Scope(enum.Enum):

@@ -305,3 +305,15 @@ def test_open_lease_cap_over_the_wire(start_daemon):
         c.release(a.lease)
         assert c.admit(user="c", model="gpt-4o", input_tokens=5).allowed
         assert c.stats().limit_denials.get("open_leases") == 1
+
+
+def test_rule_amounts_and_prices_past_what_the_engine_counts_are_config_errors(tmp_path):
+    from sidecar import config as config_mod
+    from sidecar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="larger than a limit can count"):
+        rule("huge", "global", "total_tokens", "60s", 1e300)
+    bad = tmp_path / "price.toml"
+    bad.write_text('[pricing.overrides]\n"m" = { input = 1e300, output = 1.0 }\n')
+    with pytest.raises(ConfigError):
+        config_mod.load(bad, env={})
