@@ -54,6 +54,8 @@ from .calls import CallOps
 
 
 Handler = Callable[[Request], "Reply | Deferred"]
+
+
 def _yield_to_the_loop() -> None:
     """A counting thread runs at nice 10: when it shares a CPU with the event loop, the
     scheduler lets the loop's wake-ups pre-empt it at once instead of after the count's
@@ -68,7 +70,6 @@ def _yield_to_the_loop() -> None:
 #: at a time (a connection waits for its own before it sends more), the rest queue.
 _COUNTING = ThreadPoolExecutor(2, thread_name_prefix="llm-sidecar-count",
                                initializer=_yield_to_the_loop)
-
 R = TypeVar("R", SettleReply, EndReply)
 C = TypeVar("C", CacheGet, CachePut, Begin)
 log = logging.getLogger("sidecar.handlers")
