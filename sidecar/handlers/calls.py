@@ -79,17 +79,17 @@ class CallOps:
         worker thread (after a miss), or both."""
         if not isinstance(found, CacheGetReply):
             found = await found
-        input_tokens = None
+        counted = None
         if long_count and not found.hit:
-            input_tokens = await self._input_tokens_off_loop(req, req.model)
-        reply = self._begin_after_cache(req, view, found, owner, input_tokens)
+            counted = await self._counted_off_loop(req, req.model)
+        reply = self._begin_after_cache(req, view, found, owner, counted)
         return reply if isinstance(reply, BeginReply) else await reply
 
     def _begin_after_cache(self, req: Begin, view: Begin, found: CacheGetReply, owner: int,
-                           input_tokens: int | None = None
+                           counted: tuple[int, bytes] | None = None
                            ) -> BeginReply | Awaitable[BeginReply]:
         """Route and admit a begin the cache did not answer; its lease is ``owner``'s.
-        ``input_tokens`` when already counted (off the loop)."""
+        ``counted``: its input tokens and prompt key when already computed off the loop."""
         now = time.time()
         who = req.user or req.key
         if found.hit:
@@ -98,8 +98,7 @@ class CallOps:
                               tier=found.tier, similarity=found.similarity,
                               verdict=found.verdict, stale=found.stale)
         used = budget_fraction(self.engine.budgets(who, now))
-        if input_tokens is None:
-            input_tokens = self._input_tokens(req, req.model)
+        input_tokens, prompt = counted or (self._input_tokens(req, req.model), None)
         picked = self.router.pick_route(req.route, req.model, req.task, input_tokens)
         cfg = self.config.routes.get(picked)
         deadline = cfg.deadline if cfg is not None else self.config.routing.model_timeout
@@ -116,7 +115,7 @@ class CallOps:
                               static_fallback=cfg.static_fallback if cfg else "")
         first = chain.models[0].model
         subject = Subject(req.user, req.key, first, chain.route)
-        estimate, known, prompt = self._estimate(req, first, input_tokens)
+        estimate, known, prompt = self._estimate(req, first, input_tokens, prompt)
         decision = self.engine.admit(subject, estimate, now, prompt, owner)
         self._observe(subject, decision, now)
         step = _Admitted(req, view, found, who, chain, cfg, deadline, estimate, decision, now)

@@ -316,10 +316,13 @@ class Handlers(CallOps):
             for lease in [k for k, (_, b) in self._begun.items() if b.until <= now]:
                 del self._begun[lease]
 
-    def _input_tokens_off_loop(self, req: Admit | Begin, model: str) -> Awaitable[int]:
-        """``_input_tokens`` on a worker thread, for a text where ``_long_count``."""
+    def _counted_off_loop(self, req: Admit | Begin,
+                          model: str) -> Awaitable[tuple[int, bytes]]:
+        """``_input_tokens`` and ``_prompt_key`` on a worker thread, for a text where
+        ``_long_count``: both scan the whole text (the folding releases the GIL)."""
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(_COUNTING, self._input_tokens, req, model)
+        return loop.run_in_executor(
+            _COUNTING, lambda: (self._input_tokens(req, model), self._prompt_key(req)))
 
     def _input_tokens(self, req: Admit | Begin, model: str) -> int:
         if req.input_tokens is not None:
@@ -330,8 +333,8 @@ class Handlers(CallOps):
             req.text, messages=req.messages, tools=req.tools, model=model,
             encoding="" if model else ESTIMATE_ENCODING).input_tokens
 
-    def _estimate(self, req: Admit | Begin, model: str,
-                  input_tokens: int | None = None) -> tuple[Estimate, bool, bytes]:
+    def _estimate(self, req: Admit | Begin, model: str, input_tokens: int | None = None,
+                  prompt: bytes | None = None) -> tuple[Estimate, bool, bytes]:
         if input_tokens is None:
             input_tokens = self._input_tokens(req, model)
         output_tokens = req.max_tokens or 0
@@ -341,7 +344,9 @@ class Handlers(CallOps):
         else:
             cost = self.pricing.estimate(model, input_tokens, output_tokens)
             micro, known = bounded_micro(cost.micro_usd), cost.known
-        return Estimate(input_tokens, output_tokens, micro), known, self._prompt_key(req)
+        if prompt is None:
+            prompt = self._prompt_key(req)
+        return Estimate(input_tokens, output_tokens, micro), known, prompt
 
     def _prompt_key(self, req: Admit | Begin) -> bytes:
         """Fingerprint of what is asked (the last user turn), for the retry-loop guard."""
@@ -407,9 +412,9 @@ class Handlers(CallOps):
         return self._admit(req, owner)
 
     def _admit(self, req: Admit, owner: int,
-               input_tokens: int | None = None) -> AdmitReply | Deferred:
+               counted: tuple[int, bytes] | None = None) -> AdmitReply | Deferred:
         subject = Subject(req.user, req.key, req.model, req.route)
-        estimate, known, prompt = self._estimate(req, req.model, input_tokens)
+        estimate, known, prompt = self._estimate(req, req.model, *(counted or ()))
         now = time.time()
         decision = self.engine.admit(subject, estimate, now, prompt, owner)
         self._observe(subject, decision, now)
@@ -432,7 +437,7 @@ class Handlers(CallOps):
 
     async def _admit_counted(self, req: Admit, owner: int) -> AdmitReply:
         """An admit whose text is counted on a worker thread first, as a long count is."""
-        reply = self._admit(req, owner, await self._input_tokens_off_loop(req, req.model))
+        reply = self._admit(req, owner, await self._counted_off_loop(req, req.model))
         return await reply.future if isinstance(reply, Deferred) else reply
 
     async def _admit_shared(self, req: Admit, subject: Subject, estimate: Estimate,
