@@ -622,11 +622,13 @@ class Cache:
         self.exact.stale_for = config.stale_for
         self.exact.trim()  # smaller bounds apply now
 
-    def get(self, req: CacheGet, now: float) -> CacheGetReply | Coroutine[
-            None, None, CacheGetReply]:
+    def get(self, req: CacheGet, now: float, rk: RequestKey | None = None
+            ) -> CacheGetReply | Coroutine[None, None, CacheGetReply]:
         """The exact tier's answer, or a coroutine searching the semantic tier (run on
-        its worker thread) when the scope has entries there."""
-        rk = request_key(self.normalizer, req)
+        its worker thread) when the scope has entries there. ``rk``: the request's keys
+        when already computed (``request_key``, off the loop for a long text)."""
+        if rk is None:
+            rk = request_key(self.normalizer, req)
         if not self.config.enabled:
             return CacheGetReply(id=req.id, hit=False, key=rk.key, reason="disabled")
         if req.no_cache:

@@ -15,6 +15,7 @@ from typing import Awaitable, NamedTuple
 import msgspec
 
 from ..accounting import Begun
+from ..cache import request_key
 from ..errors import InvalidValue
 from ..limits import MICRO, Decision, Denial, Estimate, Subject, Usage
 from ..pricing import Usage as PricedUsage
@@ -53,16 +54,17 @@ class CallOps:
             raise InvalidValue(f"unknown response kind {req.kind!r}; known: "
                                + ", ".join(sorted(self.config.cache.policy)))
         view = self._cache_view(req)
-        found = self.cache.get(view, time.time())
         owner = self.owner  # the peer asking: a begin finished later still acts for it
-        long_count = req.input_tokens is None and self._long_count(req)
-        if isinstance(found, CacheGetReply) and (found.hit or not long_count):
+        if self._long_count(req):  # its cache key folds the whole text: not on the loop
+            return Deferred(asyncio.ensure_future(self._begin_long(req, view, owner)), req.id)
+        found = self.cache.get(view, time.time())
+        if isinstance(found, CacheGetReply):
             reply = self._begin_after_cache(req, view, found, owner)
             if isinstance(reply, BeginReply):
                 return reply
             return Deferred(asyncio.ensure_future(reply), req.id)  # the cluster is asked
         return Deferred(asyncio.ensure_future(self._begin_off_loop(req, view, found, owner,
-                                                                   long_count)), req.id)
+                                                                   False)), req.id)
 
     def _cache_view(self, req: Begin) -> Begin:
         """The request as the cache keys it: a routed request is keyed by its route (or
@@ -71,6 +73,15 @@ class CallOps:
         if req.model:
             return req
         return msgspec.structs.replace(req, model=f"route:{req.route or req.task or '-'}")
+
+    async def _begin_long(self, req: Begin, view: Begin, owner: int) -> BeginReply:
+        """A begin whose text is long: its cache keys are computed on a counting thread,
+        and after a miss its input tokens and prompt key too."""
+        now = time.time()
+        rk = await self._off_loop(lambda: request_key(self.normalizer, view))
+        found = self.cache.get(view, now, rk)
+        return await self._begin_off_loop(req, view, found, owner,
+                                          req.input_tokens is None)
 
     async def _begin_off_loop(self, req: Begin, view: Begin,
                               found: CacheGetReply | Awaitable[CacheGetReply], owner: int,

@@ -72,6 +72,7 @@ _COUNTING = ThreadPoolExecutor(2, thread_name_prefix="llm-sidecar-count",
                                initializer=_yield_to_the_loop)
 R = TypeVar("R", SettleReply, EndReply)
 C = TypeVar("C", CacheGet, CachePut, Begin)
+T = TypeVar("T")
 log = logging.getLogger("sidecar.handlers")
 #: A journal record: a settle's spend (the limits engine's) or cost tracker rows.
 _JOURNAL_RECORD = msgspec.msgpack.Decoder(Union[list[Spend], Tallies])  # type: ignore[valid-type]
@@ -316,13 +317,16 @@ class Handlers(CallOps):
             for lease in [k for k, (_, b) in self._begun.items() if b.until <= now]:
                 del self._begun[lease]
 
+    @staticmethod
+    def _off_loop(fn: Callable[[], T]) -> Awaitable[T]:
+        """``fn()`` on a counting thread: for work that scans a text of
+        ``tokens.offload_chars`` or more (counting and folding release the GIL)."""
+        return asyncio.get_running_loop().run_in_executor(_COUNTING, fn)
+
     def _counted_off_loop(self, req: Admit | Begin,
                           model: str) -> Awaitable[tuple[int, bytes]]:
-        """``_input_tokens`` and ``_prompt_key`` on a worker thread, for a text where
-        ``_long_count``: both scan the whole text (the folding releases the GIL)."""
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(
-            _COUNTING, lambda: (self._input_tokens(req, model), self._prompt_key(req)))
+        """``_input_tokens`` and ``_prompt_key`` off the loop, for a long text."""
+        return self._off_loop(lambda: (self._input_tokens(req, model), self._prompt_key(req)))
 
     def _input_tokens(self, req: Admit | Begin, model: str) -> int:
         if req.input_tokens is not None:
