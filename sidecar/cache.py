@@ -678,8 +678,11 @@ class Cache:
                              stale=stale, input_tokens=entry.input_tokens,
                              output_tokens=entry.output_tokens)
 
-    def put(self, req: CachePut, now: float) -> CachePutReply:
-        rk = request_key(self.normalizer, req)
+    def put(self, req: CachePut, now: float, rk: RequestKey | None = None) -> CachePutReply:
+        """Store ``req.response`` (see ``protocol.CachePut``); ``rk``: the request's keys
+        when already computed (``end`` reuses those of its ``begin``)."""
+        if rk is None:
+            rk = request_key(self.normalizer, req)
         kind = req.kind or "general"
         policy = self.config.policy.get(kind)
         if policy is None:

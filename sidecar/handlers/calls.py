@@ -15,7 +15,7 @@ from typing import Awaitable, NamedTuple
 import msgspec
 
 from ..accounting import Begun
-from ..cache import request_key
+from ..cache import RequestKey, request_key
 from ..errors import InvalidValue
 from ..limits import MICRO, Decision, Denial, Estimate, Subject, Usage
 from ..pricing import Usage as PricedUsage
@@ -32,6 +32,7 @@ class _Admitted(NamedTuple):
 
     req: Begin
     view: Begin
+    rk: RequestKey
     found: CacheGetReply
     who: str
     chain: Chain
@@ -57,13 +58,14 @@ class CallOps:
         owner = self.owner  # the peer asking: a begin finished later still acts for it
         if self._long_count(req):  # its cache key folds the whole text: not on the loop
             return Deferred(asyncio.ensure_future(self._begin_long(req, view, owner)), req.id)
-        found = self.cache.get(view, time.time())
+        rk = request_key(self.normalizer, view)  # kept for end, which stores the answer
+        found = self.cache.get(view, time.time(), rk)
         if isinstance(found, CacheGetReply):
-            reply = self._begin_after_cache(req, view, found, owner)
+            reply = self._begin_after_cache(req, view, rk, found, owner)
             if isinstance(reply, BeginReply):
                 return reply
             return Deferred(asyncio.ensure_future(reply), req.id)  # the cluster is asked
-        return Deferred(asyncio.ensure_future(self._begin_off_loop(req, view, found, owner,
+        return Deferred(asyncio.ensure_future(self._begin_off_loop(req, view, rk, found, owner,
                                                                    False)), req.id)
 
     def _cache_view(self, req: Begin) -> Begin:
@@ -80,10 +82,10 @@ class CallOps:
         now = time.time()
         rk = await self._off_loop(lambda: request_key(self.normalizer, view))
         found = self.cache.get(view, now, rk)
-        return await self._begin_off_loop(req, view, found, owner,
+        return await self._begin_off_loop(req, view, rk, found, owner,
                                           req.input_tokens is None)
 
-    async def _begin_off_loop(self, req: Begin, view: Begin,
+    async def _begin_off_loop(self, req: Begin, view: Begin, rk: RequestKey,
                               found: CacheGetReply | Awaitable[CacheGetReply], owner: int,
                               long_count: bool) -> BeginReply:
         """A begin that waits for the semantic tier's search, or counts a long text on a
@@ -93,10 +95,11 @@ class CallOps:
         counted = None
         if long_count and not found.hit:
             counted = await self._counted_off_loop(req, req.model)
-        reply = self._begin_after_cache(req, view, found, owner, counted)
+        reply = self._begin_after_cache(req, view, rk, found, owner, counted)
         return reply if isinstance(reply, BeginReply) else await reply
 
-    def _begin_after_cache(self, req: Begin, view: Begin, found: CacheGetReply, owner: int,
+    def _begin_after_cache(self, req: Begin, view: Begin, rk: RequestKey,
+                           found: CacheGetReply, owner: int,
                            counted: tuple[int, bytes] | None = None
                            ) -> BeginReply | Awaitable[BeginReply]:
         """Route and admit a begin the cache did not answer; its lease is ``owner``'s.
@@ -129,7 +132,8 @@ class CallOps:
         estimate, known, prompt = self._estimate(req, first, input_tokens, prompt)
         decision = self.engine.admit(subject, estimate, now, prompt, owner)
         self._observe(subject, decision, now)
-        step = _Admitted(req, view, found, who, chain, cfg, deadline, estimate, decision, now)
+        step = _Admitted(req, view, rk, found, who, chain, cfg, deadline, estimate, decision,
+                         now)
         if decision.denial is None and decision.tracked and self.cluster is not None:
             shared = self._share(decision, now)
             if shared is not None and not isinstance(shared, Denial):
@@ -143,7 +147,7 @@ class CallOps:
 
     def _begin_decided(self, step: _Admitted, d: Denial | None) -> BeginReply:
         """The deny or go reply of an admitted (or refused) begin."""
-        req, view, found, who, chain, cfg, deadline, estimate, decision, now = step
+        req, view, rk, found, who, chain, cfg, deadline, estimate, decision, now = step
         first = chain.models[0].model
         if d is not None:
             self.accounting.denied(
@@ -155,7 +159,7 @@ class CallOps:
                               route=chain.route, input_tokens=estimate.input_tokens,
                               output_tokens=estimate.output_tokens,
                               usd=estimate.micro_usd / MICRO)
-        self._begun[decision.lease] = (view, Begun(
+        self._begun[decision.lease] = (view, rk, Begun(
             until=now + self.engine.lease_ttl, began=now, user=who, route=chain.route,
             chain=tuple(m.model for m in chain.models),
             providers=tuple(m.provider for m in chain.models),
@@ -197,7 +201,7 @@ class CallOps:
                 self.router.report(a.model, a.ok, now, a.retry_after)
         stored, reason = False, ""
         popped = self._begun.pop(req.lease, None)
-        begun = popped[1] if popped is not None else None
+        begun = popped[2] if popped is not None else None
         if subject is not None and result.found and not result.duplicate:
             self.accounting.ended(
                 now, lease=req.lease, begun=begun, user=subject.user or subject.key,
@@ -212,13 +216,13 @@ class CallOps:
         elif popped is None:
             reason = "unknown_lease"
         else:
-            view = popped[0]
+            view, rk = popped[0], popped[1]
             try:
                 put = self.cache.put(CachePut(
                     id=req.id, response=req.response, kind=view.kind, error=req.error,
                     tool_calls=req.tool_calls, no_store=view.no_store,
                     input_tokens=req.input_tokens, output_tokens=req.output_tokens,
-                    **{f: getattr(view, f) for f in CACHE_FIELDS}), now)
+                    **{f: getattr(view, f) for f in CACHE_FIELDS}), now, rk)
                 stored, reason = put.stored, put.reason
             except InvalidValue as exc:  # e.g. a kind dropped by a reload since begin:
                 stored, reason = False, f"invalid: {exc}"  # the settle above stands

@@ -25,7 +25,7 @@ from .. import __version__
 from .._native import MODULES as NATIVE_MODULES, load as load_native
 from ..accounting import Accounting, Begun
 from ..alerts import Alerts, Notifier
-from ..cache import Cache
+from ..cache import Cache, RequestKey
 from ..cluster.quota import Cluster, Policy, Refusal, Shared
 from ..config import Config
 from ..ledger.costs import By, CostTracker, Tallies
@@ -168,8 +168,9 @@ class Handlers(CallOps):
         self.notifier = notifier
         self.request_log_path = request_log_path
         self.exposition = Exposition(metrics)
-        #: lease -> (the begin request as the cache sees it, what begin knew); for end
-        self._begun: dict[str, tuple[Begin, Begun]] = {}
+        #: lease -> (the begin request as the cache sees it, its cache keys, what begin knew);
+        #: for end, which stores the answer under those keys without folding the text again
+        self._begun: dict[str, tuple[Begin, RequestKey, Begun]] = {}
         #: FIFO queues of admits waiting for room, by the limit that denied them
         self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self.table: dict[type[Request], Handler] = {
@@ -314,7 +315,7 @@ class Handlers(CallOps):
         with guard("housekeeping.alerts"):
             self.accounting.alerts.expire(now)
         with guard("housekeeping.calls"):
-            for lease in [k for k, (_, b) in self._begun.items() if b.until <= now]:
+            for lease in [k for k, (_, _, b) in self._begun.items() if b.until <= now]:
                 del self._begun[lease]
 
     @staticmethod
