@@ -16,6 +16,17 @@ import uvloop
 START_TIMEOUT = 15.0
 
 
+def wait_for(predicate, timeout: float = 15.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass (tests never assert
+    durations: they wait for a state, and fail only when it never comes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
 class Daemon:
     """A ``llm-sidecar serve`` subprocess; ``stop()`` sends SIGTERM and returns the code."""
 

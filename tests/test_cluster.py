@@ -13,6 +13,7 @@ import time
 import pytest
 import redis
 
+from conftest import wait_for
 from sidecar import Client
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,15 +44,6 @@ def start_three(start_daemon, tmp_path, text: str):
     for d in daemons:
         d.wait_ready()
     return daemons
-
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def cluster_of(d) -> object:

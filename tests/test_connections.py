@@ -6,26 +6,17 @@ import contextlib
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from clirun import cli
+from conftest import wait_for
 from rawsock import Raw
 from sidecar import AsyncClient, Client
 from sidecar.protocol import Error, ErrorCode, Pong, StatsReply
 
 IDLE = "[server]\nidle_timeout = 0.3\n"
-
-
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def stats(path) -> StatsReply:
@@ -58,8 +49,6 @@ def test_waiting_for_a_reply_is_not_idle(start_daemon):
     # An admit queued behind a concurrency limit waits in the daemon far longer than
     # the idle timeout, and still gets its answer on the same connection.
     d = start_daemon(IDLE + """
-[limits]
-retry_loop_max = 0
 [[limits.rules]]
 name = "one-at-a-time"
 scope = "user"

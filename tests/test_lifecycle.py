@@ -7,25 +7,16 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from clirun import cli, cli_argv, cli_env
+from conftest import wait_for
 from rawsock import Raw
 from sidecar import Client
 from sidecar.protocol import Pong
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_default_socket_mode_and_clean_exit(daemon):
