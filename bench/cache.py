@@ -55,7 +55,7 @@ from typing import Callable
 
 import numpy as np
 
-from sidecar.vectors import Dtype, VectorIndex
+from sidecar.cache.vectors import Dtype, VectorIndex
 
 from . import cache_quality
 from .roundtrip import ServerProcess, _placements, host_meta, percentile, pin_process

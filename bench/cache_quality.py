@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sidecar.cache import DEFAULT_THRESHOLDS
-from sidecar.embed import make_embedder
-from sidecar.normalize import Normalizer
-from sidecar.verify import Mode, check
+from sidecar.cache.store import DEFAULT_THRESHOLDS
+from sidecar.cache.embed import make_embedder
+from sidecar.text.normalize import Normalizer
+from sidecar.cache.verify import Mode, check
 
 MAX_FALSE_HIT_RATE = 0.01
 TARGET_FACTOR = 2.0  # recall with the verifier vs cosine alone, same embedder, same run

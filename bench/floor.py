@@ -18,8 +18,8 @@ import sys
 import msgspec
 import uvloop
 
-from sidecar.framing import FrameReader, OversizeFrame, append_frame
-from sidecar.protocol import REQUEST_DECODER, Pong
+from sidecar.wire.framing import FrameReader, OversizeFrame, append_frame
+from sidecar.wire.protocol import REQUEST_DECODER, Pong
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODE_ERRORS = (OversizeFrame, msgspec.DecodeError, msgspec.ValidationError)

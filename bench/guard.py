@@ -119,13 +119,13 @@ def _accounting_cost(calls: int) -> float:
     """p50 microseconds of ``Accounting.ended`` for a one-attempt call with a request log (writing
     to a temporary file on its thread), in this process: what the daemon's loop spends
     accounting a call (cost tracker, metrics, alert checks, the record queued)."""
-    from sidecar.accounting import Accounting, Begun
-    from sidecar.alerts import Alerts
+    from sidecar.ledger.accounting import Accounting, Begun
+    from sidecar.ledger.alerts import Alerts
     from sidecar.config import AlertsConfig
     from sidecar.ledger import RequestLog
     from sidecar.ledger.costs import CostTracker
-    from sidecar.metrics import Metrics
-    from sidecar.protocol import OPS, Attempt
+    from sidecar.ledger.metrics import Metrics
+    from sidecar.wire.protocol import OPS, Attempt
 
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-ledger-") as workdir:
         log = RequestLog(os.path.join(workdir, "requests.jsonl"), queue_max=1_000_000)

@@ -15,8 +15,8 @@ from collections import deque
 
 import msgspec
 
-from sidecar.framing import FrameReader, append_frame
-from sidecar.protocol import REPLY_DECODER, Ping, Pong
+from sidecar.wire.framing import FrameReader, append_frame
+from sidecar.wire.protocol import REPLY_DECODER, Ping, Pong
 
 _RECV_SIZE = 256 * 1024
 

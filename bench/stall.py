@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 
 import msgspec
 
-from sidecar.framing import FrameReader
-from sidecar.protocol import REPLY_DECODER, CountReply, Error, Pong
+from sidecar.wire.framing import FrameReader
+from sidecar.wire.protocol import REPLY_DECODER, CountReply, Error, Pong
 
 from .roundtrip import ROUNDS, ServerProcess, _raise_on_sigterm, _versions, host_meta, percentile
 

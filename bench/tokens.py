@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sidecar import tokens
+from sidecar.text import tokens
 
 ENCODINGS = ("o200k_base", "cl100k_base")
 _URLS = {name: f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"

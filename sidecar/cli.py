@@ -28,8 +28,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .protocol import CostsReply, CostTotals, StatsReply
+    from .client.sync import Client
+    from .wire.protocol import CostsReply, CostTotals, StatsReply
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
 
@@ -219,7 +219,7 @@ def _parser(now: float) -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from . import daemon
+    from .daemon import service as daemon
 
     cfg = config_mod.load(args.config)
     setup_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
@@ -229,7 +229,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _count(args: argparse.Namespace) -> int:
-    from .tokens import Tokenizer
+    from .text.tokens import Tokenizer
 
     cfg = config_mod.load(args.config)
     if args.file == "-":
@@ -528,7 +528,7 @@ def _watch_stats(client: Client, args: argparse.Namespace) -> int:
 
 
 def _client_command(args: argparse.Namespace) -> int:
-    from .client import Client
+    from .client.sync import Client
 
     with Client(args.socket, timeout=args.timeout) as client:
         if args.command == "ping":

@@ -6,7 +6,7 @@ miss) are values. Wire errors arrive as ``protocol.Error`` replies and are turne
 """
 from __future__ import annotations
 
-from .protocol import ErrorCode
+from .wire.protocol import ErrorCode
 
 
 class SidecarError(Exception):

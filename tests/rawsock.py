@@ -6,8 +6,8 @@ import socket
 
 import msgspec
 
-from sidecar.framing import FrameReader
-from sidecar.protocol import REPLY_DECODER, Reply
+from sidecar.wire.framing import FrameReader
+from sidecar.wire.protocol import REPLY_DECODER, Reply
 
 
 class Raw:

@@ -8,10 +8,10 @@ from hypothesis import given, settings, strategies as st
 
 from sidecar import Client
 from sidecar import config as config_mod
-from sidecar.cache import Cache, SnapshotError, decode_snapshot, request_key
+from sidecar.cache.store import Cache, SnapshotError, decode_snapshot, request_key
 from sidecar.errors import InvalidValue
-from sidecar.normalize import Normalizer
-from sidecar.protocol import CacheGet, CacheInvalidate, CachePut  # noqa: F401
+from sidecar.text.normalize import Normalizer
+from sidecar.wire.protocol import CacheGet, CacheInvalidate, CachePut  # noqa: F401
 
 NORM = Normalizer()
 HOUR = 3600.0

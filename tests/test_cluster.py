@@ -278,7 +278,7 @@ def test_degraded_policies(start_daemon, tmp_path, policy, expected):
 
 
 def test_standalone_never_imports_redis():
-    code = ("import sys, sidecar.daemon, sidecar.handlers, sidecar.cli; "
+    code = ("import sys, sidecar.daemon.service, sidecar.daemon.handlers, sidecar.cli; "
             "assert 'redis' not in sys.modules, 'redis imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 

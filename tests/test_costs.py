@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from sidecar.alerts import Alerts, Kind
+from sidecar.ledger.alerts import Alerts, Kind
 from sidecar.config import AlertsConfig
 from sidecar.ledger.costs import OTHER, By, CostTracker, Tallies
 

@@ -3,7 +3,7 @@ import msgspec
 import pytest
 from hypothesis import given, strategies as st
 
-from sidecar.framing import HEADER_SIZE, FrameReader, OversizeFrame, append_frame
+from sidecar.wire.framing import HEADER_SIZE, FrameReader, OversizeFrame, append_frame
 
 bodies = st.lists(st.binary(max_size=300), max_size=30)
 

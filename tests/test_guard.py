@@ -10,7 +10,7 @@ import pytest
 
 from sidecar import CallResult, Client
 from sidecar.errors import AllAttemptsFailed, Denied, InvalidValue
-from sidecar.pricing import PricingRegistry, Usage
+from sidecar.limits.pricing import PricingRegistry, Usage
 
 CONFIG = """
 [limits]

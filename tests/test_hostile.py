@@ -16,7 +16,7 @@ import pytest
 from rawsock import Raw
 from sidecar import Client
 from sidecar.errors import Forbidden, InvalidValue
-from sidecar.limits import Engine, Estimate, Subject, Usage, parse_rule
+from sidecar.limits.engine import Engine, Estimate, Subject, Usage, parse_rule
 
 ALICE = Subject(user="alice", model="gpt-4o")
 
@@ -106,7 +106,7 @@ def test_end_reports_attempts_only_for_a_lease_it_holds(daemon):
     """A forged end (unknown lease) must not move a circuit; a resent end counts once."""
     failed = [{"model": "gpt-4o", "ok": False, "status": 500}] * 5
     with Client(daemon.path) as c:
-        from sidecar.protocol import Attempt
+        from sidecar.wire.protocol import Attempt
         attempts = [Attempt(**a) for a in failed]
         r = c.end("f00dfeed-" + "0" * 32, attempts=attempts)
         assert not r.found

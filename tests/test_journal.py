@@ -20,8 +20,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from sidecar.errors import Overloaded
-from sidecar.journal import (HEADER_SIZE, MAGIC, RECORD_OVERHEAD, Journal, JournalError,
-                             _HEADER)
+from sidecar.limits.journal import (
+    HEADER_SIZE, MAGIC, RECORD_OVERHEAD, Journal, JournalError, _HEADER,
+)
 
 SEED = int(os.environ.get("JOURNAL_TEST_SEED", "20240611"))
 
@@ -285,7 +286,7 @@ CHILD = r'''
 import asyncio, os, signal, sys
 from pathlib import Path
 import uvloop
-from sidecar.journal import Journal
+from sidecar.limits.journal import Journal
 
 path, loop_name, crash_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 compact_every, workers = int(sys.argv[4]), int(sys.argv[5])

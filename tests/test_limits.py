@@ -12,8 +12,8 @@ from sidecar import Client
 from sidecar import config as config_mod
 from sidecar._native.window import SlidingWindow
 from sidecar.errors import ConfigError
-from sidecar.protocol import Admit
-from sidecar.limits import (
+from sidecar.wire.protocol import Admit
+from sidecar.limits.engine import (
     Engine, Estimate, Kind, Subject, Usage, compile_rules, parse_rule,
 )
 

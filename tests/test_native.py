@@ -13,7 +13,7 @@ import oracle
 from gil import ticks_during
 import sidecar._native
 from sidecar.errors import ConfigError
-from sidecar.normalize import DEFAULT_FILLER_WORDS, Normalizer, canonical_filler_words
+from sidecar.text.normalize import DEFAULT_FILLER_WORDS, Normalizer, canonical_filler_words
 
 FILLERS = canonical_filler_words(DEFAULT_FILLER_WORDS)
 INTERESTING = list("aZ09 '’-.,#%?!_+$\u200b\t\n\u00a0ßİﬁ①²Ⅻ") + ["\U0001F600", "\ud800", "\U00020000"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.alerts import Notifier, NotifierStats, check_webhook
+from sidecar.ledger.alerts import Notifier, NotifierStats, check_webhook
 from sidecar.errors import ConfigError
 
 APPEND_STDIN = "import sys; open(sys.argv[1], 'ab').write(sys.stdin.buffer.read())"

@@ -7,8 +7,8 @@ import pytest
 import sidecar._native
 from sidecar import AsyncClient, Client
 from sidecar.errors import FrameTooLarge, SidecarTimeout, SidecarUnavailable
-from sidecar.normalize import Normalizer
-from sidecar.protocol import (
+from sidecar.text.normalize import Normalizer
+from sidecar.wire.protocol import (
     OPS, PROTOCOL_VERSION, Fingerprint, FingerprintReply, HelloReply, Ping, Pong, StatsReply,
 )
 

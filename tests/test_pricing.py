@@ -13,16 +13,8 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import ConfigError, InvalidValue
-from sidecar.pricing import (
-    DEFAULT_PRICE,
-    Cost,
-    Price,
-    PricingRegistry,
-    Source,
-    Usage,
-    format_usd,
-    load_litellm,
-    usd,
+from sidecar.limits.pricing import (
+    DEFAULT_PRICE, Cost, Price, PricingRegistry, Source, Usage, format_usd, load_litellm, usd,
 )
 
 AT = datetime(2026, 11, 23, tzinfo=UTC)
@@ -348,7 +340,7 @@ OFFLINE = textwrap.dedent("""
     sys.addaudithook(refuse)
 
     from datetime import UTC, datetime
-    from sidecar.pricing import PricingRegistry, Usage
+    from sidecar.limits.pricing import PricingRegistry, Usage
     reg = PricingRegistry(at=datetime(2026, 11, 23, tzinfo=UTC))
     out = {m: [reg.cost(m, Usage(1000, 1000)).micro_usd, reg.price(m).priced_as]
            for m in sys.argv[1:]}

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from sidecar import Client
-from sidecar.embed import Lexical, MiniLM, unit_vector
+from sidecar.cache.embed import Lexical, MiniLM, unit_vector
 from sidecar.errors import InvalidValue
-from sidecar.normalize import Normalizer
-from sidecar.verify import Mode, check
+from sidecar.text.normalize import Normalizer
+from sidecar.cache.verify import Mode, check
 
 # --- the verifier -------------------------------------------------------------------------
 

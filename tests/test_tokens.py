@@ -18,10 +18,10 @@ import tiktoken_oracle
 from gil import ticks_during
 from rawsock import Raw
 from sidecar import AsyncClient, Client
-from sidecar import tokens
+from sidecar.text import tokens
 from sidecar._native import tokens as native_tokens
 from sidecar.errors import InvalidValue, TokenizerUnavailable, UnknownEncoding
-from sidecar.protocol import Count, Ping, Pong
+from sidecar.wire.protocol import Count, Ping, Pong
 
 ENCODINGS = ["o200k_base", "cl100k_base"]
 SPECIALS = ["<|endoftext|>", "<|endofprompt|>"]

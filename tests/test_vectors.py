@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sidecar.errors import SidecarError, VectorIndexError, VectorInputError
-from sidecar.vectors import NO_KEY, Dtype, Tier, VectorIndex
+from sidecar.cache.vectors import NO_KEY, Dtype, Tier, VectorIndex
 
 DIM = 64
 SEED = 20260611

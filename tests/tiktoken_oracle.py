@@ -18,7 +18,7 @@ _cache = Path(tempfile.mkdtemp(prefix="tiktoken-cache-"))
 
 
 def get(name: str):
-    from sidecar.tokens import source_path
+    from sidecar.text.tokens import source_path
 
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
     target = _cache / hashlib.sha1(_URLS[name].encode()).hexdigest()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ._base import FALLBACK_ID, AsyncGuardedStream, GuardedClient, GuardedStream
 
 if TYPE_CHECKING:
-    from ..client import AsyncClient, Client
+    from ..client.sync import AsyncClient, Client
 
 __all__ = ["FALLBACK_ID", "AsyncGuardedStream", "GuardedClient", "GuardedStream",
            "guard_anthropic", "guard_openai"]

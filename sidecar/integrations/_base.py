@@ -18,11 +18,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import msgspec
 
-from .. import guard
-from ..client import AsyncClient, Client
+from ..client import guard
+from ..client.sync import AsyncClient, Client
 from ..errors import BudgetExhausted, Denied, SidecarError
-from ..guard import CallResult, Guarded
-from ..protocol import Attempt, BeginReply
+from ..client.guard import CallResult, Guarded
+from ..wire.protocol import Attempt, BeginReply
 
 #: a stream extends its lease each time its output passes the reservation by this much
 EXTEND_STEP = 64

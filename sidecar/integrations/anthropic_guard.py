@@ -13,8 +13,8 @@ from anthropic.types import (
     RawMessageDeltaEvent, RawMessageStartEvent, RawMessageStopEvent,
 )
 
-from ..client import AsyncClient, Client
-from ..guard import CallResult
+from ..client.sync import AsyncClient, Client
+from ..client.guard import CallResult
 from . import _base
 from ._base import FALLBACK_ID, Accumulator, Adapter, Delegate, GuardedClient
 

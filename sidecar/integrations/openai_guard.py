@@ -8,8 +8,8 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from ..client import AsyncClient, Client
-from ..guard import CallResult
+from ..client.sync import AsyncClient, Client
+from ..client.guard import CallResult
 from . import _base
 from ._base import FALLBACK_ID, Accumulator, Adapter, Delegate, GuardedClient
 

@@ -26,7 +26,7 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
-from .errors import ConfigError, InvalidValue
+from ..errors import ConfigError, InvalidValue
 
 log = logging.getLogger("sidecar.pricing")
 

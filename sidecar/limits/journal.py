@@ -32,7 +32,7 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from .errors import JournalError, Overloaded
+from ..errors import JournalError, Overloaded
 
 log = logging.getLogger("sidecar.journal")
 

@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._native import load
-from .errors import VectorIndexError, VectorInputError
+from .._native import load
+from ..errors import VectorIndexError, VectorInputError
 
 _native = load("vectors")
 

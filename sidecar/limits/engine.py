@@ -36,8 +36,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-from ._native import load
-from .errors import ConfigError
+from .._native import load
+from ..errors import ConfigError
 
 _native = load("window")
 

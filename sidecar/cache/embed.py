@@ -27,9 +27,9 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnxruntime
 
-from ._native import load
-from .errors import ConfigError, InvalidValue
-from .normalize import Normalizer
+from .._native import load
+from ..errors import ConfigError, InvalidValue
+from ..text.normalize import Normalizer
 
 _lexical = load("lexical")
 

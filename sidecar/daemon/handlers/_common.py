@@ -4,9 +4,9 @@ from __future__ import annotations
 import asyncio
 import math
 
-from ..errors import InvalidValue
-from ..limits import MICRO
-from ..protocol import MAX_USD, Reply
+from ...errors import InvalidValue
+from ...limits.engine import MICRO
+from ...wire.protocol import MAX_USD, Reply
 
 
 class Deferred:

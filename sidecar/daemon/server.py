@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Callable
 
 import msgspec
 
-from .framing import FrameReader, OversizeFrame, append_frame
-from .errors import RequestError
+from ..wire.framing import FrameReader, OversizeFrame, append_frame
+from ..errors import RequestError
 from .handlers import Deferred, Handlers
-from .metrics import MASK, OP_BOUNDS_NS, Metrics, OpMetrics
-from .peer import Peer, access, peer_of
-from .protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
-from .throttle import ThrottledLog
+from ..ledger.metrics import MASK, OP_BOUNDS_NS, Metrics, OpMetrics
+from ..wire.peer import Peer, access, peer_of
+from ..wire.protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
+from ..throttle import ThrottledLog
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
 
 log = logging.getLogger("sidecar.server")
 

@@ -18,9 +18,9 @@ from typing import Annotated, Any, Literal, Mapping
 
 import msgspec
 
-from .errors import ConfigError
-from .framing import DEFAULT_MAX_FRAME
-from .normalize import DEFAULT_FILLER_WORDS, canonical_filler_words
+from ..errors import ConfigError
+from ..wire.framing import DEFAULT_MAX_FRAME
+from ..text.normalize import DEFAULT_FILLER_WORDS, canonical_filler_words
 
 ENV_PREFIX = "LLM_SIDECAR_"
 KNOWN_ENCODINGS = ("o200k_base", "cl100k_base")
@@ -554,7 +554,7 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
             raise ConfigError(f"model prefix {prefix!r} maps to unknown encoding {encoding!r}",
                               source=origin.get(key, ""), key=key,
                               hint=f"known encodings: {', '.join(KNOWN_ENCODINGS)}")
-    from .limits import compile_rules
+    from ..limits.engine import compile_rules
 
     compile_rules(config.limits, "" if config.source == "defaults" else config.source)
     where = "" if config.source == "defaults" else config.source
@@ -571,7 +571,7 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
                               key=f"routes.{name}.models",
                               hint='models = [{model = "gpt-4o", provider = "openai"}]')
     if config.alerts.webhook:
-        from .alerts import check_webhook
+        from ..ledger.alerts import check_webhook
 
         try:
             check_webhook(config.alerts.webhook)

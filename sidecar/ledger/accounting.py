@@ -14,11 +14,11 @@ import os
 from typing import NamedTuple, Sequence
 
 from .alerts import Alerts
-from .ledger.costs import CostTracker
-from .ledger.records import RequestRecord
-from .ledger.requestlog import RequestLog
+from .costs import CostTracker
+from .records import RequestRecord
+from .requestlog import RequestLog
 from .metrics import Metrics
-from .protocol import Attempt, LogStats
+from ..wire.protocol import Attempt, LogStats
 
 MICRO = 1_000_000
 

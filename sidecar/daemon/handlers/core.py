@@ -21,34 +21,33 @@ from typing import Awaitable, Callable, Sequence, TypeVar, Union
 
 import msgspec
 
-from .. import __version__
-from .._native import MODULES as NATIVE_MODULES, load as load_native
-from ..accounting import Accounting, Begun
-from ..alerts import Alerts, Notifier
-from ..cache import Cache, RequestKey
-from ..cluster.quota import Cluster, Policy, Refusal, Shared
-from ..config import Config
-from ..ledger.costs import By, CostTracker, Tallies
-from ..ledger.requestlog import RequestLog
-from ..metrics import Exposition, Gauges, Metrics
-from ..normalize import Normalizer
-from ..errors import Forbidden, InvalidValue, JournalError, Overloaded
-from ..journal import Journal
-from ..limits import (
-    MICRO, NEED_AT, Decision, Denial, Engine, Estimate, Kind, shape_of, SettleResult, Spend, Subject, Usage, compile_rules,
-    encode_spend,
+from ... import __version__
+from ..._native import MODULES as NATIVE_MODULES, load as load_native
+from ...ledger.accounting import Accounting, Begun
+from ...ledger.alerts import Alerts, Notifier
+from ...cache.store import Cache, RequestKey
+from ...cluster.quota import Cluster, Policy, Refusal, Shared
+from ...config import Config
+from ...ledger.costs import By, CostTracker, Tallies
+from ...ledger.requestlog import RequestLog
+from ...ledger.metrics import Exposition, Gauges, Metrics
+from ...text.normalize import Normalizer
+from ...errors import Forbidden, InvalidValue, JournalError, Overloaded
+from ...limits.journal import Journal
+from ...limits.engine import (
+    MICRO, NEED_AT, Decision, Denial, Engine, Estimate, Kind, shape_of, SettleResult, Spend,
+    Subject, Usage, compile_rules, encode_spend,
 )
-from ..pricing import Price, PricingRegistry, Usage as PricedUsage
-from ..protocol import (
+from ...limits.pricing import Price, PricingRegistry, Usage as PricedUsage
+from ...wire.protocol import (
     OPS, PROTOCOL_VERSION, Admit, AdmitReply, Begin, BuildInfo, CacheGet, CacheGetReply,
-    CacheInvalidate, CacheInvalidateReply, CachePut, CachePutReply, Costs, CostsReply,
-    Count, CountReply, End, EndReply, Extend, Fingerprint, FingerprintReply, Hello,
-    HelloReply, Limits, LimitsReply, LimitUse, MetricsReply, MetricsText, Ping, Pong,
-    Release, ReleaseReply, Reply, Report, Request, Route, Settle, SettleReply, Stats,
-    StatsReply,
+    CacheInvalidate, CacheInvalidateReply, CachePut, CachePutReply, Costs, CostsReply, Count,
+    CountReply, End, EndReply, Extend, Fingerprint, FingerprintReply, Hello, HelloReply,
+    Limits, LimitsReply, LimitUse, MetricsReply, MetricsText, Ping, Pong, Release,
+    ReleaseReply, Reply, Report, Request, Route, Settle, SettleReply, Stats, StatsReply,
 )
-from ..routing import Router
-from ..tokens import ESTIMATE_ENCODING, Tokenizer, get_encoding
+from ...routing.router import Router
+from ...text.tokens import ESTIMATE_ENCODING, Tokenizer, get_encoding
 from ._common import Deferred, bounded_micro, wire_seconds
 from .calls import CallOps
 

@@ -21,8 +21,8 @@ import enum
 import logging
 from typing import NamedTuple, Sequence
 
-from .config import CircuitConfig, RouteConfig, RoutingConfig
-from .errors import InvalidValue
+from ..config import CircuitConfig, RouteConfig, RoutingConfig
+from ..errors import InvalidValue
 
 log = logging.getLogger("sidecar.routing")
 

@@ -22,19 +22,19 @@ from pathlib import Path
 
 import uvloop
 
-from . import config as config_mod
-from .cache import SnapshotError, write_snapshot
-from .config import Config
-from .alerts import Notifier
-from .errors import (
+from .. import config as config_mod
+from ..cache.store import SnapshotError, write_snapshot
+from ..config import Config
+from ..ledger.alerts import Notifier
+from ..errors import (
     ConfigError, DaemonStartError, JournalError, Overloaded, TokenizerUnavailable,
 )
 from .handlers import Handlers
-from .journal import Journal
-from .ledger.requestlog import RequestLog
-from .metrics import Exposition, Metrics
-from .peer import PRIVATE_DIR_PREFIX, private_dir_problem
-from .protocol import OPS
+from ..limits.journal import Journal
+from ..ledger.requestlog import RequestLog
+from ..ledger.metrics import Exposition, Metrics
+from ..wire.peer import PRIVATE_DIR_PREFIX, private_dir_problem
+from ..wire.protocol import OPS
 from .server import MetricsListener, Server
 
 log = logging.getLogger("sidecar.daemon")
@@ -194,8 +194,8 @@ class Daemon:
         cfg = config.cluster
         if not cfg.redis_url:
             return None
-        from .cluster import Cluster
-        from .cluster.store import RedisStore
+        from ..cluster import Cluster
+        from ..cluster.store import RedisStore
 
         store = RedisStore(cfg.redis_url, cluster=cfg.redis_cluster, timeout=cfg.timeout)
         return Cluster(store, name=cfg.name, lease_ttl=cfg.lease_ttl, heartbeat=cfg.heartbeat,

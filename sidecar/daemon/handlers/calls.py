@@ -14,17 +14,17 @@ import time
 from typing import Awaitable, NamedTuple
 import msgspec
 
-from ..accounting import Begun
-from ..cache import RequestKey, request_key
-from ..errors import InvalidValue
-from ..limits import MICRO, Decision, Denial, Estimate, Subject, Usage
-from ..pricing import Usage as PricedUsage
-from ..protocol import (
+from ...ledger.accounting import Begun
+from ...cache.store import RequestKey, request_key
+from ...errors import InvalidValue
+from ...limits.engine import MICRO, Decision, Denial, Estimate, Subject, Usage
+from ...limits.pricing import Usage as PricedUsage
+from ...wire.protocol import (
     NIL, Begin, BeginReply, CacheGetReply, CachePut, ChainModel, End, EndReply, Extend,
     ExtendReply, Report, ReportReply, Route, RouteReply,
 )
-from ..config import RouteConfig
-from ..routing import Chain, backoff_schedule, budget_fraction
+from ...config import RouteConfig
+from ...routing.router import Chain, backoff_schedule, budget_fraction
 from ._common import CACHE_FIELDS, Deferred, bounded_micro, wire_seconds
 
 class _Admitted(NamedTuple):

@@ -25,11 +25,11 @@ import random
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
-from .errors import AllAttemptsFailed, Denied
-from .protocol import Attempt, BeginReply, ChainModel
+from ..errors import AllAttemptsFailed, Denied
+from ..wire.protocol import Attempt, BeginReply, ChainModel
 
 if TYPE_CHECKING:
-    from .client import AsyncClient, Client
+    from .sync import AsyncClient, Client
 
 
 class CallResult(NamedTuple):
