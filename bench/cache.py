@@ -262,7 +262,7 @@ def overhead(report: Report, queries: np.ndarray, rounds: int) -> None:
             "usearch.compiled search_many, bare": lambda q: bare.search_many(q[None, :], 1,
                                                                              False, 1),
             "sidecar._native.vectors.Core.search": lambda q: core.search(q, 1),
-            "sidecar.vectors.VectorIndex.search": lambda q: ours.search(q, 1),
+            "sidecar.cache.vectors.VectorIndex.search": lambda q: ours.search(q, 1),
         }, queries, rounds)
     for name, (p50, p99) in t.items():
         report.rows.append(Row("overhead", name, 10_000, "f16", "random", p50, p99,

@@ -8,8 +8,8 @@ differ (a hit would be a wrong answer). An audit file beside it (``audit_neg.jso
 never copied.
 
 For each embedder the daemon offers (``minilm``, ``lexical``) and each verifier mode
-(``off``, ``cheap``, ``full``) it reports, with the daemon's own code (``sidecar.embed``,
-``sidecar.verify``): recall (share of label-1 pairs served) at <= 1% false hits (share
+(``off``, ``cheap``, ``full``) it reports, with the daemon's own code (``sidecar.cache.embed``,
+``sidecar.cache.verify``): recall (share of label-1 pairs served) at <= 1% false hits (share
 of label-0 pairs served) and the threshold that needs, chosen in this run on these pairs
 (so optimistic), and recall and false-hit rate at the daemon's configured default
 threshold (``sidecar.cache.DEFAULT_THRESHOLDS``, fixed in advance). A pair is served when

@@ -1,8 +1,8 @@
 """The floor: the least a uvloop server speaking the sidecar framing must do to answer a ping.
 
 ``python -m bench.floor SOCKET`` listens on SOCKET; per ``data_received`` it splits frames
-with ``sidecar.framing.FrameReader``, decodes each body with
-``sidecar.protocol.REQUEST_DECODER``, appends ``Pong(id=request.id)`` with ``append_frame``
+with ``sidecar.wire.framing.FrameReader``, decodes each body with
+``sidecar.wire.REQUEST_DECODER``, appends ``Pong(id=request.id)`` with ``append_frame``
 to one bytearray and writes it with one ``transport.write``. No metrics, no dispatch table,
 no error replies (an undecodable frame closes the connection); every request, whatever its
 op, is answered with a Pong. SIGTERM or SIGINT stops it, removes the socket, exits 0.
@@ -19,7 +19,7 @@ import msgspec
 import uvloop
 
 from sidecar.wire.framing import FrameReader, OversizeFrame, append_frame
-from sidecar.wire.protocol import REQUEST_DECODER, Pong
+from sidecar.wire import REQUEST_DECODER, Pong
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODE_ERRORS = (OversizeFrame, msgspec.DecodeError, msgspec.ValidationError)

@@ -121,11 +121,11 @@ def _accounting_cost(calls: int) -> float:
     accounting a call (cost tracker, metrics, alert checks, the record queued)."""
     from sidecar.ledger.accounting import Accounting, Begun
     from sidecar.ledger.alerts import Alerts
-    from sidecar.config import AlertsConfig
+    from sidecar.ledger.settings import AlertsConfig
     from sidecar.ledger import RequestLog
     from sidecar.ledger.costs import CostTracker
     from sidecar.ledger.metrics import Metrics
-    from sidecar.wire.protocol import OPS, Attempt
+    from sidecar.wire import OPS, Attempt
 
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-ledger-") as workdir:
         log = RequestLog(os.path.join(workdir, "requests.jsonl"), queue_max=1_000_000)

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import sidecar
 from sidecar import config as sidecar_config
 from sidecar.limits.engine import Engine, Estimate, Subject, Usage, compile_rules
-from sidecar.wire.protocol import Admit, Settle
+from sidecar.wire import Admit, Settle
 
 from .roundtrip import (ROUNDS, Placement, ServerProcess, _placements, _raise_on_sigterm,
                         host_meta, percentile, pin_process, split)

@@ -1,6 +1,6 @@
 """A minimal blocking ping client used against both servers, so they are compared like-with-like.
 
-It speaks only the framing: ``Ping`` frames encoded with ``sidecar.framing.append_frame``
+It speaks only the framing: ``Ping`` frames encoded with ``sidecar.wire.framing.append_frame``
 go out with one ``sendall``, replies are split with ``FrameReader`` and decoded with
 ``REPLY_DECODER``, and every reply's id is checked. No hello, no timeouts, no retries,
 no pooling: the socket is plain blocking, so a round trip costs one send and usually one
@@ -16,7 +16,7 @@ from collections import deque
 import msgspec
 
 from sidecar.wire.framing import FrameReader, append_frame
-from sidecar.wire.protocol import REPLY_DECODER, Ping, Pong
+from sidecar.wire import REPLY_DECODER, Ping, Pong
 
 _RECV_SIZE = 256 * 1024
 

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 import msgspec
 
 from sidecar.wire.framing import FrameReader
-from sidecar.wire.protocol import REPLY_DECODER, CountReply, Error, Pong
+from sidecar.wire import REPLY_DECODER, CountReply, Error, Pong
 
 from .roundtrip import ROUNDS, ServerProcess, _raise_on_sigterm, _versions, host_meta, percentile
 

@@ -1,7 +1,7 @@
 """``python -m bench tokens``: token-counting throughput and per-call latency.
 
 One run measures, on the same corpus (text files found on this machine plus constructed
-CJK, emoji, whitespace and number runs), our counter (``sidecar.tokens``), tiktoken, and
+CJK, emoji, whitespace and number runs), our counter (``sidecar.text.tokens``), tiktoken, and
 bpe-openai when installed, for o200k_base and cl100k_base: MB/s and tokens/s over the
 whole corpus (one call per document; best of several passes, so our piece cache is warm,
 plus one pass with a fresh cache), and p50/p99 microseconds per call for prompts of

@@ -14,7 +14,7 @@ is L2-normalised:
 Cosine similarity of two such vectors measures shared wording, never meaning: "buy a
 phone" and "purchase a telephone" score low. It serves near-duplicate detection (tests,
 minimal installs), not paraphrase matching. Deterministic across runs and machines.
-Imported only by ``sidecar.embed``.
+Imported only by ``sidecar.cache.embed``.
 """
 from libc.math cimport sqrt
 from libc.stdint cimport uint64_t

@@ -20,7 +20,7 @@ Spec version 1, applied to a Python ``str``:
 The fingerprint is XXH3-128 over the UTF-8 of the normalised text, seeded with the
 XXH3-64 of a descriptor naming the spec version, the Unicode version and the filler words,
 so keys made under different specs never collide by construction. Imported only by
-``sidecar.normalize``.
+``sidecar.text.normalize``.
 """
 import unicodedata
 
@@ -179,7 +179,7 @@ cdef class Normalizer:
     """Normaliser for one spec: version 1 with a fixed tuple of filler words.
 
     ``filler_words`` must already be in normalised form (lower case, one word each);
-    ``sidecar.normalize`` validates them before they get here.
+    ``sidecar.text.normalize`` validates them before they get here.
     """
     cdef Word* _fillers
     cdef Py_ssize_t _nfillers

@@ -15,7 +15,7 @@ byte-pair merge does. Only counts are produced, never ids, which allows:
 ``RankTable`` is the compact read-only form of the merge ranks (one contiguous buffer:
 offsets by rank, an open-addressing XXH3 hash of token bytes -> rank, the token bytes),
 built once from the ``.tiktoken`` file and then adopted zero-copy from an mmap of the
-on-disk cache. Imported only by ``sidecar.tokens``.
+on-disk cache. Imported only by ``sidecar.text.tokens``.
 """
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.mem cimport PyMem_Malloc, PyMem_Free

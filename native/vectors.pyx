@@ -22,7 +22,7 @@ vectors so a search waits for at most one chunk). The rebuild at the threshold r
 copy of the matrix with neither lock blocking searches, which go on exact until the
 finished index is swapped in.
 
-Inputs arrive validated by ``sidecar.vectors`` (shape, dtype, contiguity, dimension);
+Inputs arrive validated by ``sidecar.cache.vectors`` (shape, dtype, contiguity, dimension);
 errors of USearch propagate as raised and are converted there. No I/O but ``save``/
 ``load`` of one file, no clocks.
 """
@@ -47,7 +47,7 @@ import numpy as np
 import onnxruntime  # noqa: F401  (imported for its load order only)
 from usearch import compiled as _us
 
-# Scalar codes shared with sidecar.vectors (its Dtype enum maps to these numbers).
+# Scalar codes shared with sidecar.cache.vectors (its Dtype enum maps to these numbers).
 cdef enum:
     S_F32 = 0
     S_F16 = 1
@@ -90,7 +90,7 @@ def _dedupe_last(keys, vectors):
 
 @cython.final
 cdef class Core:
-    """The compiled index; ``sidecar.vectors.VectorIndex`` is its public face."""
+    """The compiled index; ``sidecar.cache.vectors.VectorIndex`` is its public face."""
 
     cdef readonly int dim
     cdef readonly int scalar

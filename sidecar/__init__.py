@@ -4,9 +4,8 @@ Applications talk to the daemon over a Unix socket through ``Client`` (blocking)
 ``AsyncClient`` (asyncio); every exception they raise derives from
 ``sidecar.errors.SidecarError``.
 """
-__version__ = "0.1.0"
-
-from .client.sync import AsyncClient, Client  # noqa: E402
-from .client.guard import CallResult, Guarded  # noqa: E402
+from .client.guard import CallResult, Guarded
+from .client.sync import AsyncClient, Client
+from .version import __version__
 
 __all__ = ["AsyncClient", "CallResult", "Client", "Guarded", "__version__"]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import msgspec
 
-from . import __version__
+from .version import __version__
 from . import config as config_mod
 from .errors import (
     BadRequest, ConfigError, DaemonStartError, SidecarError, SidecarTimeout,
@@ -29,7 +29,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .client.sync import Client
-    from .wire.protocol import CostsReply, CostTotals, StatsReply
+    from .wire import CostsReply, CostTotals, StatsReply
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
 

@@ -6,7 +6,7 @@ miss) are values. Wire errors arrive as ``protocol.Error`` replies and are turne
 """
 from __future__ import annotations
 
-from .wire.protocol import ErrorCode
+from .wire import ErrorCode
 
 
 class SidecarError(Exception):
@@ -29,7 +29,7 @@ class SidecarUnavailable(SidecarError, ConnectionError):
 class UntrustedSocket(SidecarUnavailable):
     """What answers on the socket is not a daemon this client trusts: its per-user
     directory or the process listening there belongs to another user (see
-    ``sidecar.peer``). Nothing was sent to it."""
+    ``sidecar.wire.peer``). Nothing was sent to it."""
 
     def __init__(self, path: str, reason: str) -> None:
         self.path = path
@@ -172,7 +172,7 @@ class DaemonStartError(SidecarError):
 
 
 class GuardError(SidecarError):
-    """A guarded call could not be made (``sidecar.guard``)."""
+    """A guarded call could not be made (``sidecar.client.guard``)."""
 
 
 class Denied(GuardError):

@@ -4,4 +4,4 @@ and this module is that same module object."""
 import importlib
 import sys
 
-sys.modules[__name__] = importlib.import_module("sidecar.wire.protocol")
+sys.modules[__name__] = importlib.import_module("sidecar.wire")

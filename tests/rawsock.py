@@ -7,7 +7,7 @@ import socket
 import msgspec
 
 from sidecar.wire.framing import FrameReader
-from sidecar.wire.protocol import REPLY_DECODER, Reply
+from sidecar.wire import REPLY_DECODER, Reply
 
 
 class Raw:

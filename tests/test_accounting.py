@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import Client
-from sidecar.wire.protocol import Attempt
+from sidecar.wire import Attempt
 
 pytestmark = pytest.mark.timeout(60)
 

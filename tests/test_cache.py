@@ -11,7 +11,7 @@ from sidecar import config as config_mod
 from sidecar.cache.store import Cache, SnapshotError, decode_snapshot, request_key
 from sidecar.errors import InvalidValue
 from sidecar.text.normalize import Normalizer
-from sidecar.wire.protocol import CacheGet, CacheInvalidate, CachePut  # noqa: F401
+from sidecar.wire import CacheGet, CacheInvalidate, CachePut  # noqa: F401
 
 NORM = Normalizer()
 HOUR = 3600.0

@@ -14,7 +14,7 @@ from clirun import cli
 from conftest import wait_for
 from rawsock import Raw
 from sidecar import AsyncClient, Client
-from sidecar.wire.protocol import Error, ErrorCode, Pong, StatsReply
+from sidecar.wire import Error, ErrorCode, Pong, StatsReply
 
 IDLE = "[server]\nidle_timeout = 0.3\n"
 

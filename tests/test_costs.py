@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from sidecar.ledger.alerts import Alerts, Kind
-from sidecar.config import AlertsConfig
+from sidecar.ledger.settings import AlertsConfig
 from sidecar.ledger.costs import OTHER, By, CostTracker, Tallies
 
 # 2026-11-23 10:15:00 UTC, a Monday

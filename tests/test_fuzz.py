@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import Daemon
 from rawsock import Raw
 from sidecar import Client
-from sidecar.wire.protocol import REQUEST_TYPES, Error, ErrorCode
+from sidecar.wire import REQUEST_TYPES, Error, ErrorCode
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -106,7 +106,7 @@ def test_end_reports_attempts_only_for_a_lease_it_holds(daemon):
     """A forged end (unknown lease) must not move a circuit; a resent end counts once."""
     failed = [{"model": "gpt-4o", "ok": False, "status": 500}] * 5
     with Client(daemon.path) as c:
-        from sidecar.wire.protocol import Attempt
+        from sidecar.wire import Attempt
         attempts = [Attempt(**a) for a in failed]
         r = c.end("f00dfeed-" + "0" * 32, attempts=attempts)
         assert not r.found

@@ -16,7 +16,7 @@ from clirun import cli, cli_argv, cli_env
 from conftest import wait_for
 from rawsock import Raw
 from sidecar import Client
-from sidecar.wire.protocol import Pong
+from sidecar.wire import Pong
 
 
 def test_default_socket_mode_and_clean_exit(daemon):

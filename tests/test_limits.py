@@ -12,7 +12,7 @@ from sidecar import Client
 from sidecar import config as config_mod
 from sidecar._native.window import SlidingWindow
 from sidecar.errors import ConfigError
-from sidecar.wire.protocol import Admit
+from sidecar.wire import Admit
 from sidecar.limits.engine import (
     Engine, Estimate, Kind, Subject, Usage, compile_rules, parse_rule,
 )

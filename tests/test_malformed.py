@@ -10,7 +10,7 @@ import pytest
 
 from rawsock import Raw
 from sidecar import Client
-from sidecar.wire.protocol import Error, ErrorCode, Pong
+from sidecar.wire import Error, ErrorCode, Pong
 
 SEED = int(os.environ.get("LLM_SIDECAR_TEST_SEED", "20261123"))
 

@@ -8,7 +8,7 @@ import sidecar._native
 from sidecar import AsyncClient, Client
 from sidecar.errors import FrameTooLarge, SidecarTimeout, SidecarUnavailable
 from sidecar.text.normalize import Normalizer
-from sidecar.wire.protocol import (
+from sidecar.wire import (
     OPS, PROTOCOL_VERSION, Fingerprint, FingerprintReply, HelloReply, Ping, Pong, StatsReply,
 )
 

@@ -11,8 +11,8 @@ import psutil
 from sidecar import Client
 from sidecar.cli import render_stats
 from sidecar.ledger.metrics import Exposition, Gauges, Metrics
-from sidecar.periodic import TaskFailures
-from sidecar.wire.protocol import OPS, Admit
+from sidecar.failures import TaskFailures
+from sidecar.wire import OPS, Admit
 
 
 def test_a_failing_task_is_counted_and_logged_once_a_minute(caplog):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import AsyncClient, Client
-from sidecar.config import client_socket_path
+from sidecar.wire.address import client_socket_path
 from sidecar.errors import SidecarTimeout, SidecarUnavailable, UntrustedSocket
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,

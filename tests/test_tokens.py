@@ -21,7 +21,7 @@ from sidecar import AsyncClient, Client
 from sidecar.text import tokens
 from sidecar._native import tokens as native_tokens
 from sidecar.errors import InvalidValue, TokenizerUnavailable, UnknownEncoding
-from sidecar.wire.protocol import Count, Ping, Pong
+from sidecar.wire import Count, Ping, Pong
 
 ENCODINGS = ["o200k_base", "cl100k_base"]
 SPECIALS = ["<|endoftext|>", "<|endofprompt|>"]

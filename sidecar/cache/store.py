@@ -36,13 +36,13 @@ from typing import Callable, Coroutine, Iterable, NamedTuple
 import msgspec
 import numpy as np
 
-from ..config import CacheConfig, SemanticConfig
+from .settings import CacheConfig, SemanticConfig
 from .embed import BATCH, Embedder, client_space, make_embedder, unit_vector
 from ..errors import InvalidValue
 from ..text.normalize import Normalizer
 from .vectors import VectorIndex
 from .verify import Mode, Verifier
-from ..wire.protocol import (
+from ..wire import (
     CacheGet, CacheGetReply, CacheInvalidate, CachePut, CachePutReply, CacheRequest,
     CacheStats, TierStats,
 )

@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
 from ..errors import AllAttemptsFailed, Denied
-from ..wire.protocol import Attempt, BeginReply, ChainModel
+from ..wire import Attempt, BeginReply, ChainModel
 
 if TYPE_CHECKING:
     from .sync import AsyncClient, Client

@@ -23,17 +23,17 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import msgspec
 
-from .. import __version__
+from ..version import __version__
 from . import guard
 from .guard import CallResult, Guarded
-from ..config import client_socket_path
+from ..wire.address import client_socket_path
 from ..errors import (
     FrameTooLarge, ProtocolError, SidecarTimeout, SidecarUnavailable, UntrustedSocket,
     error_from_reply,
 )
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame, append_frame
 from ..wire.peer import daemon_problem
-from ..wire.protocol import (
+from ..wire import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePut, CachePutReply, ChainModel, Costs, CostsReply,
     Count, CountReply, End, EndReply, Error, Extend, ExtendReply, Fingerprint,

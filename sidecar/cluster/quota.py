@@ -31,7 +31,7 @@ import os
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 from ..errors import StoreUnavailable
-from ..wire.protocol import ClusterStats
+from ..wire import ClusterStats
 
 if TYPE_CHECKING:  # the store imports redis: loaded only in cluster mode
     from .store import Call, RedisStore

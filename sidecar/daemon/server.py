@@ -16,6 +16,7 @@ import array
 import asyncio
 import fcntl
 import logging
+import os
 import socket
 import termios
 import time
@@ -28,16 +29,32 @@ from ..wire.framing import FrameReader, OversizeFrame, append_frame
 from ..errors import RequestError
 from .handlers import Deferred, Handlers
 from ..ledger.metrics import MASK, OP_BOUNDS_NS, Metrics, OpMetrics
-from ..wire.peer import Peer, access, peer_of
-from ..wire.protocol import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
-from ..throttle import ThrottledLog
+from ..wire.peer import HasSockopt, Peer, groups_of, peer_of
+from ..wire import ENVELOPE_DECODER, OPS, REQUEST_DECODER, Error, ErrorCode
+from ..failures import ThrottledLog
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..config.root import AccessConfig
 
 log = logging.getLogger("sidecar.server")
 
 _WRITE_HIGH_WATER = 1 << 20
+
+
+def _access(rules: AccessConfig, peer: Peer, sock: HasSockopt) -> bool | None:
+    """What ``[server.access]`` grants ``peer``: True (operator), False (app) or None
+    (nothing: the connection is refused). Root and the daemon's own uid are operators."""
+    groups: frozenset[int] = frozenset()
+    if rules.operator_gids or rules.app_gids:
+        groups = groups_of(sock) | {peer.gid}
+    if (peer.uid in (0, os.getuid()) or peer.uid in rules.operator_uids
+            or not groups.isdisjoint(rules.operator_gids)):
+        return True
+    if (not (rules.app_uids or rules.app_gids) or peer.uid in rules.app_uids
+            or not groups.isdisjoint(rules.app_gids)):
+        return False
+    return None
 
 
 def _classify(body: memoryview, exc: Exception) -> tuple[Error, str]:
@@ -134,7 +151,7 @@ class Connection(asyncio.Protocol):
                         f"pid {peer.pid} already holds {cfg.max_connections_per_pid} "
                         "connections (server.max_connections_per_pid); close idle ones")
             return
-        granted = access(cfg.access, peer, transport.get_extra_info("socket"))
+        granted = _access(cfg.access, peer, transport.get_extra_info("socket"))
         if granted is None:
             self.abort(ErrorCode.FORBIDDEN,
                        f"uid {peer.uid} (gid {peer.gid}) may not use this daemon: it is in "

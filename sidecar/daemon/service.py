@@ -34,7 +34,7 @@ from ..limits.journal import Journal
 from ..ledger.requestlog import RequestLog
 from ..ledger.metrics import Exposition, Metrics
 from ..wire.peer import PRIVATE_DIR_PREFIX, private_dir_problem
-from ..wire.protocol import OPS
+from ..wire import OPS
 from .server import MetricsListener, Server
 
 log = logging.getLogger("sidecar.daemon")

@@ -3,7 +3,7 @@
 A provider module (``openai_guard``, ``anthropic_guard``) supplies an ``Adapter``: how a
 request becomes guard fields, how a response becomes a ``CallResult``, how a cached or
 fallback answer becomes the SDK's own type, and how a stream is accumulated and replayed.
-This module runs the policy of ``sidecar.guard`` around the SDK call, blocking or asyncio;
+This module runs the policy of ``sidecar.client.guard`` around the SDK call, blocking or asyncio;
 streamed calls get the same policy up to their first chunk and then grow their lease with
 ``extend`` as the answer outgrows the reserved output.
 """
@@ -22,7 +22,7 @@ from ..client import guard
 from ..client.sync import AsyncClient, Client
 from ..errors import BudgetExhausted, Denied, SidecarError
 from ..client.guard import CallResult, Guarded
-from ..wire.protocol import Attempt, BeginReply
+from ..wire import Attempt, BeginReply
 
 #: a stream extends its lease each time its output passes the reservation by this much
 EXTEND_STEP = 64

@@ -18,7 +18,7 @@ from .costs import CostTracker
 from .records import RequestRecord
 from .requestlog import RequestLog
 from .metrics import Metrics
-from ..wire.protocol import Attempt, LogStats
+from ..wire import Attempt, LogStats
 
 MICRO = 1_000_000
 

@@ -36,10 +36,10 @@ from typing import Any, NamedTuple, Sequence
 import msgspec
 import orjson
 
-from ..config import AlertsConfig
+from .settings import AlertsConfig
 from ..errors import ConfigError
-from ..wire.protocol import AlertInfo
-from ..throttle import ThrottledLog
+from ..wire import AlertInfo
+from ..failures import ThrottledLog
 
 log = logging.getLogger("sidecar.alerts")
 

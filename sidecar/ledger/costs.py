@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from ..wire.protocol import CostGroup, CostPeriod, CostTotals
+from ..wire import CostGroup, CostPeriod, CostTotals
 
 #: Stands for the users beyond ``max_rows`` (never a real user id: ids are not empty
 #: and this one is not printable as one).

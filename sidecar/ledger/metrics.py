@@ -23,8 +23,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
-from ..periodic import TaskFailures
-from ..wire.protocol import ClusterStats, ErrorCode, LatencyStats, OpStats
+from ..failures import TaskFailures
+from ..wire import ClusterStats, ErrorCode, LatencyStats, OpStats
 
 #: Samples kept per histogram for percentiles (a power of two: ring index ``n & MASK``).
 WINDOW = 4096

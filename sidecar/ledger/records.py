@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import msgspec
 
-from ..wire.protocol import Attempt
+from ..wire import Attempt
 
 #: ``gen_ai.operation.name`` of every call the sidecar guards.
 OPERATION = "chat"

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from ..throttle import ThrottledLog
+from ..failures import ThrottledLog
 
 log = logging.getLogger("sidecar.ledger")
 

@@ -26,9 +26,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
-from .. import config as config_mod
 from .._native import load
 from ..errors import InvalidValue, TokenizerUnavailable, UnknownEncoding
+from .settings import DEFAULT_ESTIMATE_RATIOS, DEFAULT_MODEL_ENCODINGS, KNOWN_ENCODINGS
 
 _native = load("tokens")
 log = logging.getLogger("sidecar.tokens")
@@ -60,7 +60,7 @@ ENCODINGS: dict[str, EncodingSpec] = {
         False,
     ),
 }
-assert tuple(ENCODINGS) == config_mod.KNOWN_ENCODINGS
+assert tuple(ENCODINGS) == KNOWN_ENCODINGS
 ESTIMATE_ENCODING = "o200k_base"
 
 
@@ -118,13 +118,23 @@ def _convert(name: str, raw: bytes, digest: bytes) -> bytes:
     return bytes(table)
 
 
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where derived files (compiled rank tables) are cached: systemd's CACHE_DIRECTORY,
+    else ``$XDG_CACHE_HOME/llm-sidecar``, else ``~/.cache/llm-sidecar``."""
+    env = os.environ if env is None else env
+    if env.get("CACHE_DIRECTORY"):
+        return Path(env["CACHE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llm-sidecar"
+
+
 def load_rank_table(name: str, cache: Path | None = None) -> Any:
     """Map the cached rank table of ``name``, converting (and caching) it when the cache
     is missing, unreadable or made from other source bytes."""
     path = source_path(name)
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).digest()
-    cache = config_mod.cache_dir() if cache is None else cache
+    cache = cache_dir() if cache is None else cache
     cached = cache / f"{name}-{ENCODINGS[name].sha256[:16]}.ranks"
     try:
         with open(cached, "rb") as f:
@@ -223,8 +233,8 @@ class Tokenizer:
 
     def __init__(self, models: Mapping[str, str] | None = None,
                  estimate_ratios: Mapping[str, float] | None = None) -> None:
-        self.models = dict(config_mod.DEFAULT_MODEL_ENCODINGS if models is None else models)
-        self.estimate_ratios = dict(config_mod.DEFAULT_ESTIMATE_RATIOS
+        self.models = dict(DEFAULT_MODEL_ENCODINGS if models is None else models)
+        self.estimate_ratios = dict(DEFAULT_ESTIMATE_RATIOS
                                     if estimate_ratios is None else estimate_ratios)
         self._resolved: dict[str, tuple[str, float]] = {}  # model -> resolve(model)
 

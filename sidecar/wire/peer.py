@@ -13,10 +13,7 @@ import socket
 import stat
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol
-
-if TYPE_CHECKING:
-    from ..config import AccessConfig
+from typing import NamedTuple, Protocol
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux's value; Python lacks it
@@ -32,17 +29,17 @@ class Peer(NamedTuple):
     gid: int
 
 
-class _HasSockopt(Protocol):  # socket.socket, asyncio's TransportSocket, uvloop's
+class HasSockopt(Protocol):  # socket.socket, asyncio's TransportSocket, uvloop's
     def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
 
 
-def peer_of(sock: _HasSockopt) -> Peer:
+def peer_of(sock: HasSockopt) -> Peer:
     """The peer of a connected Unix socket (raises ``OSError`` for other sockets)."""
     return Peer._make(_UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
 
 
-def groups_of(sock: _HasSockopt) -> frozenset[int]:
+def groups_of(sock: HasSockopt) -> frozenset[int]:
     """Every group of the peer: its gid at connect time and, where the kernel tells
     (``SO_PEERGROUPS``, Linux 4.13+), its supplementary groups."""
     try:
@@ -50,21 +47,6 @@ def groups_of(sock: _HasSockopt) -> frozenset[int]:
     except OSError:  # an older kernel, or more than 256 groups: the primary gid only
         return frozenset()
     return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
-
-
-def access(rules: AccessConfig, peer: Peer, sock: _HasSockopt) -> bool | None:
-    """What ``[server.access]`` grants ``peer``: True (operator), False (app) or None
-    (nothing: the connection is refused). Root and the daemon's own uid are operators."""
-    groups: frozenset[int] = frozenset()
-    if rules.operator_gids or rules.app_gids:
-        groups = groups_of(sock) | {peer.gid}
-    if (peer.uid in (0, os.getuid()) or peer.uid in rules.operator_uids
-            or not groups.isdisjoint(rules.operator_gids)):
-        return True
-    if (not (rules.app_uids or rules.app_gids) or peer.uid in rules.app_uids
-            or not groups.isdisjoint(rules.app_gids)):
-        return False
-    return None
 
 
 def private_dir_problem(directory: Path) -> str | None:
@@ -104,7 +86,7 @@ def trusted_uids(path: str, expected_uid: int | None) -> frozenset[int]:
     return frozenset(uids)
 
 
-def daemon_problem(sock: _HasSockopt, path: str, expected_uid: int | None) -> str | None:
+def daemon_problem(sock: HasSockopt, path: str, expected_uid: int | None) -> str | None:
     """Why a client must not talk to what it reached at ``path``, or None. Checked right
     after ``connect()``, before the first byte is sent."""
     try:

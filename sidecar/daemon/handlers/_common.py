@@ -6,7 +6,7 @@ import math
 
 from ...errors import InvalidValue
 from ...limits.engine import MICRO
-from ...wire.protocol import MAX_USD, Reply
+from ...wire import MAX_USD, Reply
 
 
 class Deferred:

@@ -19,11 +19,11 @@ from ...cache.store import RequestKey, request_key
 from ...errors import InvalidValue
 from ...limits.engine import MICRO, Decision, Denial, Estimate, Subject, Usage
 from ...limits.pricing import Usage as PricedUsage
-from ...wire.protocol import (
+from ...wire import (
     NIL, Begin, BeginReply, CacheGetReply, CachePut, ChainModel, End, EndReply, Extend,
     ExtendReply, Report, ReportReply, Route, RouteReply,
 )
-from ...config import RouteConfig
+from ...routing.settings import RouteConfig
 from ...routing.router import Chain, backoff_schedule, budget_fraction
 from ._common import CACHE_FIELDS, Deferred, bounded_micro, wire_seconds
 

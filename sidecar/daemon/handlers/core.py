@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Sequence, TypeVar, Union
 
 import msgspec
 
-from ... import __version__
+from ...version import __version__
 from ..._native import MODULES as NATIVE_MODULES, load as load_native
 from ...ledger.accounting import Accounting, Begun
 from ...ledger.alerts import Alerts, Notifier
@@ -39,7 +39,7 @@ from ...limits.engine import (
     Subject, Usage, compile_rules, encode_spend,
 )
 from ...limits.pricing import Price, PricingRegistry, Usage as PricedUsage
-from ...wire.protocol import (
+from ...wire import (
     OPS, PROTOCOL_VERSION, Admit, AdmitReply, Begin, BuildInfo, CacheGet, CacheGetReply,
     CacheInvalidate, CacheInvalidateReply, CachePut, CachePutReply, Costs, CostsReply, Count,
     CountReply, End, EndReply, Extend, Fingerprint, FingerprintReply, Hello, HelloReply,
