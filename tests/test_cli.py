@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clirun import cli, cli_argv, cli_env
 from sidecar import Client
-from sidecar.cli import _table, parse_when
+from sidecar.cli import parse_when
+from sidecar.cli.render import _table
 from sidecar.wire import Attempt
 
 pytestmark = pytest.mark.timeout(60)

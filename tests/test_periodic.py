@@ -9,7 +9,7 @@ import msgspec
 import psutil
 
 from sidecar import Client
-from sidecar.cli import render_stats
+from sidecar.cli.render import render_stats
 from sidecar.ledger.metrics import Exposition, Gauges, Metrics
 from sidecar.failures import TaskFailures
 from sidecar.wire import OPS, Admit

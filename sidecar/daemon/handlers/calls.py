@@ -3,9 +3,10 @@ one round trip), ``end`` (report the attempts, settle, account, store the answer
 ``extend``, ``route`` and ``report``.
 
 ``CallOps`` is one part of ``Handlers``: the components it uses (engine, cache, router,
-pricing, accounting) and the limits steps it shares with ``admit`` and ``settle``
-(``_estimate``, ``_observe``, ``_settle``, ``_durably``) belong to ``Handlers``, which
-mixes it in; it lives here so that each file holds one concern.
+pricing, accounting) belong to ``Handlers``, which mixes it in, and the limits steps it
+shares with ``admit`` and ``settle`` (``_estimate``, ``_observe``, ``_settle``,
+``_durably``) to ``LimitOps`` (``limits``); it lives here so that each file holds one
+concern.
 """
 from __future__ import annotations
 
