@@ -6,7 +6,8 @@ Applications talk to the daemon over a Unix socket through ``Client`` (blocking)
 """
 __version__ = "0.1.0"
 
-from .client.sync import AsyncClient, Client  # noqa: E402
+from .client.aio import AsyncClient  # noqa: E402
+from .client.sync import Client  # noqa: E402
 from .client.guard import CallResult, Guarded  # noqa: E402
 
 __all__ = ["AsyncClient", "CallResult", "Client", "Guarded", "__version__"]

@@ -25,7 +25,8 @@ from ... import __version__
 from ..._native import MODULES as NATIVE_MODULES, load as load_native
 from ...ledger.accounting import Accounting, Begun
 from ...ledger.alerts import Alerts, Notifier
-from ...cache.store import Cache, RequestKey
+from ...cache.keys import RequestKey
+from ...cache.store import Cache
 from ...cluster.quota import Cluster, Policy, Refusal, Shared
 from ...config import Config
 from ...ledger.costs import By, CostTracker, Tallies
