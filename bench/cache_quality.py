@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sidecar.cache.store import DEFAULT_THRESHOLDS
+from sidecar.cache.semantic import DEFAULT_THRESHOLDS
 from sidecar.cache.embed import make_embedder
 from sidecar.text.normalize import Normalizer
 from sidecar.cache.verify import Mode, check

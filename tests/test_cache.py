@@ -8,7 +8,9 @@ from hypothesis import given, settings, strategies as st
 
 from sidecar import Client
 from sidecar import config as config_mod
-from sidecar.cache.store import Cache, SnapshotError, decode_snapshot, request_key
+from sidecar.cache.keys import request_key
+from sidecar.cache.snapshot import SnapshotError, decode_snapshot
+from sidecar.cache.store import Cache
 from sidecar.errors import InvalidValue
 from sidecar.text.normalize import Normalizer
 from sidecar.wire import CacheGet, CacheInvalidate, CachePut  # noqa: F401

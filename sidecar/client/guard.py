@@ -23,13 +23,31 @@ import asyncio
 import email.utils
 import random
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
+from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
 from ..errors import AllAttemptsFailed, Denied
-from ..wire import Attempt, BeginReply, ChainModel
+from ..wire import Attempt, BeginReply, CacheGetReply, ChainModel, EndReply
 
-if TYPE_CHECKING:
-    from .sync import AsyncClient, Client
+
+class GuardClient(Protocol):
+    """What ``run`` needs of a blocking client (``Client``, or a view of one): the guard
+    depends on these three calls, not on a client class."""
+
+    def begin(self, **fields: Any) -> BeginReply: ...
+
+    def end(self, lease: str, **fields: Any) -> EndReply: ...
+
+    def cache_get(self, **fields: Any) -> CacheGetReply: ...
+
+
+class AsyncGuardClient(Protocol):
+    """``GuardClient`` for ``arun``: the same calls as coroutines (``AsyncClient``)."""
+
+    async def begin(self, **fields: Any) -> BeginReply: ...
+
+    async def end(self, lease: str, **fields: Any) -> EndReply: ...
+
+    async def cache_get(self, **fields: Any) -> CacheGetReply: ...
 
 
 class CallResult(NamedTuple):
@@ -208,7 +226,7 @@ def cache_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(client: Client, call: Callable[[ChainModel, float], CallResult], *,
+def run(client: GuardClient, call: Callable[[ChainModel, float], CallResult], *,
         classify_: Callable[[BaseException], Failure] = classify,
         rng: random.Random | None = None, **fields: Any) -> Guarded:
     """The blocking guarded call (see the module docstring)."""
@@ -236,8 +254,9 @@ def run(client: Client, call: Callable[[ChainModel, float], CallResult], *,
     return fallback_or_raise(stale, b, plan.attempts)
 
 
-async def arun(client: AsyncClient, call: Callable[[ChainModel, float], Awaitable[CallResult]],
-               *, classify_: Callable[[BaseException], Failure] = classify,
+async def arun(client: AsyncGuardClient,
+               call: Callable[[ChainModel, float], Awaitable[CallResult]], *,
+               classify_: Callable[[BaseException], Failure] = classify,
                rng: random.Random | None = None, **fields: Any) -> Guarded:
     """``run`` for asyncio: ``call`` is a coroutine function."""
     b = await client.begin(**fields)

@@ -23,7 +23,7 @@ from pathlib import Path
 import uvloop
 
 from .. import config as config_mod
-from ..cache.store import SnapshotError, write_snapshot
+from ..cache.snapshot import SnapshotError, write_snapshot
 from ..config import Config
 from ..ledger.alerts import Notifier
 from ..errors import (

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from ._base import FALLBACK_ID, AsyncGuardedStream, GuardedClient, GuardedStream
 
 if TYPE_CHECKING:
-    from ..client.sync import AsyncClient, Client
+    from ..client.aio import AsyncClient
+    from ..client.sync import Client
 
 __all__ = ["FALLBACK_ID", "AsyncGuardedStream", "GuardedClient", "GuardedStream",
            "guard_anthropic", "guard_openai"]

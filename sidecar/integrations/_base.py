@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 import msgspec
 
 from ..client import guard
-from ..client.sync import AsyncClient, Client
+from ..client.aio import AsyncClient
+from ..client.sync import Client
 from ..errors import BudgetExhausted, Denied, SidecarError
 from ..client.guard import CallResult, Guarded
 from ..wire import Attempt, BeginReply

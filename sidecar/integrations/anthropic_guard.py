@@ -13,7 +13,8 @@ from anthropic.types import (
     RawMessageDeltaEvent, RawMessageStartEvent, RawMessageStopEvent,
 )
 
-from ..client.sync import AsyncClient, Client
+from ..client.aio import AsyncClient
+from ..client.sync import Client
 from ..client.guard import CallResult
 from . import _base
 from ._base import FALLBACK_ID, Accumulator, Adapter, Delegate, GuardedClient

@@ -8,7 +8,8 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from ..client.sync import AsyncClient, Client
+from ..client.aio import AsyncClient
+from ..client.sync import Client
 from ..client.guard import CallResult
 from . import _base
 from ._base import FALLBACK_ID, Accumulator, Adapter, Delegate, GuardedClient

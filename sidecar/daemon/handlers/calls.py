@@ -16,7 +16,7 @@ from typing import Awaitable, NamedTuple
 import msgspec
 
 from ...ledger.accounting import Begun
-from ...cache.store import RequestKey, request_key
+from ...cache.keys import RequestKey, request_key
 from ...errors import InvalidValue
 from ...limits.engine import MICRO, Decision, Denial, Estimate, Subject, Usage
 from ...limits.pricing import Usage as PricedUsage

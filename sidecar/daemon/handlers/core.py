@@ -25,7 +25,8 @@ from ...version import __version__
 from ..._native import MODULES as NATIVE_MODULES, load as load_native
 from ...ledger.accounting import Accounting, Begun
 from ...ledger.alerts import Alerts, Notifier
-from ...cache.store import Cache, RequestKey
+from ...cache.store import Cache
+from ...cache.keys import RequestKey
 from ...cluster.quota import Cluster
 from ...config import Config
 from ...ledger.costs import By, CostTracker
