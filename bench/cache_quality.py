@@ -12,7 +12,7 @@ For each embedder the daemon offers (``minilm``, ``lexical``) and each verifier 
 ``sidecar.cache.verify``): recall (share of label-1 pairs served) at <= 1% false hits (share
 of label-0 pairs served) and the threshold that needs, chosen in this run on these pairs
 (so optimistic), and recall and false-hit rate at the daemon's configured default
-threshold (``sidecar.cache.DEFAULT_THRESHOLDS``, fixed in advance). A pair is served when
+threshold (``sidecar.cache.semantic.DEFAULT_THRESHOLDS``, fixed in advance). A pair is served when
 its cosine similarity reaches the threshold and the verifier finds no reason against it
 (question ``a`` asked, ``b`` cached).
 """

@@ -1,6 +1,6 @@
 """The semantic tier (``SemanticTier``): the entries of semantic kinds indexed by the
 embedding of their last user turn, one vector index per scope; a hit needs the similarity
-threshold and the pair verifier's consent (``sidecar.verify``). Its embedding and index
+threshold and the pair verifier's consent (``sidecar.cache.verify``). Its embedding and index
 work runs on its own threads.
 """
 from __future__ import annotations

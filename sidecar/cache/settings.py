@@ -39,7 +39,7 @@ class SemanticConfig(Section):
     #: words only) or "off"
     verifier: Literal["full", "cheap", "off"] = "full"
     #: cosine similarity a hit needs; unset = the measured default for the embedder and
-    #: verifier (see sidecar.cache.DEFAULT_THRESHOLDS)
+    #: verifier (see sidecar.cache.semantic.DEFAULT_THRESHOLDS)
     threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     #: nearest entries looked at per lookup (the best that passes the verifier is served)
     candidates: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4

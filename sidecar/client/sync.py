@@ -1,11 +1,11 @@
 """The blocking client, ``Client``: thread-safe, each call on one connection of a pool.
-It speaks the framing of ``sidecar.framing``, assigns request ids, checks that replies
+It speaks the framing of ``sidecar.wire.framing``, assigns request ids, checks that replies
 come back in order, raises ``sidecar.errors`` exceptions, and reconnects after a daemon
 restart: a call that finds its connection dead before any reply arrived is sent once more
 on a fresh connection when every request in it is idempotent. Each new connection starts
 with ``hello``, which checks the protocol version and learns the daemon's max frame size,
 so an oversize request fails locally instead of costing the connection. Before ``hello``
-each connection checks who listens (``sidecar.peer.daemon_problem``): a socket in another
+each connection checks who listens (``sidecar.wire.peer.daemon_problem``): a socket in another
 user's directory or served by an unexpected uid raises ``UntrustedSocket``, nothing sent.
 """
 from __future__ import annotations
@@ -198,7 +198,7 @@ class Client:
     ``socket`` defaults to ``LLM_SIDECAR_SOCKET``, else the first default path that
     exists. ``timeout`` (seconds) bounds every call unless the call gives its own.
     ``expected_uid``: the daemon's uid, if not ours, root's or that of the owner of a
-    socket directory no one else may write (``sidecar.peer.trusted_uids``).
+    socket directory no one else may write (``sidecar.wire.peer.trusted_uids``).
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
@@ -373,7 +373,7 @@ class Client:
 
     def guarded(self, call: Callable[[ChainModel, float], CallResult], **fields: Any) -> Guarded:
         """Run ``call(model, timeout)`` under the guard: cache, limits, the route's chain
-        with back-off and one deadline, circuits, fallbacks (``sidecar.guard``)."""
+        with back-off and one deadline, circuits, fallbacks (``sidecar.client.guard``)."""
         return guard.run(self, call, **fields)
 
     def count_tokens(self, text: str | None = None, *,

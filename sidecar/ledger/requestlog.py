@@ -11,7 +11,7 @@ I/O errors (counted, logged at most once a minute, the file reopened on the next
 
 Durability: there is no fsync. A process crash loses only the records still queued; a
 crash of the machine can also lose whatever the OS had not yet written to disk. The log is
-an operator's record, not the spend journal (``sidecar.journal`` is the durable one).
+an operator's record, not the spend journal (``sidecar.limits.journal`` is the durable one).
 """
 from __future__ import annotations
 

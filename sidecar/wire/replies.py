@@ -56,7 +56,7 @@ class LatencyStats(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AlertInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """An alert as it fired (see ``sidecar.alerts``)."""
+    """An alert as it fired (see ``sidecar.ledger.alerts``)."""
 
     kind: str  # "cost_per_request", "budget", "zero_price", "error_ratio"
     subject: str  # the model, or the limit and threshold
