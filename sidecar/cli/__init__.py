@@ -26,7 +26,7 @@ from ..errors import (
     BadRequest, ConfigError, DaemonStartError, SidecarError, SidecarTimeout,
     SidecarUnavailable,
 )
-from .render import _utc, render_costs, render_limits, render_stats
+from .render import utc, render_costs, render_limits, render_stats
 
 if TYPE_CHECKING:
     from ..client.sync import Client
@@ -289,7 +289,7 @@ def _watch_stats(client: Client, args: argparse.Namespace) -> int:
                     print(json.dumps(msgspec.to_builtins(stats)), flush=True)
             else:
                 body = _unreachable(error) if error is not None else render_stats(stats)
-                header = (f"llm-sidecar stats at {_utc(time.time(), '%H:%M:%S')} UTC, "
+                header = (f"llm-sidecar stats at {utc(time.time(), '%H:%M:%S')} UTC, "
                           f"every {interval:g} s (Ctrl-C quits)")
                 clear = "\x1b[H\x1b[2J" if tty else ("\n" if frames else "")
                 sys.stdout.write(f"{clear}{header}\n\n{body}\n")

@@ -53,7 +53,7 @@ def _ms(value: float) -> str:
     return f"{value:,.1f}"
 
 
-def _utc(epoch: float, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+def utc(epoch: float, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
     return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime(fmt)
 
 
@@ -90,7 +90,7 @@ def _render_cluster(stats: StatsReply) -> str:
     c = stats.cluster
     if c is None:
         return _INDENT + "standalone (no cluster.redis_url)"
-    since = _utc(c.degraded_since) + " UTC" if c.degraded_since else "start"
+    since = utc(c.degraded_since) + " UTC" if c.degraded_since else "start"
     state = f"DEGRADED since {since}: {c.reason}" if c.degraded else "ok"
     return _table([
         ("redis", c.redis), ("name", c.name), ("daemon", c.daemon), ("state", state),
@@ -168,7 +168,7 @@ def _render_cache(stats: StatsReply) -> str:
         ("max", f"{cache.max_entries:,} entries, {cache.max_bytes:,} bytes"),
         ("stores", f"{cache.stores:,} (bypassed {cache.bypassed:,})"),
         ("not stored", _pairs(cache.not_stored) or "0"),
-        ("snapshot", cache.snapshot + (f", at {_utc(cache.snapshot_at)} UTC"
+        ("snapshot", cache.snapshot + (f", at {utc(cache.snapshot_at)} UTC"
                                        if cache.snapshot_at else "")),
         ("semantic", f"{cache.semantic or 'off'}, threshold {cache.threshold:g}, "
                      f"{cache.semantic_pending:,} writes pending"),
@@ -186,7 +186,7 @@ def _render_alerts(stats: StatsReply) -> str:
         return _INDENT + "none"
     counts = _table(sorted(stats.alert_counts.items()), ("kind", "fired"))
     latest = _table(
-        [(_utc(a.at, "%H:%M:%S"), a.kind, a.message) for a in stats.alerts[-LATEST_ALERTS:]],
+        [(utc(a.at, "%H:%M:%S"), a.kind, a.message) for a in stats.alerts[-LATEST_ALERTS:]],
         ("UTC", "kind", "message"))
     return f"{counts}\n\n{latest}"
 
@@ -195,8 +195,8 @@ def render_costs(reply: CostsReply, per: str) -> str:
     """Totals, the top groups with their share of the spend, and the per-day (or per-hour)
     series, all times in UTC."""
     t = reply.totals
-    head = (f"costs by {reply.by} from {_utc(reply.since, '%Y-%m-%d %H:%M')} to "
-            f"{_utc(reply.until, '%Y-%m-%d %H:%M')} UTC")
+    head = (f"costs by {reply.by} from {utc(reply.since, '%Y-%m-%d %H:%M')} to "
+            f"{utc(reply.until, '%Y-%m-%d %H:%M')} UTC")
     groups = _table(
         [(g.key or "(none)", g.totals.requests, g.totals.hits_exact + g.totals.hits_semantic,
           g.totals.input_tokens, g.totals.output_tokens, _usd(g.totals.usd),
@@ -208,11 +208,11 @@ def render_costs(reply: CostsReply, per: str) -> str:
         groups += f"\n{_INDENT}... and {reply.other_groups:,} more"
     if per == "hour":
         # HH:MM, not HH:00: a zone such as +05:30 starts its hours on the half hour in UTC.
-        series = [(_utc(p.start, "%Y-%m-%d %H:%M"), p.totals) for p in reply.hours]
+        series = [(utc(p.start, "%Y-%m-%d %H:%M"), p.totals) for p in reply.hours]
     else:
         # A day starts at midnight in the daemon's zone; its midday falls on the same date
         # in UTC for any offset within 12 hours, so that names the day the daemon counted.
-        series = [(_utc(p.start + 43200, "%Y-%m-%d"), p.totals) for p in reply.days]
+        series = [(utc(p.start + 43200, "%Y-%m-%d"), p.totals) for p in reply.days]
     periods = _table(
         [(start, p.requests, p.hits_exact + p.hits_semantic, _usd(p.usd))
          for start, p in series],
