@@ -13,7 +13,7 @@ One run measures, in the same run and on the same rules:
   admit+settle per pair. Also
   pipelined: 100 admits in one ``Client.batch``, then their 100 settles in another; and
   ``Client.ping`` for context (the bare round trip an admit cannot beat).
-* **in-process decision**: ``sidecar.limits.Engine`` built from the same config file, called
+* **in-process decision**: ``sidecar.limits.engine.Engine`` built from the same config file, called
   directly: ``admit(Subject(user, model="gpt-4o"), Estimate(500, 200, 0), now)`` and
   ``settle(lease, Usage(480, 150, 0), now)``. ``now = time.time()`` is read once per
   iteration, outside the timed calls (both calls get the same ``now``).

@@ -35,7 +35,7 @@ anonymous key (user and tier rules), one per model, one per route. A key's count
 in one ``Keyed`` record, so an admit does one dictionary lookup per key space, then C.
 Leases are C arrays of reservations. Amounts are integers (requests, tokens,
 micro-dollars). Clocks that step backwards are treated as standing still. Imported only
-by ``sidecar.limits``, which owns validation, names and documentation of the public API.
+by ``sidecar.limits.engine``, which owns validation, names and documentation of the public API.
 """
 cimport cython
 from cpython.unicode cimport PyUnicode_DecodeASCII

@@ -6,7 +6,7 @@
 
 
 cdef class Core:
-    """Rules, counters and leases. ``sidecar.limits.Engine`` subclasses it and supplies
+    """Rules, counters and leases. ``sidecar.limits.engine.Engine`` subclasses it and supplies
     the rule table (``_load_rules``), calendar periods (``_period``) and the result types."""
 
     cdef CRule* rules
@@ -63,7 +63,7 @@ cdef class Core:
     def _init_core(self, str prefix, Py_ssize_t remembered, denial_type, spend_type,
                    settle_type, period_fn):
         """``period_fn(is_day, now) -> (start, end)``: the calendar hour or day holding
-        ``now``; the result types are ``sidecar.limits``' named tuples."""
+        ``now``; the result types are ``sidecar.limits.engine``' named tuples."""
         self.period_fn = period_fn
         raw = prefix.encode("ascii") + b"-"
         if len(raw) > 24:

@@ -5,7 +5,7 @@
 
 #: The largest amount one request may carry in one unit (tokens, micro-dollars): sums of
 #: two and of many requests in one counter stay far inside int64. The wire's bounds
-#: (``sidecar.protocol``) are tighter; this guards the engine against its own callers.
+#: (``sidecar.wire``) are tighter; this guards the engine against its own callers.
 cdef int64_t MAX_NEED = 1LL << 56
 
 
@@ -32,7 +32,7 @@ cdef class Keyed:
 @cython.freelist(64)
 cdef class Decision:
     """The outcome of an admit: ``allowed`` with a ``lease``, or ``denial`` (a
-    ``sidecar.limits.Denial``), the ``estimate`` reserved, limits left ``near`` their
+    ``sidecar.limits.engine.Denial``), the ``estimate`` reserved, limits left ``near`` their
     amount, ``shadow_denials`` (shadow rules that would have denied), alert thresholds
     ``crossed`` (``"name@80%"``) and, on tracked rules (``Core._track``), what was
     ``tracked``: ``(rule index, key, amount)`` per rule reserved."""
