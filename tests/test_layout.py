@@ -85,3 +85,20 @@ def test_no_file_over_600_lines(folder):
             if p.suffix in (".py", ".pyx", ".pxd", ".pxi", ".h")
             and (n := len(p.read_text().splitlines())) > 600}
     assert not long, long
+
+
+def test_documented_module_names_still_import():
+    """The README's import paths (``sidecar.protocol``, ``sidecar.tokens``,
+    ``sidecar.normalize``) are the modules that moved, not copies of them."""
+    import sidecar.normalize
+    import sidecar.protocol
+    import sidecar.text.normalize
+    import sidecar.text.tokens
+    import sidecar.tokens
+    import sidecar.wire
+    from sidecar.protocol import Fingerprint
+
+    assert sidecar.protocol is sidecar.wire and Fingerprint is sidecar.wire.Fingerprint
+    assert sidecar.tokens is sidecar.text.tokens
+    assert sidecar.normalize is sidecar.text.normalize
+    assert sidecar.tokens.count("hello world", model="gpt-4o").input_tokens == 2
