@@ -266,3 +266,22 @@ def test_an_unknown_kind_is_refused_at_begin(start_daemon):
             c.guarded(p, route="chain", kind="poetry", **QUESTION)
         assert p.calls == [] and c.limits().open_leases == 0  # nothing called, nothing held
     assert d.stop() == 0
+
+
+def test_a_first_attempt_does_not_sleep(start_daemon, monkeypatch):
+    """No pause before the first attempt: even ``sleep(0)`` hands the GIL (or the event
+    loop) away, which cost about 60 us per guarded call."""
+    from sidecar.client import guard
+
+    slept = []
+    d = start_daemon(CONFIG)
+    monkeypatch.setattr(guard, "time", SimpleNamespace(sleep=slept.append,
+                                                        monotonic=time.monotonic))
+    p = Provider(**{"gpt-4o": ProviderError(500)})
+    with Client(d.path) as c:
+        g = c.guarded(p, route="chain", max_tokens=50, user="bob", text="first try?")
+        assert g.model == "gpt-4o-mini" and len(slept) == 1 and 0 < slept[0] <= 0.05
+        slept.clear()
+        g = c.guarded(p, route="single", max_tokens=50, user="bob", text="one model?")
+        assert g.model == "solo" and slept == []
+    assert d.stop() == 0
