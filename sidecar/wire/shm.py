@@ -1,0 +1,141 @@
+"""The shared-memory segment beside the daemon's socket: the public face of
+``sidecar._native.shm``.
+
+The daemon publishes exact-cache answers in it (``Publisher``); a client maps it
+read-only and looks answers up by exact key without a system call (``Segment``). The file
+is ``<socket>.shm``, created by the daemon under a temporary name and renamed into place
+once formatted, so a client never maps a half-made segment. Its mode is the socket's
+without any write bit for group or others: whoever may talk to the daemon may read the
+answers, and only the daemon may write them (a writable segment would let one peer serve
+another a forged answer). ``generation`` is new for every segment the daemon makes: a
+client that sees another generation at the path maps the new file.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+from pathlib import Path
+
+from .._native import load
+
+_native = load("shm")
+
+SUFFIX = ".shm"
+KEY_SIZE: int = _native.KEY_SIZE
+
+
+def segment_path(socket_path: str | os.PathLike[str]) -> Path:
+    """Where the segment of the daemon listening on ``socket_path`` lives."""
+    return Path(os.fspath(socket_path) + SUFFIX)
+
+
+class Publisher:
+    """The daemon's segment: created at ``path`` with ``mode`` (write bits for group and
+    others cleared), formatted with ``slots`` index slots (a power of two) and the rest of
+    ``size`` bytes as the answer arena. One thread writes."""
+
+    def __init__(self, path: str | os.PathLike[str], *, size: int, slots: int,
+                 mode: int = 0o640, gid: int | None = None) -> None:
+        self.path = Path(path)
+        self.generation = secrets.randbits(63) | 1  # never 0: 0 reads as "no segment"
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            if gid is not None and gid != os.getegid():
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode & 0o755 & ~0o022)
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._inode = os.fstat(fd).st_ino
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        try:
+            self._writer = _native.Writer(self._map, self.generation, slots)
+        except ValueError:
+            self._map.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, self.path)
+
+    def put(self, key: bytes, body: bytes, expires: float, stale_until: float) -> bool:
+        """Publish ``body`` under the exact ``key``; False when the segment cannot hold it
+        (too large, or the key's slots all hold live entries that expire later)."""
+        return self._writer.put(key, body, expires, stale_until)
+
+    def remove(self, key: bytes) -> bool:
+        return self._writer.remove(key)
+
+    def clear(self) -> None:
+        self._writer.clear()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._writer.set_epoch(epoch)
+
+    def close(self) -> None:
+        """Remove the file (clients holding a map keep reading the last answers until
+        they see no segment, or another generation, at the path)."""
+        try:
+            if os.stat(self.path).st_ino == self._inode:  # not a newer daemon's file
+                self.path.unlink()
+        except OSError:
+            pass
+        self._writer = None
+        self._map.close()
+
+
+class Segment:
+    """A client's read-only map of the daemon's segment."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Map ``path``; ``OSError`` when it cannot be opened, ``ValueError`` when it is
+        not a segment this build reads."""
+        self.path = Path(path)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            self.owner = st.st_uid
+            self.inode = st.st_ino
+            self._map = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map)
+        try:
+            self._reader = _native.Reader(self._view)
+        except ValueError:
+            self.close()
+            raise
+        self.generation: int = self._reader.generation
+
+    def get(self, key: bytes, now: float, allow_stale: bool = False
+            ) -> tuple[bytes, bool] | None:
+        """``(body, stale)`` of the live answer under the exact ``key``, or None."""
+        return self._reader.get(key, now, allow_stale)
+
+    def current(self) -> bool:
+        """Whether the file at the path is still this segment (the daemon may have
+        restarted and made another)."""
+        try:
+            return os.stat(self.path).st_ino == self.inode
+        except OSError:
+            return False
+
+    @property
+    def epoch(self) -> int:
+        return self._reader.epoch
+
+    @property
+    def retries(self) -> int:
+        return self._reader.retries
+
+    @property
+    def torn(self) -> int:
+        return self._reader.torn
+
+    def close(self) -> None:
+        self._reader = None
+        self._view.release()
+        self._map.close()

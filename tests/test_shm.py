@@ -1,0 +1,178 @@
+"""The shared-memory segment: answers published by one writer, read by other processes
+without a system call; a torn, overwritten, expired or scribbled-on read is a miss, never
+an answer."""
+import hashlib
+import multiprocessing
+import os
+import random
+import stat
+import struct
+import time
+
+import pytest
+
+from sidecar.wire.shm import Publisher, Segment, segment_path
+
+MiB = 1 << 20
+
+
+def key(n: int) -> bytes:
+    return hashlib.blake2b(str(n).encode(), digest_size=16).digest()
+
+
+@pytest.fixture
+def pub(tmp_path):
+    p = Publisher(tmp_path / "llm.sock.shm", size=4 * MiB, slots=1024)
+    yield p
+    p.close()
+
+
+def test_put_get_remove_and_expiry(pub):
+    seg = Segment(pub.path)
+    now = 1000.0
+    assert pub.put(key(1), b"first answer", now + 10, now + 20)
+    assert seg.get(key(1), now) == (b"first answer", False)
+    assert seg.get(key(2), now) is None
+    assert pub.put(key(1), b"second answer", now + 10, now + 20)  # replaced in place
+    assert seg.get(key(1), now) == (b"second answer", False)
+    assert seg.get(key(1), now + 10) is None  # expired
+    assert seg.get(key(1), now + 15, allow_stale=True) == (b"second answer", True)
+    assert seg.get(key(1), now + 20, allow_stale=True) is None  # past its stale window
+    assert pub.remove(key(1)) and seg.get(key(1), now) is None
+    assert not pub.remove(key(1))
+    assert pub.put(key(3), b"", now + 1, now + 1) and seg.get(key(3), now) == (b"", False)
+    pub.clear()
+    assert seg.get(key(3), now) is None
+    assert seg.generation == pub.generation != 0
+    seg.close()
+
+
+def test_the_file_is_private_to_writers_and_replaced_whole(tmp_path):
+    path = segment_path(tmp_path / "llm.sock")
+    assert path.name == "llm.sock.shm"
+    first = Publisher(path, size=MiB, slots=64, mode=0o660)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640  # nobody but the daemon writes
+    seg = Segment(path)
+    assert seg.current() and seg.owner == os.getuid()
+    second = Publisher(path, size=MiB, slots=64)  # a restarted daemon
+    assert not seg.current() and Segment(path).generation == second.generation
+    assert second.generation != first.generation
+    first.close()  # the old daemon's exit leaves the new file alone
+    assert path.exists()
+    second.close()
+    assert not path.exists() and not seg.current()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary left behind
+
+
+def test_a_wrapped_arena_never_serves_an_overwritten_body(tmp_path):
+    pub = Publisher(tmp_path / "s.shm", size=256 * 1024, slots=512)
+    seg = Segment(pub.path)
+    bodies = {}
+    for n in range(2000):  # ~8 laps of the arena
+        body = bytes([n % 251]) * random.Random(n).randrange(1, 3000)
+        assert pub.put(key(n), body, 1e9, 1e9)
+        bodies[n] = body
+    served = 0
+    for n, body in bodies.items():
+        got = seg.get(key(n), 0.0)
+        if got is not None:
+            assert got == (body, False)
+            served += 1
+    assert 0 < served < len(bodies)  # the newest answers, and only they
+    assert seg.get(key(1999), 0.0) == (bodies[1999], False)
+    assert not pub.put(key(-1), b"x" * 100_000, 1e9, 1e9)  # over a quarter of the arena
+    pub.close()
+    with pytest.raises(ValueError, match="too small"):
+        Publisher(tmp_path / "t.shm", size=64 * 1024, slots=1024)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_full_probe_window_replaces_the_entry_expiring_first(tmp_path):
+    pub = Publisher(tmp_path / "s.shm", size=MiB, slots=16)  # one window: every key collides
+    seg = Segment(pub.path)
+    for n in range(16):
+        assert pub.put(key(n), b"%d" % n, 100.0 + n, 100.0 + n)
+    assert pub.put(key(99), b"new", 500.0, 500.0)
+    assert seg.get(key(0), 0.0) is None  # expired first, replaced
+    assert seg.get(key(99), 0.0) == (b"new", False)
+    assert all(seg.get(key(n), 0.0) == (b"%d" % n, False) for n in range(1, 16))
+    pub.close()
+
+
+def test_a_scribbled_segment_is_refused_or_misses(tmp_path):
+    path = tmp_path / "s.shm"
+    path.write_bytes(b"\0" * MiB)
+    with pytest.raises(ValueError, match="magic"):
+        Segment(path)
+    pub = Publisher(path, size=MiB, slots=256)
+    for n in range(200):
+        pub.put(key(n), os.urandom(50), 1e9, 1e9)
+    with open(path, "r+b") as f:  # garbage over the whole index, header intact
+        rng = random.Random(7)
+        f.seek(4096)
+        f.write(bytes(rng.randrange(256) for _ in range(256 * 64)))
+    seg = Segment(path)
+    for n in range(300):
+        got = seg.get(key(n), 0.0)  # anything may miss; nothing may crash or overrun
+        assert got is None or isinstance(got[0], bytes)
+    with open(path, "r+b") as f:
+        f.seek(24)
+        f.write(struct.pack("=Q", 3))  # slots not a power of two
+    with pytest.raises(ValueError):
+        Segment(path)
+    pub.close()
+
+
+def _writer(path: str, keys: int, seconds: float, ready) -> None:
+    pub = Publisher(path, size=512 * 1024, slots=1024)
+    ready.set()
+    version, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        version += 1
+        n = version % keys
+        # a body that proves itself: its key, its version, and a length and fill that
+        # follow from both
+        fill = bytes([(n * 31 + version) % 256])
+        body = struct.pack("=qq", n, version) + fill * ((version * 7919) % 4000)
+        pub.put(key(n), body, 1e12, 1e12)
+        if version % 97 == 0:
+            pub.remove(key((n + 1) % keys))
+    pub.close()  # the reader keeps its own map of the file
+
+
+def _reader(path: str, keys: int, seconds: float, out) -> None:
+    seg = Segment(path)
+    served = bad = 0
+    deadline = time.monotonic() + seconds
+    rng = random.Random(os.getpid())
+    while time.monotonic() < deadline:
+        n = rng.randrange(keys)
+        got = seg.get(key(n), 0.0)
+        if got is None:
+            continue
+        body = got[0]
+        k, version = struct.unpack_from("=qq", body)
+        fill = bytes([(n * 31 + version) % 256])
+        if k != n or body[16:] != fill * ((version * 7919) % 4000):
+            bad += 1
+        served += 1
+    out.put((served, bad, seg.retries, seg.torn))
+
+
+def test_a_reader_racing_a_writer_never_gets_a_torn_body(tmp_path):
+    """10 s of a writer republishing 64 keys as fast as it can (the arena wraps every few
+    hundred puts) against a reader in another process checking every body it gets."""
+    ctx = multiprocessing.get_context("fork")
+    path = str(tmp_path / "race.shm")
+    ready, out = ctx.Event(), ctx.Queue()
+    w = ctx.Process(target=_writer, args=(path, 64, 10.5, ready))
+    w.start()
+    assert ready.wait(10)
+    r = ctx.Process(target=_reader, args=(path, 64, 10.0, out))
+    r.start()
+    served, bad, retries, torn = out.get(timeout=60)
+    r.join(10)
+    w.join(10)
+    assert bad == 0
+    assert served > 10_000
+    assert retries + torn > 0  # the race really happened
