@@ -6,7 +6,8 @@ Layout (every field a native-endian 64-bit word unless said; offsets in bytes):
 
     header, 4096:  magic "LLMSHM\\x01\\0" | layout u32, slot size u32 | generation |
                    slots (a power of two) | arena offset | arena size | config epoch |
-                   head (bytes ever reserved in the arena) | entries published
+                   head (bytes ever reserved in the arena) | entries published | closed |
+                   meta seq | meta length | ... | at 256: the meta blob (to 4096)
     index:         ``slots`` slots of 64 bytes: seq | key (16 bytes) | pos | len u32,
                    state u32 | expires (f64) | stale until (f64) | spare
     arena:         a ring of entries: pos (the entry's own position) | len u32, pad u32 |
@@ -59,6 +60,10 @@ cdef enum:
     H_EPOCH = 48
     H_HEAD = 56
     H_PUBLISHED = 64
+    H_CLOSED = 72       # non-zero: the daemon stopped serving this segment
+    H_META_SEQ = 80     # a seqlock over the meta blob
+    H_META_LEN = 88
+    H_META = 256        # the meta blob: what a client needs to compute keys as the daemon
 
 cdef enum:
     S_SEQ = 0
@@ -137,6 +142,29 @@ cdef class _Segment:
         return shm_load_acquire(_word(self.base, H_PUBLISHED))
 
     @property
+    def closed(self) -> bool:
+        """The daemon stopped serving this segment (it exited, or a newer daemon found
+        it left behind): nothing in it may be served any more."""
+        return shm_load_acquire(_word(self.base, H_CLOSED)) != 0
+
+    def meta(self) -> bytes:
+        """The meta blob the daemon published (b"" before any)."""
+        cdef uint64_t s1, s2, length
+        cdef bytes out
+        while True:
+            s1 = shm_load_acquire(_word(self.base, H_META_SEQ))
+            if s1 & 1:
+                continue
+            length = _word(self.base, H_META_LEN)[0]
+            if length > C_HEADER_SIZE - H_META:
+                length = 0  # only a torn read gets here: the seqlock check retries it
+            out = PyBytes_FromStringAndSize(<char*>(self.base + H_META), length)
+            shm_fence_acquire()
+            s2 = shm_load_relaxed(_word(self.base, H_META_SEQ))
+            if s1 == s2:
+                return out
+
+    @property
     def slot_count(self) -> int:
         return self.slots
 
@@ -158,9 +186,12 @@ cdef class Reader(_Segment):
 
     def get(self, const unsigned char[::1] key not None, double now, bint allow_stale=False):
         """``(body, stale)`` of the live entry under ``key`` (16 bytes), or None: absent,
-        expired (past its stale window when ``allow_stale``), or overwritten while read."""
+        expired (past its stale window when ``allow_stale``), overwritten while read, or
+        the segment closed."""
         if key.shape[0] != C_KEY_SIZE:
             raise ValueError("a key is 16 bytes")
+        if shm_load_acquire(_word(self.base, H_CLOSED)):
+            return None  # no longer kept up to date (invalidations, reloads): serve nothing
         cdef const unsigned char* k = &key[0]
         cdef uint64_t i = _home(k, self.mask)
         cdef int probe
@@ -251,6 +282,23 @@ cdef class Writer(_Segment):
 
     def set_epoch(self, uint64_t epoch) -> None:
         shm_store_release(_word(self.base, H_EPOCH), epoch)
+
+    def set_meta(self, const unsigned char[::1] meta not None) -> None:
+        """Publish the meta blob (at most 3840 bytes) under its seqlock."""
+        cdef size_t length = meta.shape[0]
+        if length > C_HEADER_SIZE - H_META:
+            raise ValueError(f"meta is {length} bytes; at most {C_HEADER_SIZE - H_META}")
+        cdef uint64_t* seq = _word(self.base, H_META_SEQ)
+        cdef uint64_t s = seq[0]
+        shm_store_relaxed(seq, s + 1)
+        shm_fence_release()
+        _word(self.base, H_META_LEN)[0] = length
+        if length:
+            memcpy(self.base + H_META, &meta[0], length)
+        shm_store_release(seq, s + 2)
+
+    def mark_closed(self) -> None:
+        shm_store_release(_word(self.base, H_CLOSED), 1)
 
     def put(self, const unsigned char[::1] key not None, const unsigned char[::1] body not None,
             double expires, double stale_until) -> bool:
@@ -358,3 +406,12 @@ cdef class Writer(_Segment):
         memcpy(slot + S_EXPIRES, &expires, 8)
         memcpy(slot + S_STALE, &stale_until, 8)
         shm_store_release(seq, s + 2)
+
+
+def mark_closed(unsigned char[::1] buffer not None) -> None:
+    """Mark the segment in ``buffer`` closed: one its daemon left behind (killed before
+    it could), found by the next daemon at the same path. ``ValueError`` if it is not a
+    segment."""
+    cdef _Segment seg = _Segment.__new__(_Segment)
+    seg._attach(<unsigned char*>&buffer[0], buffer.shape[0])
+    shm_store_release(_word(seg.base, H_CLOSED), 1)

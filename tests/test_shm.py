@@ -176,3 +176,23 @@ def test_a_reader_racing_a_writer_never_gets_a_torn_body(tmp_path):
     assert bad == 0
     assert served > 10_000
     assert retries + torn > 0  # the race really happened
+
+
+def test_closed_segments_and_meta(tmp_path):
+    path = tmp_path / "llm.sock.shm"
+    killed = Publisher(path, size=MiB, slots=64)
+    killed.set_meta(b'{"filler_words": ["please"]}')
+    killed.put(key(1), b"answer", 1e12, 1e12)
+    seg = Segment(path)
+    assert seg.meta() == b'{"filler_words": ["please"]}' and not seg.closed
+    with pytest.raises(ValueError):
+        killed.set_meta(b"x" * 4000)
+    # a daemon killed without closing: the next one marks its segment closed
+    successor = Publisher(path, size=MiB, slots=64)
+    assert seg.closed and seg.get(key(1), 0.0) is None  # no longer kept true: never served
+    fresh = Segment(path)
+    assert not fresh.closed and fresh.meta() == b"" and fresh.get(key(1), 0.0) is None
+    successor.close()  # a clean stop marks its own
+    assert fresh.closed and not path.exists()
+    path.write_bytes(b"junk")  # not a segment: replaced all the same
+    Publisher(path, size=MiB, slots=64).close()

@@ -38,6 +38,7 @@ class Publisher:
     def __init__(self, path: str | os.PathLike[str], *, size: int, slots: int,
                  mode: int = 0o640, gid: int | None = None) -> None:
         self.path = Path(path)
+        _close_leftover(self.path)
         self.generation = secrets.randbits(63) | 1  # never 0: 0 reads as "no segment"
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -78,6 +79,7 @@ class Publisher:
     def close(self) -> None:
         """Remove the file (clients holding a map keep reading the last answers until
         they see no segment, or another generation, at the path)."""
+        self._writer.mark_closed()  # before the unlink: a reader may have it mapped
         try:
             if os.stat(self.path).st_ino == self._inode:  # not a newer daemon's file
                 self.path.unlink()
@@ -85,6 +87,29 @@ class Publisher:
             pass
         self._writer = None
         self._map.close()
+
+    def set_meta(self, meta: bytes) -> None:
+        """What clients need to compute keys as the daemon does (at most 3840 bytes)."""
+        self._writer.set_meta(meta)
+
+
+def _close_leftover(path: Path) -> None:
+    """Mark closed the segment a killed daemon left at ``path``, so clients still mapping
+    it stop serving from it (its answers are no longer kept up to date)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                try:
+                    _native.mark_closed(m)
+                except ValueError:
+                    pass  # not a segment: it is replaced all the same
+    finally:
+        os.close(fd)
 
 
 class Segment:
@@ -122,6 +147,14 @@ class Segment:
             return os.stat(self.path).st_ino == self.inode
         except OSError:
             return False
+
+    @property
+    def closed(self) -> bool:
+        """Its daemon no longer serves it: map the file at the path again."""
+        return self._reader.closed
+
+    def meta(self) -> bytes:
+        return self._reader.meta()
 
     @property
     def epoch(self) -> int:
