@@ -196,3 +196,37 @@ def test_closed_segments_and_meta(tmp_path):
     assert fresh.closed and not path.exists()
     path.write_bytes(b"junk")  # not a segment: replaced all the same
     Publisher(path, size=MiB, slots=64).close()
+
+
+def test_the_daemon_publishes_its_exact_answers(start_daemon):
+    """On the shipped defaults the daemon makes the segment beside its socket, readable
+    by the socket's readers only, and keeps it true: stores, invalidations, a clean stop."""
+    import json
+
+    import msgspec
+
+    from sidecar import Client
+    from sidecar.wire.shm import ANSWER_DECODER
+
+    d = start_daemon()
+    path = segment_path(d.path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(d.path).st_mode) & ~0o022
+    seg = Segment(path)
+    meta = json.loads(seg.meta())
+    assert meta["isolate_cache"] is False and "please" in meta["filler_words"]
+    with Client(d.path) as c:
+        put = c.cache_put({"answer": 42}, model="gpt-4o", text="What is six times seven?")
+        assert put.stored
+        got = seg.get(put.key, time.time())
+        assert got is not None and not got[1]
+        answer = ANSWER_DECODER.decode(got[0])
+        assert msgspec.msgpack.decode(answer.response) == {"answer": 42}
+        assert answer.query and answer.cached_at <= time.time()
+        hit = c.cache_get(model="gpt-4o", text="What is six times seven?")
+        assert hit.hit and hit.key == put.key and bytes(hit.response) == bytes(answer.response)
+        assert c.cache_invalidate(key=put.key) == 1
+        assert seg.get(put.key, time.time()) is None
+        refused = c.cache_put("no", model="gpt-4o", text="tell me a story", kind="creative")
+        assert not refused.stored and seg.get(refused.key, time.time()) is None
+    assert d.stop() == 0
+    assert seg.closed and not path.exists()

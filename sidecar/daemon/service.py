@@ -20,6 +20,7 @@ import stat
 import time
 from pathlib import Path
 
+import orjson
 import uvloop
 
 from .. import config as config_mod
@@ -35,6 +36,7 @@ from ..ledger.requestlog import RequestLog
 from ..ledger.metrics import Exposition, Metrics
 from ..wire.peer import PRIVATE_DIR_PREFIX, private_dir_problem
 from ..wire import OPS
+from ..wire.shm import Publisher, segment_path
 from .server import MetricsListener, Server
 
 log = logging.getLogger("sidecar.daemon")
@@ -169,6 +171,7 @@ class Daemon:
         self.journal = None if where is None else Journal(where)
         #: fixed at start, like the socket: a changed cache.snapshot needs a restart
         self.cache_path = config_mod.cache_snapshot_path(config, path)
+        self.segment: Publisher | None = None
         ledger = config.ledger
         where = config_mod.request_log_path(config, path)
         #: fixed at start, like the socket: a changed path or listener needs a restart
@@ -242,6 +245,7 @@ class Daemon:
         else:
             self.config = new
             self.server.apply(new)
+            self._publish_meta()
             logging.getLogger().setLevel(new.log.level.upper())
             log.info("reloaded config from %s (epoch %d)", new.source, self.handlers.epoch)
         finally:
@@ -255,6 +259,7 @@ class Daemon:
         self._restore_cache()
         try:
             sock = self.inherited or _bind(self.path, self.config.socket_mode)
+            self._open_segment()
             await self._listen_metrics()  # first: a socket that answers means all is up
             await self.server.start(sock)
             housekeeping = loop.create_task(self._housekeeping())
@@ -271,6 +276,7 @@ class Daemon:
                      self.config.server.drain_timeout)
             self.server.stop_accepting()
             self._unlink()
+            self._close_segment()
             busy = await self.server.drain(self.config.server.drain_timeout)
             housekeeping.cancel()
             if syncing is not None:
@@ -292,6 +298,7 @@ class Daemon:
             log.info("stopped")
         finally:
             self._unlink()
+            self._close_segment()
             if lock_fd is not None:
                 _unclaim(self.path, lock_fd)
 
@@ -392,6 +399,40 @@ class Daemon:
                 next_snapshot = loop.time() + self.config.cache.snapshot_interval
                 with guard("cache.snapshot"):  # an exception here used to end the loop
                     await self._snapshot_cache()
+
+    def _open_segment(self) -> None:
+        """The shared-memory segment beside the socket, readable by whoever may read
+        the socket (its group; write bits dropped: only this daemon writes answers). A
+        segment that cannot be made leaves clients on the socket, which answers the same."""
+        cfg = self.config.shm
+        if not cfg.enabled:
+            return
+        try:
+            st = os.stat(self.path)
+            self.segment = Publisher(segment_path(self.path), size=cfg.size, slots=cfg.slots,
+                                     mode=stat.S_IMODE(st.st_mode), gid=st.st_gid)
+        except (OSError, ValueError) as exc:
+            log.warning("no shared-memory segment beside %s (%s): clients use the socket "
+                        "for every cache hit", self.path, exc)
+            return
+        self._publish_meta()
+        self.handlers.cache.publish_to(self.segment)
+
+    def _publish_meta(self) -> None:
+        """What a client needs to compute exact keys as this daemon does."""
+        if self.segment is None:
+            return
+        normalizer = self.handlers.normalizer
+        self.segment.set_meta(orjson.dumps({
+            "spec": normalizer.spec, "filler_words": list(normalizer.filler_words),
+            "isolate_cache": self.config.server.access.isolate_cache}))
+        self.segment.set_epoch(self.handlers.epoch)
+
+    def _close_segment(self) -> None:
+        if self.segment is not None:
+            self.handlers.cache.publish_to(None)
+            self.segment.close()
+            self.segment = None
 
     def _unlink(self) -> None:
         if self.inherited:

@@ -16,6 +16,9 @@ import mmap
 import os
 import secrets
 from pathlib import Path
+from typing import Protocol
+
+import msgspec
 
 from .._native import load
 
@@ -23,6 +26,29 @@ _native = load("shm")
 
 SUFFIX = ".shm"
 KEY_SIZE: int = _native.KEY_SIZE
+
+
+class Answer(msgspec.Struct, array_like=True, frozen=True):
+    """What the segment holds under a key: the answer as stored (msgpack) and what a hit
+    reply tells besides it."""
+
+    response: msgspec.Raw
+    query: str
+    cached_at: float
+    input_tokens: int
+    output_tokens: int
+
+
+ANSWER_ENCODER = msgspec.msgpack.Encoder()
+ANSWER_DECODER = msgspec.msgpack.Decoder(Answer)
+
+
+class Publishing(Protocol):
+    """What the exact tier needs of a segment to keep it true (``Publisher``)."""
+
+    def put(self, key: bytes, body: bytes, expires: float, stale_until: float) -> bool: ...
+    def remove(self, key: bytes) -> bool: ...
+    def clear(self) -> None: ...
 
 
 def segment_path(socket_path: str | os.PathLike[str]) -> Path:
