@@ -258,15 +258,17 @@ class Daemon:
             await self._restore()
         self._restore_cache()
         try:
+            # Before the socket listens: a client may connect (and a supervisor signal)
+            # as soon as it does, and a SIGTERM then must stop the daemon cleanly.
+            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
             sock = self.inherited or _bind(self.path, self.config.socket_mode)
             self._open_segment()
             await self._listen_metrics()  # first: a socket that answers means all is up
             await self.server.start(sock)
             housekeeping = loop.create_task(self._housekeeping())
             syncing = loop.create_task(self._cluster_loop()) if self.cluster else None
-            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-            loop.add_signal_handler(signal.SIGINT, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
             log.info("llm-sidecar serving on %s (pid %d, config %s)",
                      self.path, os.getpid(), self.config.source)
             _notify(f"READY=1\nMAINPID={os.getpid()}")
