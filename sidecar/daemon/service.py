@@ -263,8 +263,8 @@ class Daemon:
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+            self._open_segment()  # before the socket listens: a client may look at once
             sock = self.inherited or _bind(self.path, self.config.socket_mode)
-            self._open_segment()
             await self._listen_metrics()  # first: a socket that answers means all is up
             await self.server.start(sock)
             housekeeping = loop.create_task(self._housekeeping())
@@ -409,10 +409,13 @@ class Daemon:
         cfg = self.config.shm
         if not cfg.enabled:
             return
+        mode, gid = self.config.socket_mode, None  # the group the socket will get
         try:
-            st = os.stat(self.path)
+            if self.inherited:  # systemd made the socket: its mode and group decide
+                st = os.stat(self.path)
+                mode, gid = stat.S_IMODE(st.st_mode), st.st_gid
             self.segment = Publisher(segment_path(self.path), size=cfg.size, slots=cfg.slots,
-                                     mode=stat.S_IMODE(st.st_mode), gid=st.st_gid)
+                                     mode=mode, gid=gid)
         except (OSError, ValueError) as exc:
             log.warning("no shared-memory segment beside %s (%s): clients use the socket "
                         "for every cache hit", self.path, exc)
