@@ -230,3 +230,29 @@ def test_the_daemon_publishes_its_exact_answers(start_daemon):
         assert not refused.stored and seg.get(refused.key, time.time()) is None
     assert d.stop() == 0
     assert seg.closed and not path.exists()
+
+
+def test_a_client_takes_exact_hits_from_the_segment(start_daemon, tmp_path):
+    """Hits without a round trip (the daemon sees no begin), the same answer the socket
+    gives; an invalidation, a restart and shared_memory=False all go back to the socket."""
+    from sidecar import Client
+
+    d = start_daemon()
+    q = dict(model="gpt-4o", text="Please, what is the capital of France?")
+    with Client(d.path) as c, Client(d.path, shared_memory=False) as plain:
+        c.cache_put({"answer": "Paris"}, **q)
+        assert plain.begin(user="u", **q).outcome == "hit"
+        before = c.stats().ops["begin"].requests
+        assert before == 1
+        for _ in range(50):
+            b = c.begin(user="u", **{**q, "text": "what is the capital of france"})
+            assert b.outcome == "hit" and b.tier == "exact" and b.value() == {"answer": "Paris"}
+        assert c.stats().ops["begin"].requests == before and c.fast.hits == 50
+        via_socket = plain.begin(user="u", **q)
+        assert via_socket.outcome == "hit" and via_socket.key == b.key
+        assert bytes(via_socket.response) == bytes(b.response)
+        got = c.cache_get(**q)
+        assert got.hit and got.value() == {"answer": "Paris"} and got.query
+        c.cache_invalidate(key=b.key)
+        assert c.begin(user="u", **q).outcome == "go"
+    assert d.stop() == 0

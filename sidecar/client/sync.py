@@ -32,7 +32,8 @@ from ..errors import (
     error_from_reply,
 )
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame
-from ..wire.peer import daemon_problem
+from ..wire.peer import daemon_problem, peer_of
+from .fast import FastPath
 from ..wire import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePutReply, ChainModel, Costs, CostsReply, CountReply,
@@ -203,9 +204,12 @@ class Client:
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, max_idle: int = 8,
-                 expected_uid: int | None = None) -> None:
+                 expected_uid: int | None = None, shared_memory: bool = True) -> None:
         self.path = str(client_socket_path(socket))
         self.expected_uid = expected_uid
+        #: exact hits read from the daemon's segment (``sidecar.client.fast``); None
+        #: until the first lookup, False when off
+        self.fast: FastPath | None | bool = None if shared_memory else False
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: list[_SyncConnection] = []
@@ -219,6 +223,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if isinstance(self.fast, FastPath):
+            self.fast.close()
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -334,7 +340,9 @@ class Client:
         """Look up a cached answer; fields as ``protocol.CacheGet`` (namespace, model,
         messages or text, temperature, params, tools, response_format, allow_stale,
         no_cache). ``reply.value()`` is the stored response on a hit."""
-        return self.call(CacheGet(**fields), timeout=timeout)  # type: ignore[return-value]
+        req = CacheGet(**fields)
+        hit = self._fast_lookup(req)
+        return hit or self.call(req, timeout=timeout)  # type: ignore[return-value]
 
     def cache_put(self, response: Any, *, timeout: float | None = None,
                   **fields: Any) -> CachePutReply:
@@ -351,8 +359,24 @@ class Client:
 
     def begin(self, *, timeout: float | None = None, **fields: Any) -> BeginReply:
         """Before an LLM call: cache, count, route, admit in one round trip; fields as
-        ``protocol.Begin``."""
-        return self.call(Begin(**fields), timeout=timeout)  # type: ignore[return-value]
+        ``protocol.Begin``. An exact hit comes from the shared-memory segment, with no
+        round trip, when the daemon publishes one."""
+        req = Begin(**fields)
+        hit = self._fast_lookup(req)
+        return hit or self.call(req, timeout=timeout)  # type: ignore[return-value]
+
+    def _fast_lookup(self, req: Begin | CacheGet) -> Any:
+        fast = self.fast
+        if fast is False:
+            return None
+        if fast is None:
+            conn = self._acquire(self.timeout)  # the daemon's uid, as the kernel vouches
+            try:
+                uid = peer_of(conn.sock).uid
+            finally:
+                self._release(conn)
+            fast = self.fast = FastPath(self.path, uid)
+        return fast.lookup(req)  # type: ignore[union-attr]
 
     def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
         """After it: attempts, usage, and the ``response`` to cache (any msgpack-encodable
