@@ -4,6 +4,8 @@ section draws (no circle between packages, none upward)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,9 +77,15 @@ def test_imports_go_down_the_layers(path):
 
 
 def test_the_client_side_loads_no_engine():
-    """An application importing sidecar pays for the wire and the client only."""
+    """An application importing sidecar pays for the wire and the client only; the
+    shared-memory fast path loads the cache's key function (and the normaliser) on its
+    first lookup, and nothing else of the engines."""
     for path in (PACKAGE / "client").rglob("*.py"):
-        assert _imports(path) <= {"wire", "errors", "client", "version"}, path
+        assert _imports(path) <= {"wire", "errors", "client", "version", "cache", "text"}, path
+    code = ("import sys, sidecar; loaded = sorted(m for m in sys.modules if m.startswith("
+            "'sidecar.') and m.split('.')[1] not in ('client', 'wire', 'errors', 'version', "
+            "'_native')); assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
 @pytest.mark.parametrize("folder", ["sidecar", "native", "bench"])

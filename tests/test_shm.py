@@ -256,3 +256,30 @@ def test_a_client_takes_exact_hits_from_the_segment(start_daemon, tmp_path):
         c.cache_invalidate(key=b.key)
         assert c.begin(user="u", **q).outcome == "go"
     assert d.stop() == 0
+
+
+def test_hits_from_the_segment_are_accounted(start_daemon):
+    """The daemon hears of segment hits in batches (at close here, else every 256 hits or
+    at the first hit a second after the oldest untold one): stats count them, costs count
+    the savings, and the request log gets a line for each begin."""
+    from conftest import wait_for
+
+    from sidecar import Client
+
+    d = start_daemon()
+    q = dict(model="gpt-4o", text="Which planet is the largest?")
+    with Client(d.path) as plain:
+        plain.cache_put("Jupiter", input_tokens=1000, output_tokens=100, **q)
+        base = plain.stats().cache.tiers["exact"].hits
+        logged = plain.stats().request_log.written
+    with Client(d.path) as c:
+        for _ in range(10):
+            assert c.begin(user="ann", **q).outcome == "hit"
+        assert c.cache_get(**q).hit
+        assert c.fast.hits == 11 and len(c.fast.pending) == 11
+    with Client(d.path, shared_memory=False) as plain:
+        assert plain.stats().cache.tiers["exact"].hits == base + 11
+        saved = plain.costs(by="user").totals.saved_usd
+        assert saved > 0
+        assert wait_for(lambda: plain.stats().request_log.written == logged + 10)  # the begins
+    assert d.stop() == 0

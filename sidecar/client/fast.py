@@ -19,10 +19,14 @@ from typing import Any
 
 import msgspec
 
-from ..wire import REQUEST_DECODER, Begin, BeginReply, CacheGet, CacheGetReply
+from ..wire import REQUEST_DECODER, Begin, BeginReply, CacheGet, CacheGetReply, ShmHit
 from ..wire.shm import ANSWER_DECODER, Segment, segment_path
 
 _ENCODER = msgspec.msgpack.Encoder()
+#: Hits are told to the daemon (``Hits``) once this many wait, or the oldest waited
+#: REPORT_AFTER seconds (checked at the client's next hit, and at close).
+REPORT_EVERY = 256
+REPORT_AFTER = 1.0
 
 
 class FastPath:
@@ -36,6 +40,7 @@ class FastPath:
         self.normalizer: Any = None
         self.hits = 0
         self.fallbacks = 0  # lookups the segment could not answer (a miss, or off)
+        self.pending: list[ShmHit] = []  # hits the daemon has not been told of yet
 
     def _ready(self) -> bool:
         seg = self.segment
@@ -95,7 +100,14 @@ class FastPath:
             return None
         answer = ANSWER_DECODER.decode(found[0])
         self.hits += 1
-        if isinstance(req, Begin):
+        begin = isinstance(req, Begin)
+        self.pending.append(ShmHit(
+            op="begin" if begin else "cache_get", key=key, at=time.time(), stale=found[1],
+            who=(req.user or req.key) if begin else "", model=req.model,
+            route=req.route if begin else "", task=req.task if begin else "",
+            request_id=req.request_id if begin else "", template=req.template if begin else "",
+            template_version=req.template_version if begin else ""))
+        if begin:
             return BeginReply(id=req.id, outcome="hit", key=key, response=answer.response,
                               tier="exact", similarity=1.0, stale=found[1])
         return CacheGetReply(id=req.id, hit=True, key=key, tier="exact",
@@ -103,6 +115,15 @@ class FastPath:
                              cached_at=answer.cached_at, stale=found[1],
                              input_tokens=answer.input_tokens,
                              output_tokens=answer.output_tokens)
+
+    def due(self) -> bool:
+        """Whether the hits waiting should be told now."""
+        return len(self.pending) >= REPORT_EVERY or bool(
+            self.pending and time.time() - self.pending[0].at >= REPORT_AFTER)
+
+    def take(self) -> list[ShmHit]:
+        pending, self.pending = self.pending, []
+        return pending
 
     def close(self) -> None:
         if self.segment is not None:

@@ -28,7 +28,7 @@ from ._common import (
 from .guard import CallResult, Guarded
 from ..wire.address import client_socket_path
 from ..errors import (
-    FrameTooLarge, ProtocolError, SidecarTimeout, SidecarUnavailable, UntrustedSocket,
+    FrameTooLarge, ProtocolError, SidecarError, SidecarTimeout, SidecarUnavailable, UntrustedSocket,
     error_from_reply,
 )
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame
@@ -38,6 +38,7 @@ from ..wire import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePutReply, ChainModel, Costs, CostsReply, CountReply,
     EndReply, Error, Extend, ExtendReply, Fingerprint, FingerprintReply, Hello, HelloReply,
+    Hits,
     Limits, LimitsReply, Message, MetricsText, Ping, Pong, Release, ReleaseReply, Reply,
     Report, ReportReply, Request, Route, RouteReply, Settle, SettleReply, Stats, StatsReply,
 )
@@ -224,6 +225,8 @@ class Client:
 
     def close(self) -> None:
         if isinstance(self.fast, FastPath):
+            if not self._closed:
+                self._report_hits()
             self.fast.close()
         with self._lock:
             self._closed = True
@@ -376,7 +379,21 @@ class Client:
             finally:
                 self._release(conn)
             fast = self.fast = FastPath(self.path, uid)
-        return fast.lookup(req)  # type: ignore[union-attr]
+        hit = fast.lookup(req)  # type: ignore[union-attr]
+        if hit is not None and fast.due():  # type: ignore[union-attr]
+            self._report_hits()
+        return hit
+
+    def _report_hits(self) -> None:
+        """Tell the daemon the hits read from the segment (lost if it cannot be told:
+        they were answered all the same)."""
+        fast = self.fast
+        if not isinstance(fast, FastPath) or not fast.pending:
+            return
+        try:
+            self.call(Hits(hits=fast.take()))
+        except SidecarError:
+            pass
 
     def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
         """After it: attempts, usage, and the ``response`` to cache (any msgpack-encodable

@@ -18,6 +18,7 @@ from typing import Union
 import msgspec
 
 from .replies import (
+    HitsReply,
     AdmitReply, AlertInfo, BeginReply, BuildInfo, CacheGetReply, CacheInvalidateReply,
     CachePutReply, CacheStats, ChainModel, ClusterStats, CostGroup, CostPeriod, CostsReply,
     CostTotals, CountReply, EndReply, Error, ExtendReply, FingerprintReply, HelloReply,
@@ -26,6 +27,7 @@ from .replies import (
     TierStats,
 )
 from .requests import (
+    Hits, ShmHit,
     Admit, Attempt, Begin, CacheGet, CacheInvalidate, CachePut, CacheRequest, Costs, Count,
     End, Extend, Fingerprint, Hello, Limits, Message, MetricsText, OPS, Ping, Release,
     Report, Request, REQUEST_TYPES, Route, Settle, Stats,
@@ -49,6 +51,7 @@ class Envelope(msgspec.Struct):
 ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
 
 __all__ = [
+    "Hits", "HitsReply", "ShmHit",
     "Admit", "AdmitReply", "AlertInfo", "Attempt", "Begin", "BeginReply", "BuildInfo",
     "CacheGet", "CacheGetReply", "CacheInvalidate", "CacheInvalidateReply", "CachePut",
     "CachePutReply", "CacheRequest", "CacheStats", "ChainModel", "ClusterStats",

@@ -367,6 +367,11 @@ class MetricsReply(Reply, tag="metrics"):
     content_type: str
 
 
+class HitsReply(Reply, tag="hits"):
+    accounted: int  # hits whose answer the daemon still holds: counted as served
+    unknown: int  # answers gone since (evicted, invalidated): counted nowhere
+
+
 class Error(Reply, tag="error", kw_only=True):
     id: RequestId | None = None
     code: ErrorCode
@@ -376,5 +381,5 @@ class Error(Reply, tag="error", kw_only=True):
 REPLY_TYPES: tuple[type[Reply], ...] = (
     HelloReply, Pong, FingerprintReply, StatsReply, CountReply, AdmitReply, SettleReply,
     ReleaseReply, LimitsReply, CacheGetReply, CachePutReply, CacheInvalidateReply, BeginReply,
-    EndReply, ExtendReply, RouteReply, ReportReply, CostsReply, MetricsReply, Error,
+    EndReply, ExtendReply, RouteReply, ReportReply, CostsReply, MetricsReply, HitsReply, Error,
 )

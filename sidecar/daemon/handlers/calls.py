@@ -22,7 +22,7 @@ from ...limits.engine import MICRO, Decision, Denial, Estimate, Subject, Usage
 from ...limits.pricing import Usage as PricedUsage
 from ...wire import (
     NIL, Begin, BeginReply, CacheGetReply, CachePut, ChainModel, End, EndReply, Extend,
-    ExtendReply, Report, ReportReply, Route, RouteReply,
+    ExtendReply, Hits, HitsReply, Report, ReportReply, Route, RouteReply,
 )
 from ...routing.settings import RouteConfig
 from ...routing.router import Chain, backoff_schedule, budget_fraction
@@ -191,6 +191,33 @@ class CallOps:
                             semantic=found.tier == "semantic", similarity=found.similarity,
                             saved_micro=saved, request_id=req.request_id,
                             template=req.template, template_version=req.template_version)
+
+    def hits(self, req: Hits) -> HitsReply:
+        """Exact hits a client read from the shared-memory segment: each accounted as a
+        hit through the socket would have been, if the answer is still held; its time
+        kept within the last minute (a report cannot rewrite older hours)."""
+        now = time.time()
+        accounted = unknown = 0
+        exact = self.cache.exact
+        for h in req.hits:
+            entry, stale = exact.peek(h.key, now, True)
+            if entry is None:
+                unknown += 1
+                continue
+            accounted += 1
+            if stale:
+                exact.counts.stale_serves += 1
+            else:
+                exact.counts.hits += 1
+            if h.op == "begin":
+                view = Begin(user=h.who, model=h.model, route=h.route, task=h.task,
+                             request_id=h.request_id, template=h.template,
+                             template_version=h.template_version)
+                found = CacheGetReply(hit=True, key=h.key, tier="exact", similarity=1.0,
+                                      input_tokens=entry.input_tokens,
+                                      output_tokens=entry.output_tokens)
+                self._account_hit(view, found, h.who, min(max(h.at, now - 60.0), now))
+        return HitsReply(id=req.id, accounted=accounted, unknown=unknown)
 
     def end(self, req: End) -> EndReply | Deferred:
         now = time.time()

@@ -40,7 +40,7 @@ from ...limits.pricing import Price, PricingRegistry
 from ...wire import (
     OPS, PROTOCOL_VERSION, Admit, Begin, BuildInfo, CacheGet, CacheGetReply, CacheInvalidate,
     CacheInvalidateReply, CachePut, CachePutReply, Costs, CostsReply, Count, CountReply, End,
-    Extend, Fingerprint, FingerprintReply, Hello, HelloReply, Limits, MetricsReply,
+    Extend, Hits, Fingerprint, FingerprintReply, Hello, HelloReply, Limits, MetricsReply,
     MetricsText, Ping, Pong, Release, Reply, Report, Request, Route, Settle, Stats,
     StatsReply,
 )
@@ -175,6 +175,7 @@ class Handlers(CallOps, LimitOps, ClusterOps):
             Report: self.report,
             Costs: self.cost_summary,
             MetricsText: self.metrics_text,
+            Hits: self.hits,
         }
         assert tuple(t.__struct_config__.tag for t in self.table) == OPS
 
