@@ -76,6 +76,8 @@ class Cache:
         self.exact.max_bytes = config.max_bytes
         self.exact.stale_for = config.stale_for
         self.exact.trim()  # smaller bounds apply now
+        if self.publisher is not None and (not config.enabled or respec):
+            self.publish_to(self.publisher)  # emptied, or refilled under the new bounds
 
     def get(self, req: CacheGet, now: float, rk: RequestKey | None = None
             ) -> CacheGetReply | Coroutine[None, None, CacheGetReply]:
@@ -166,8 +168,8 @@ class Cache:
     def _publish(self, entry: Entry) -> None:
         """Put ``entry`` in the shared-memory segment, where clients find it without
         asking; one the segment cannot hold stays an answer of the socket only."""
-        if self.publisher is None or entry.key not in self.exact:
-            return
+        if self.publisher is None or not self.config.enabled or entry.key not in self.exact:
+            return  # (a disabled cache answers nothing, from the socket or the segment)
         body = ANSWER_ENCODER.encode(Answer(msgspec.Raw(entry.response), entry.query,
                                             entry.created, entry.input_tokens,
                                             entry.output_tokens))

@@ -38,6 +38,7 @@ class FastPath:
         self.segment: Segment | None = None
         self.epoch = -1
         self.normalizer: Any = None
+        self.kinds: frozenset[str] = frozenset()
         self.hits = 0
         self.fallbacks = 0  # lookups the segment could not answer (a miss, or off)
         self.pending: list[ShmHit] = []  # hits the daemon has not been told of yet
@@ -79,12 +80,14 @@ class FastPath:
             self.normalizer = None
             return False
         self.normalizer, self._key = normalizer, request_key
+        self.kinds = frozenset(meta["kinds"])
         return True
 
     def lookup(self, req: Begin | CacheGet) -> BeginReply | CacheGetReply | None:
         """The reply of an exact hit for ``req``, or None (ask the daemon)."""
-        if req.no_cache or not self._ready():
-            self.fallbacks += 1
+        if req.no_cache or not self._ready() or (
+                isinstance(req, Begin) and req.kind and req.kind not in self.kinds):
+            self.fallbacks += 1  # (an unknown kind: the daemon refuses it, and says why)
             return None
         view: Any = REQUEST_DECODER.decode(_ENCODER.encode(req))
         if isinstance(view, Begin) and not view.model:

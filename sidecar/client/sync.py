@@ -309,6 +309,7 @@ class Client:
         return self.call(Fingerprint(text=text), timeout=timeout)  # type: ignore[return-value]
 
     def stats(self, *, timeout: float | None = None) -> StatsReply:
+        self._report_hits()  # its own hits first: what it reads includes them
         return self.call(Stats(), timeout=timeout)  # type: ignore[return-value]
 
     def admit(self, *, timeout: float | None = None, **fields: Any) -> AdmitReply:
@@ -328,15 +329,18 @@ class Client:
         return self.call(Release(lease=lease), timeout=timeout)  # type: ignore[return-value]
 
     def limits(self, user: str | None = None, *, timeout: float | None = None) -> LimitsReply:
+        self._report_hits()  # its own hits first: what it reads includes them
         return self.call(Limits(user=user), timeout=timeout)  # type: ignore[return-value]
 
     def costs(self, *, timeout: float | None = None, **fields: Any) -> CostsReply:
         """Spend, tokens and cache savings; fields as ``protocol.Costs`` (since, until,
         by = "model" | "user" | "route", top)."""
+        self._report_hits()  # its own hits first: what it reads includes them
         return self.call(Costs(**fields), timeout=timeout)  # type: ignore[return-value]
 
     def metrics(self, *, timeout: float | None = None) -> str:
         """Every metric in the Prometheus text format."""
+        self._report_hits()  # its own hits first: what it reads includes them
         return self.call(MetricsText(), timeout=timeout).text  # type: ignore[attr-defined]
 
     def cache_get(self, *, timeout: float | None = None, **fields: Any) -> CacheGetReply:

@@ -430,7 +430,8 @@ class Daemon:
         normalizer = self.handlers.normalizer
         self.segment.set_meta(orjson.dumps({
             "spec": normalizer.spec, "filler_words": list(normalizer.filler_words),
-            "isolate_cache": self.config.server.access.isolate_cache}))
+            "isolate_cache": self.config.server.access.isolate_cache,
+            "kinds": sorted(self.config.cache.policy)}))
         self.segment.set_epoch(self.handlers.epoch)
 
     def _close_segment(self) -> None:
