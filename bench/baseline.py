@@ -148,18 +148,23 @@ def print_rows(rows: list[Row], third: str, cell: Callable[[Row], str], *, digit
 # --- contenders -------------------------------------------------------------------------
 
 
-def ping_runner(client: sidecar.Client) -> Runner:
-    ping, clock = client.ping, time.perf_counter_ns
+def call_runner(label: str, call: Callable[[], object]) -> Runner:
+    """``call`` timed alone, each time (a ping of the daemon or of Redis, for context)."""
+    clock = time.perf_counter_ns
 
     def run(n: int) -> dict[str, list[int]]:
         latencies = [0] * n
         for j in range(n):
             t0 = clock()
-            ping()
+            call()
             latencies[j] = clock() - t0
-        return {PING: latencies}
+        return {label: latencies}
 
     return run
+
+
+def ping_runner(client: sidecar.Client) -> Runner:
+    return call_runner(PING, client.ping)
 
 
 def lua_runner(r: Any, prefix: str, counter: list[int]) -> Runner:

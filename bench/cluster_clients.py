@@ -23,7 +23,7 @@ from typing import Any
 
 import sidecar
 
-from .baseline import LUA, USERS, Runner, lua_runner
+from .baseline import LUA, USERS, Runner, call_runner, lua_runner
 
 OVER_MIN_S = 2.0  # the hammer lasts at least this long (leases roll over, others close)
 OVER_CAP_S = 30.0  # ... and at most this long (well inside the 60 s window)
@@ -61,17 +61,7 @@ def admit_runner(client: sidecar.Client, label: str, counter: list[int]) -> Runn
 
 
 def redis_ping_runner(r: Any) -> Runner:
-    ping, clock = r.ping, time.perf_counter_ns
-
-    def run(n: int) -> dict[str, list[int]]:
-        latencies = [0] * n
-        for j in range(n):
-            t0 = clock()
-            ping()
-            latencies[j] = clock() - t0
-        return {REDIS_PING: latencies}
-
-    return run
+    return call_runner(REDIS_PING, r.ping)
 
 
 # --- client processes -------------------------------------------------------------------

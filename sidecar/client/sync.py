@@ -28,7 +28,8 @@ from ._common import (
 from .guard import CallResult, Guarded
 from ..wire.address import client_socket_path
 from ..errors import (
-    FrameTooLarge, ProtocolError, SidecarError, SidecarTimeout, SidecarUnavailable, UntrustedSocket,
+    FrameTooLarge, ProtocolError, RequestError, SidecarError, SidecarTimeout, SidecarUnavailable,
+    UntrustedSocket,
     error_from_reply,
 )
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame
@@ -180,9 +181,7 @@ class _SyncConnection:
                     raise error_from_reply(reply.code, reply.message, None)
                 try:
                     replies.append(_check_reply(reply, expected))
-                except ProtocolError:
-                    raise
-                except Exception as exc:
+                except RequestError as exc:  # this request's error; the stream is fine
                     replies.append(exc)
         except ConnectionResetError:
             if not replies:

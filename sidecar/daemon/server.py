@@ -203,8 +203,8 @@ class Connection(asyncio.Protocol):
         handlers.operator = self.operator
         try:
             pending = self.server.process(frames, out, first)
-        except Exception:  # a bug of ours: this connection's stream is lost, not others'
-            log.exception("closing a connection after an internal error")
+        except Exception as exc:  # a bug of ours: this stream is lost, not the others
+            _internal_log.error("closing a connection after an internal error", exc_info=exc)
             self.transport.write(out)  # type: ignore[union-attr]
             self.abort(ErrorCode.INTERNAL, "internal error; the daemon log has details")
             return
@@ -353,8 +353,9 @@ class Server:
                     return index, reply, metrics, start
             try:
                 append_frame(encoder, reply, out)
-            except Exception:
-                log.exception("encoding a %s reply failed", type(reply).__name__)
+            except Exception as exc:
+                _internal_log.error("encoding a %s reply failed", type(reply).__name__,
+                                    exc_info=exc)
                 reply = Error(id=reply.id, code=ErrorCode.INTERNAL,
                               message="reply could not be encoded")
                 append_frame(encoder, reply, out)
