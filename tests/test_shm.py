@@ -283,3 +283,108 @@ def test_hits_from_the_segment_are_accounted(start_daemon):
         assert saved > 0
         assert wait_for(lambda: plain.stats().request_log.written == logged + 10)  # the begins
     assert d.stop() == 0
+
+
+def _restart_client(path: str, seconds: float, out) -> None:
+    """Ask 40 questions over and over; store the answer on a miss, check it on a hit."""
+    from sidecar import Client
+    from sidecar.errors import SidecarUnavailable, SidecarTimeout
+
+    rng = random.Random(os.getpid())
+    hits: dict[int, int] = {}  # by segment generation
+    misses = wrong = unavailable = 0
+    deadline = time.monotonic() + seconds
+    with Client(path, timeout=2.0) as c:
+        while time.monotonic() < deadline:
+            i = rng.randrange(40)
+            try:
+                b = c.begin(user=f"p{os.getpid()}", model="m", text=f"question {i}?")
+                if b.outcome == "hit":
+                    wrong += b.value() != f"answer {i}"
+                    gen = c.fast.segment.generation if c.fast and c.fast.segment else 0
+                    hits[gen] = hits.get(gen, 0) + 1
+                else:
+                    misses += 1
+                    c.end(b.lease, model="m", input_tokens=5, output_tokens=3,
+                          response=f"answer {i}")
+            except (SidecarUnavailable, SidecarTimeout):
+                unavailable += 1
+                time.sleep(0.005)
+    out.put((hits, misses, wrong, unavailable))
+
+
+def test_clients_live_through_a_daemon_restart(start_daemon, tmp_path):
+    """4 client processes keep asking while the daemon is stopped and a new one starts on
+    the same socket: each maps the new segment (its hits come from both generations), keeps
+    working, and never gets an answer to another question."""
+    ctx = multiprocessing.get_context("fork")
+    d = start_daemon()
+    first = Segment(segment_path(d.path)).generation
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_restart_client, args=(str(d.path), 6.0, out))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)
+    assert d.stop() == 0
+    d2 = start_daemon(socket_path=d.path)
+    second = Segment(segment_path(d2.path)).generation
+    assert second != first
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    for hits, misses, wrong, unavailable in results:
+        assert wrong == 0
+        assert hits.get(first, 0) > 0 and hits.get(second, 0) > 0, (hits, first, second)
+    assert d2.stop() == 0
+
+
+def _socket_only_client(path: str, q: dict, out) -> None:
+    from sidecar import Client
+
+    with Client(path) as c:
+        answers = [c.begin(user="u", **q).value() for _ in range(3)]
+        answers.append(c.cache_get(**q).value())
+        out.put((answers, c.fast.hits, c.fast.fallbacks, c.fast.segment is None,
+                 c.stats().ops["begin"].requests))
+
+
+def test_a_client_that_may_not_read_the_segment_uses_the_socket(start_daemon):
+    """A client that may talk to the daemon but not open its segment (a member of the
+    socket's group, the segment made owner-only; as root the client drops to nobody in
+    that group) is no error: begins and cache gets go through the socket."""
+    ctx = multiprocessing.get_context("fork")
+    from sidecar import Client
+
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    where = Path(tempfile.mkdtemp(prefix="shm-perm-"))  # reachable by nobody, unlike tmp_path
+    where.chmod(0o755)
+    d = start_daemon(socket_path=where / "llm.sock")
+    q = dict(model="gpt-4o", text="Who wrote Hamlet?")
+    with Client(d.path, shared_memory=False) as plain:
+        plain.cache_put("Shakespeare", **q)
+    path = segment_path(d.path)
+    os.chmod(path, 0o600 if os.geteuid() == 0 else 0)
+    out = ctx.Queue()
+
+    def as_another_user() -> None:
+        if os.geteuid() == 0:
+            os.setgroups([])
+            os.setgid(os.stat(d.path).st_gid)
+            os.setuid(65534)
+        assert not os.access(path, os.R_OK) and os.access(d.path, os.W_OK)
+        _socket_only_client(str(d.path), q, out)
+
+    p = ctx.Process(target=as_another_user)
+    p.start()
+    answers, hits, fallbacks, unmapped, begins = out.get(timeout=30)
+    p.join(10)
+    assert p.exitcode == 0
+    assert answers == ["Shakespeare"] * 4
+    assert (hits, fallbacks, unmapped, begins) == (0, 4, True, 3)
+    assert d.stop() == 0
+    shutil.rmtree(where)

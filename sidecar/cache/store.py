@@ -50,6 +50,7 @@ class Cache:
         #: the shared-memory segment clients read exact answers from (None: none)
         self.publisher: Publishing | None = None
         self.published = 0  # answers put in the segment
+        self.not_published = 0  # answers it could not hold (the socket serves them)
         self.stores = 0
         self.bypassed = 0
         self.removed = 0
@@ -176,6 +177,8 @@ class Cache:
         if self.publisher.put(entry.key, body, entry.expires,
                               entry.expires + self.config.stale_for):
             self.published += 1
+        else:
+            self.not_published += 1
 
     def publish_to(self, publisher: Publishing | None) -> None:
         """Keep ``publisher``'s segment true from now on, starting with every entry."""

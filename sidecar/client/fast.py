@@ -19,7 +19,9 @@ from typing import Any
 
 import msgspec
 
-from ..wire import REQUEST_DECODER, Begin, BeginReply, CacheGet, CacheGetReply, ShmHit
+from ..wire import (
+    REQUEST_DECODER, Begin, BeginReply, CacheGet, CacheGetReply, Hits, ShmHit,
+)
 from ..wire.shm import ANSWER_DECODER, Segment, segment_path
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -42,6 +44,8 @@ class FastPath:
         self.hits = 0
         self.fallbacks = 0  # lookups the segment could not answer (a miss, or off)
         self.pending: list[ShmHit] = []  # hits the daemon has not been told of yet
+        self.told_fallbacks = 0
+        self.told_at = time.monotonic()
 
     def _ready(self) -> bool:
         seg = self.segment
@@ -124,9 +128,16 @@ class FastPath:
         return len(self.pending) >= REPORT_EVERY or bool(
             self.pending and time.time() - self.pending[0].at >= REPORT_AFTER)
 
-    def take(self) -> list[ShmHit]:
-        pending, self.pending = self.pending, []
-        return pending
+    def report(self, force: bool = False) -> Hits | None:
+        """What the daemon should be told before the client's next request: every hit
+        waiting; fallbacks alone once a second (or when ``force``)."""
+        fallbacks = self.fallbacks - self.told_fallbacks
+        if not self.pending and not (fallbacks and (
+                force or time.monotonic() - self.told_at >= REPORT_AFTER)):
+            return None
+        hits, self.pending = self.pending, []
+        self.told_fallbacks, self.told_at = self.fallbacks, time.monotonic()
+        return Hits(hits=hits, fallbacks=fallbacks)
 
     def close(self) -> None:
         if self.segment is not None:

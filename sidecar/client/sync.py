@@ -255,6 +255,12 @@ class Client:
 
     def _exchange(self, requests: Sequence[Request], timeout: float | None,
                   return_exceptions: bool) -> list[Reply | BaseException]:
+        told = self.fast.report() if isinstance(self.fast, FastPath) else None
+        if told is not None:
+            # the segment's hits ride ahead of the next round trip, so the daemon's stats
+            # and request log see them before anything this client does after them
+            replies = self._exchange([told, *requests], timeout, True)
+            return unwrap(replies[1:], return_exceptions)  # (hits it refused: answered anyway)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         retried = False
@@ -308,7 +314,6 @@ class Client:
         return self.call(Fingerprint(text=text), timeout=timeout)  # type: ignore[return-value]
 
     def stats(self, *, timeout: float | None = None) -> StatsReply:
-        self._report_hits()  # its own hits first: what it reads includes them
         return self.call(Stats(), timeout=timeout)  # type: ignore[return-value]
 
     def admit(self, *, timeout: float | None = None, **fields: Any) -> AdmitReply:
@@ -328,18 +333,15 @@ class Client:
         return self.call(Release(lease=lease), timeout=timeout)  # type: ignore[return-value]
 
     def limits(self, user: str | None = None, *, timeout: float | None = None) -> LimitsReply:
-        self._report_hits()  # its own hits first: what it reads includes them
         return self.call(Limits(user=user), timeout=timeout)  # type: ignore[return-value]
 
     def costs(self, *, timeout: float | None = None, **fields: Any) -> CostsReply:
         """Spend, tokens and cache savings; fields as ``protocol.Costs`` (since, until,
         by = "model" | "user" | "route", top)."""
-        self._report_hits()  # its own hits first: what it reads includes them
         return self.call(Costs(**fields), timeout=timeout)  # type: ignore[return-value]
 
     def metrics(self, *, timeout: float | None = None) -> str:
         """Every metric in the Prometheus text format."""
-        self._report_hits()  # its own hits first: what it reads includes them
         return self.call(MetricsText(), timeout=timeout).text  # type: ignore[attr-defined]
 
     def cache_get(self, *, timeout: float | None = None, **fields: Any) -> CacheGetReply:
@@ -388,15 +390,14 @@ class Client:
         return hit
 
     def _report_hits(self) -> None:
-        """Tell the daemon the hits read from the segment (lost if it cannot be told:
+        """Tell the daemon the hits read from the segment now (lost if it cannot be told:
         they were answered all the same)."""
-        fast = self.fast
-        if not isinstance(fast, FastPath) or not fast.pending:
-            return
-        try:
-            self.call(Hits(hits=fast.take()))
-        except SidecarError:
-            pass
+        told = self.fast.report(force=True) if isinstance(self.fast, FastPath) else None
+        if told is not None:
+            try:
+                self._exchange((told,), None, True)
+            except SidecarError:
+                pass
 
     def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
         """After it: attempts, usage, and the ``response`` to cache (any msgpack-encodable

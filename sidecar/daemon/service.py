@@ -421,6 +421,7 @@ class Daemon:
                         "for every cache hit", self.path, exc)
             return
         self._publish_meta()
+        self.handlers.segment = self.segment
         self.handlers.cache.publish_to(self.segment)
 
     def _publish_meta(self) -> None:
@@ -437,6 +438,7 @@ class Daemon:
     def _close_segment(self) -> None:
         if self.segment is not None:
             self.handlers.cache.publish_to(None)
+            self.handlers.segment = None
             self.segment.close()
             self.segment = None
 

@@ -295,6 +295,8 @@ class Hits(Request, tag="hits"):
 
     idempotent: ClassVar[bool] = False  # a resend would count them twice
     hits: Annotated[list[ShmHit], msgspec.Meta(max_length=1024)] = []
+    #: lookups the segment could not answer since the last report (they used the socket)
+    fallbacks: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)] = 0
 
 
 REQUEST_TYPES: tuple[type[Request], ...] = (

@@ -82,6 +82,7 @@ class Publisher:
         os.close(fd)
         try:
             self._writer = _native.Writer(self._map, self.generation, slots)
+            self.slots, self.arena_bytes = self._writer.slot_count, self._writer.arena_bytes
         except ValueError:
             self._map.close()
             tmp.unlink(missing_ok=True)
