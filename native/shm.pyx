@@ -27,7 +27,7 @@ read is a miss, never an answer. Readers write nothing.
 No I/O, no clock: the caller maps the file and passes ``now``.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 from includes.shm_atomic cimport (shm_fence_acquire, shm_fence_release, shm_load_acquire,
@@ -184,14 +184,18 @@ cdef class Reader(_Segment):
         self._buffer = buffer
         self._attach(<unsigned char*>&buffer[0], buffer.shape[0])
 
-    def get(self, const unsigned char[::1] key not None, double now, bint allow_stale=False):
+    def get(self, const unsigned char[::1] key not None, double now, bint allow_stale=False,
+            int64_t epoch=-1):
         """``(body, stale)`` of the live entry under ``key`` (16 bytes), or None: absent,
-        expired (past its stale window when ``allow_stale``), overwritten while read, or
-        the segment closed."""
+        expired (past its stale window when ``allow_stale``), overwritten while read, the
+        segment closed, or its config epoch not ``epoch`` (when given: the key was
+        computed under that epoch's meta)."""
         if key.shape[0] != C_KEY_SIZE:
             raise ValueError("a key is 16 bytes")
         if shm_load_acquire(_word(self.base, H_CLOSED)):
             return None  # no longer kept up to date (invalidations, reloads): serve nothing
+        if epoch >= 0 and shm_load_acquire(_word(self.base, H_EPOCH)) != <uint64_t>epoch:
+            return None  # the meta the key was made under is gone: the caller reloads it
         cdef const unsigned char* k = &key[0]
         cdef uint64_t i = _home(k, self.mask)
         cdef int probe

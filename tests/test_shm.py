@@ -1,6 +1,7 @@
 """The shared-memory segment: answers published by one writer, read by other processes
 without a system call; a torn, overwritten, expired or scribbled-on read is a miss, never
 an answer."""
+import asyncio
 import hashlib
 import multiprocessing
 import os
@@ -388,3 +389,95 @@ def test_a_client_that_may_not_read_the_segment_uses_the_socket(start_daemon):
     assert (hits, fallbacks, unmapped, begins) == (0, 4, True, 3)
     assert d.stop() == 0
     shutil.rmtree(where)
+
+
+def test_a_reload_that_changes_the_keys_or_isolates_users(start_daemon):
+    """New filler words: the client reloads the meta (the epoch moved) and keys as the
+    daemon now does, its hits still from the segment. isolate_cache on: the daemon takes
+    every answer out of the segment and clients ask the socket (each uid its own cache)."""
+    import signal
+
+    from conftest import wait_for
+
+    from sidecar import Client
+
+    d = start_daemon('[normalize]\nfiller_words = ["please"]\n')
+    seg = Segment(segment_path(d.path))
+    with Client(d.path) as c:
+        c.cache_put("four", model="m", text="please what is 2+2")
+        assert c.cache_get(model="m", text="what is 2+2").hit and c.fast.hits == 1
+        d.config.write_text('[normalize]\nfiller_words = ["kindly"]\n')
+        d.signal(signal.SIGHUP)
+        assert wait_for(lambda: c.stats().config_epoch == 1)
+        assert not c.cache_get(model="m", text="what is 2+2").hit  # "please" counts now
+        c.cache_put("four", model="m", text="kindly what is 2+2")
+        hit = c.cache_get(model="m", text="what is 2+2")
+        assert hit.hit and c.fast.hits == 2 and c.fast.epoch == 1
+        assert seg.get(hit.key, time.time()) is not None
+        d.config.write_text('[server.access]\nisolate_cache = true\n')
+        d.signal(signal.SIGHUP)
+        assert wait_for(lambda: c.stats().config_epoch == 2)
+        assert seg.get(hit.key, time.time()) is None  # no answer left for all to read
+        c.cache_put("four", model="m", text="what is 2+2")
+        got = c.cache_get(model="m", text="what is 2+2")
+        assert got.hit and got.key != hit.key and c.fast.hits == 2  # from the socket
+        assert seg.get(got.key, time.time()) is None
+        assert json_meta(seg)["isolate_cache"] is True
+    assert d.stop() == 0
+
+
+def json_meta(seg: Segment) -> dict:
+    import json
+    return json.loads(seg.meta())
+
+
+def test_a_request_the_daemon_refuses_is_not_answered_from_the_segment(start_daemon):
+    """The fields the segment path checks itself: a name past its bound, a temperature
+    out of range, a wrong type: the socket refuses them, so the segment must not answer."""
+    from sidecar import Client
+    from sidecar.errors import BadRequest
+
+    d = start_daemon()
+    q = dict(model="m", text="Name a prime number.")
+    with Client(d.path) as c:
+        c.cache_put("7", **q)
+        assert c.begin(user="u", **q).outcome == "hit" and c.fast.hits == 1
+        for bad in (dict(user="u" * 513), dict(request_id="r" * 129), dict(max_tokens=-1),
+                    dict(temperature=101.0), dict(threshold=0.0), dict(no_store="yes")):
+            with pytest.raises(BadRequest):
+                c.begin(**{"user": "u", **q, **bad})
+        with pytest.raises(BadRequest):
+            c.cache_get(namespace="n" * 513, **q)
+        assert c.fast.hits == 1
+        # an int temperature is decoded as a float, as the daemon decodes it
+        c.cache_put("11", temperature=1.0, **q)
+        assert c.begin(user="u", temperature=1, **q).value() == "11" and c.fast.hits == 2
+    assert d.stop() == 0
+
+
+def test_the_async_client_takes_exact_hits_from_the_segment(start_daemon, run_async):
+    """AsyncClient as Client: hits with no round trip, told ahead of its next request."""
+    from sidecar import AsyncClient
+
+    d = start_daemon()
+    q = dict(model="gpt-4o", text="What colour is the sky?")
+
+    async def main():
+        async with AsyncClient(d.path) as c:
+            await c.cache_put("blue", **q)
+            begins = (await c.stats()).ops.get("begin")
+            hits = await asyncio.gather(*(c.begin(user="u", **q) for _ in range(20)))
+            assert all(h.outcome == "hit" and h.value() == "blue" for h in hits)
+            assert (await c.cache_get(**q)).value() == "blue"
+            assert c.fast.hits == 21 and len(c.fast.pending) == 21
+            stats = await c.stats()  # the hits rode ahead of it
+            assert stats.ops.get("begin") == begins and stats.cache.tiers["exact"].hits == 21
+            assert not c.fast.pending
+            assert [s.hits for s in stats.shm.clients] == [21]
+        async with AsyncClient(d.path, shared_memory=False) as plain:
+            assert (await plain.begin(user="u", **q)).value() == "blue"
+            assert plain.fast is False
+            assert (await plain.stats()).ops["begin"].requests == 1
+
+    run_async(main())
+    assert d.stop() == 0

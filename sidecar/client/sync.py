@@ -39,7 +39,6 @@ from ..wire import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePutReply, ChainModel, Costs, CostsReply, CountReply,
     EndReply, Error, Extend, ExtendReply, Fingerprint, FingerprintReply, Hello, HelloReply,
-    Hits,
     Limits, LimitsReply, Message, MetricsText, Ping, Pong, Release, ReleaseReply, Reply,
     Report, ReportReply, Request, Route, RouteReply, Settle, SettleReply, Stats, StatsReply,
 )

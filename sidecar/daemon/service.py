@@ -245,7 +245,7 @@ class Daemon:
         else:
             self.config = new
             self.server.apply(new)
-            self._publish_meta()
+            self._sync_segment()
             logging.getLogger().setLevel(new.log.level.upper())
             log.info("reloaded config from %s (epoch %d)", new.source, self.handlers.epoch)
         finally:
@@ -420,20 +420,26 @@ class Daemon:
             log.warning("no shared-memory segment beside %s (%s): clients use the socket "
                         "for every cache hit", self.path, exc)
             return
-        self._publish_meta()
         self.handlers.segment = self.segment
-        self.handlers.cache.publish_to(self.segment)
+        self._sync_segment()
 
-    def _publish_meta(self) -> None:
-        """What a client needs to compute exact keys as this daemon does."""
+    def _sync_segment(self) -> None:
+        """Publish what a client needs to compute exact keys as this daemon does, and
+        the answers unless ``isolate_cache`` is on: then each uid's answers are its own,
+        and a segment every reader of the socket may map holds none of them."""
         if self.segment is None:
             return
+        cache, isolate = self.handlers.cache, self.config.server.access.isolate_cache
+        if isolate:
+            cache.publish_to(None)
+            self.segment.clear()
         normalizer = self.handlers.normalizer
         self.segment.set_meta(orjson.dumps({
             "spec": normalizer.spec, "filler_words": list(normalizer.filler_words),
-            "isolate_cache": self.config.server.access.isolate_cache,
-            "kinds": sorted(self.config.cache.policy)}))
+            "isolate_cache": isolate, "kinds": sorted(self.config.cache.policy)}))
         self.segment.set_epoch(self.handlers.epoch)
+        if not isolate and cache.publisher is None:
+            cache.publish_to(self.segment)
 
     def _close_segment(self) -> None:
         if self.segment is not None:

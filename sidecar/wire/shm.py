@@ -161,11 +161,10 @@ class Segment:
             self.close()
             raise
         self.generation: int = self._reader.generation
-
-    def get(self, key: bytes, now: float, allow_stale: bool = False
-            ) -> tuple[bytes, bool] | None:
-        """``(body, stale)`` of the live answer under the exact ``key``, or None."""
-        return self._reader.get(key, now, allow_stale)
+        #: ``get(key, now, allow_stale=False, epoch=-1)``: ``(body, stale)`` of the live
+        #: answer under the exact ``key``, or None (also when the segment is closed, or
+        #: its config epoch is not ``epoch`` when one is given); the native call itself
+        self.get = self._reader.get
 
     def current(self) -> bool:
         """Whether the file at the path is still this segment (the daemon may have
@@ -196,6 +195,6 @@ class Segment:
         return self._reader.torn
 
     def close(self) -> None:
-        self._reader = None
+        self._reader = self.get = None  # type: ignore[assignment]
         self._view.release()
         self._map.close()
