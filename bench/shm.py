@@ -14,7 +14,7 @@ holds the others. Every figure comes from this one run:
 * ``admit_socket_p50_us``: ``Client.admit`` + ``settle`` over the socket; ``admit_shm_p50_us``
   is null until admission from leased slices exists (``missing`` says so);
 * ``contention``: 4 client processes make 40,000 admit attempts in all for one user whose
-  limit is 1,000 requests an hour: ``admitted`` must be 1,000 or just under, never more (socket path; the shm
+  limit is 1,000 requests a minute (no end waits for the journal): ``admitted`` must be 1,000 or just under, never more (socket path; the shm
   path is null until it exists);
 * ``sdk_direct_p50_us``, ``sdk_guarded_miss_p50_us``, ``sdk_guarded_hit_p50_us``: the
   OpenAI SDK against the tests' local stub server (``tests/stub_llm.py``), directly and
@@ -47,7 +47,7 @@ retry_loop_max = 0
 name = "bench-per-user"
 scope = "user"
 metric = "requests"
-window = "1h"
+window = "60s"
 amount = {LIMIT}
 """  # the contention processes share one user; the other rows spread over 1,000 users
 

@@ -284,16 +284,48 @@ cdef class Normalizer:
         {}, None, None, [["user", normalize(text), None, None, None]]]`` (what
         ``sidecar.cache.keys.request_key`` hashes for it), built here in one pass.
         ``temperature``: a float or None."""
-        cdef Py_ssize_t ns_len, model_len, text_len, size
+        cdef Py_ssize_t ns_len, model_len, text_len, size, i, n
         cdef const char* ns_p = PyUnicode_AsUTF8AndSize(namespace, &ns_len)
         cdef const char* model_p = PyUnicode_AsUTF8AndSize(model, &model_len)
-        cdef str norm = self.normalize(text)
-        cdef const char* text_p = PyUnicode_AsUTF8AndSize(norm, &text_len)
         cdef double t = 0.0
         if temperature is not None:
             if type(temperature) is not float:
                 raise TypeError("temperature must be a float or None")
             t = temperature
+        cdef str norm
+        cdef const char* text_p
+        cdef const uint8_t* src
+        cdef uint8_t small[2048]
+        cdef uint8_t* work = small
+        cdef uint8_t c
+        if not PyUnicode_IS_ASCII(text):
+            norm = self.normalize(text)
+            text_p = PyUnicode_AsUTF8AndSize(norm, &text_len)
+            return self._text_key(ns_p, ns_len, model_p, model_len, temperature is not None,
+                                  t, text_p, text_len)
+        # ASCII (the common case): lower-cased and folded here, no str made; the folded
+        # bytes are their own UTF-8 (what ``normalize`` then encoding would give)
+        n = PyUnicode_GET_LENGTH(text)
+        src = <const uint8_t*>PyUnicode_DATA(text)
+        if 2 * n > 2048:
+            work = <uint8_t*>PyMem_Malloc(2 * n)
+            if work == NULL:
+                raise MemoryError()
+        try:
+            for i in range(n):
+                c = src[i]
+                work[i] = c + 32 if 65 <= c <= 90 else c
+            text_len = _fold(<const uint8_t*>work, n, work + n, self._fillers, self._nfillers)
+            return self._text_key(ns_p, ns_len, model_p, model_len, temperature is not None,
+                                  t, <const char*>(work + n), text_len)
+        finally:
+            if work != small:
+                PyMem_Free(work)
+
+    cdef bytes _text_key(self, const char* ns_p, Py_ssize_t ns_len, const char* model_p,
+                         Py_ssize_t model_len, bint has_t, double t, const char* text_p,
+                         Py_ssize_t text_len):
+        cdef Py_ssize_t size
         # array(8) "exact" ns model temp {} nil nil array(1) array(5) "user" text nil x3
         size = 1 + 6 + (5 + ns_len) + (5 + model_len) + 9 + 3 + 2 + 5 + (5 + text_len) + 3
         cdef unsigned char stack[1024]
@@ -310,7 +342,7 @@ cdef class Normalizer:
             memcpy(p + 2, b"exact", 5)
             p = _pack_str(p + 7, ns_p, ns_len)
             p = _pack_str(p, model_p, model_len)
-            if temperature is None:
+            if not has_t:
                 p[0] = 0xc0
                 p += 1
             else:

@@ -179,44 +179,82 @@ cdef class Reader(_Segment):
 
     cdef public uint64_t retries
     cdef public uint64_t torn
+    #: what the last successful ``find`` or ``get`` found: the entry's arena position
+    #: (unique within a generation: the arena never reuses one) and whether it was stale
+    cdef readonly uint64_t pos
+    cdef readonly bint stale
+    cdef uint32_t _length
 
     def __init__(self, const unsigned char[::1] buffer not None):
         self._buffer = buffer
         self._attach(<unsigned char*>&buffer[0], buffer.shape[0])
 
-    def get(self, const unsigned char[::1] key not None, double now, bint allow_stale=False,
-            int64_t epoch=-1):
+    def find(self, bytes key not None, double now, bint allow_stale=False, int64_t epoch=-1):
+        """The arena position of the live entry under ``key`` (16 bytes), or -1, as
+        ``get`` decides, without copying the body. The entry's bytes are intact at that
+        position (no reservation has reached them), so a body ``get`` returned for the
+        same position in this generation is still this entry's."""
+        if not self._find(key, now, allow_stale, epoch):
+            return -1
+        shm_fence_acquire()
+        if shm_load_relaxed(_word(self.base, H_HEAD)) - self.pos > self.arena_size:
+            self.torn += 1
+            return -1
+        return self.pos
+
+    def get(self, bytes key not None, double now, bint allow_stale=False, int64_t epoch=-1):
         """``(body, stale)`` of the live entry under ``key`` (16 bytes), or None: absent,
         expired (past its stale window when ``allow_stale``), overwritten while read, the
         segment closed, or its config epoch not ``epoch`` (when given: the key was
         computed under that epoch's meta)."""
-        if key.shape[0] != C_KEY_SIZE:
+        if not self._find(key, now, allow_stale, epoch):
+            return None
+        cdef uint64_t pos = self.pos, head, own_pos
+        cdef uint32_t length = self._length, own_len
+        cdef uint64_t off = pos % self.arena_size
+        if off + C_ENTRY_HEADER + <uint64_t>length > self.arena_size:
+            return None  # never written so: a segment someone else scribbled on
+        cdef bytes body = PyBytes_FromStringAndSize(NULL, length)
+        cdef unsigned char* entry = self.base + self.arena_off + off
+        memcpy(&own_pos, entry, 8)
+        memcpy(&own_len, entry + 8, 4)
+        memcpy(PyBytes_AS_STRING(body), entry + C_ENTRY_HEADER, length)
+        shm_fence_acquire()
+        head = shm_load_relaxed(_word(self.base, H_HEAD))
+        if head - pos > self.arena_size or own_pos != pos or own_len != length:
+            self.torn += 1
+            return None
+        return (body, self.stale)
+
+    cdef bint _find(self, bytes key, double now, bint allow_stale, int64_t epoch) except -1:
+        """Whether a servable entry is under ``key``: then ``pos``, ``_length`` and
+        ``stale`` describe it, as its slot read under the seqlock."""
+        if len(key) != C_KEY_SIZE:
             raise ValueError("a key is 16 bytes")
         if shm_load_acquire(_word(self.base, H_CLOSED)):
-            return None  # no longer kept up to date (invalidations, reloads): serve nothing
+            return False  # no longer kept up to date (invalidations, reloads): serve nothing
         if epoch >= 0 and shm_load_acquire(_word(self.base, H_EPOCH)) != <uint64_t>epoch:
-            return None  # the meta the key was made under is gone: the caller reloads it
-        cdef const unsigned char* k = &key[0]
+            return False  # the meta the key was made under is gone: the caller reloads it
+        cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(key)
         cdef uint64_t i = _home(k, self.mask)
-        cdef int probe
-        cdef object found
+        cdef int probe, found
         for probe in range(C_PROBES):
             found = self._read(self.base + self.index_off + ((i + probe) & self.mask) * C_SLOT_SIZE,
                                k, now, allow_stale)
-            if found is not False:
+            if found >= 0:
                 return found
-        return None
+        return False
 
-    cdef object _read(self, unsigned char* slot, const unsigned char* key, double now,
-                      bint allow_stale):
-        """The slot's answer for ``key``: the (body, stale) pair, None (the key's search
-        ends here: an empty slot, or the key's entry not servable) or False (go on)."""
-        cdef uint64_t s1, s2, pos, head, own_pos
-        cdef uint32_t length, state, own_len
+    cdef int _read(self, unsigned char* slot, const unsigned char* key, double now,
+                   bint allow_stale) noexcept:
+        """The slot's verdict for ``key``: 1 (its servable entry: ``pos``, ``_length``
+        and ``stale`` set), 0 (the key's search ends here: an empty slot, or the key's
+        entry not servable) or -1 (go on)."""
+        cdef uint64_t s1, s2, pos
+        cdef uint32_t length, state
         cdef double expires, stale_until
         cdef unsigned char kcopy[16]
         cdef int attempt
-        cdef bytes body
         for attempt in range(MAX_RETRIES):
             s1 = shm_load_acquire(_word(slot, S_SEQ))
             if s1 & 1:
@@ -235,27 +273,15 @@ cdef class Reader(_Segment):
                 continue
             break
         else:
-            return None  # rewritten all the while: a miss
+            return 0  # rewritten all the while: a miss
         if state == EMPTY:
-            return None
+            return 0
         if state != LIVE or memcmp(kcopy, key, C_KEY_SIZE) != 0:
-            return False
+            return -1
         if now >= expires and not (allow_stale and now < stale_until):
-            return None
-        cdef uint64_t off = pos % self.arena_size
-        if off + C_ENTRY_HEADER + <uint64_t>length > self.arena_size:
-            return None  # never written so: a segment someone else scribbled on
-        body = PyBytes_FromStringAndSize(NULL, length)
-        cdef unsigned char* entry = self.base + self.arena_off + off
-        memcpy(&own_pos, entry, 8)
-        memcpy(&own_len, entry + 8, 4)
-        memcpy(PyBytes_AS_STRING(body), entry + C_ENTRY_HEADER, length)
-        shm_fence_acquire()
-        head = shm_load_relaxed(_word(self.base, H_HEAD))
-        if head - pos > self.arena_size or own_pos != pos or own_len != length:
-            self.torn += 1
-            return None
-        return (body, now >= expires)
+            return 0
+        self.pos, self._length, self.stale = pos, length, now >= expires
+        return 1
 
 
 cdef class Writer(_Segment):

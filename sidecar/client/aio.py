@@ -283,9 +283,8 @@ class AsyncClient:
 
     async def cache_get(self, *, timeout: float | None = None,
                         **fields: Any) -> CacheGetReply:
-        req = CacheGet(**fields)
-        hit = await self._fast_lookup(req, timeout)
-        return hit or await self.call(req, timeout=timeout)  # type: ignore
+        hit = await self._fast_lookup(fields, False, timeout)
+        return hit or await self.call(CacheGet(**fields), timeout=timeout)  # type: ignore
 
     async def cache_put(self, response: Any, *, timeout: float | None = None,
                         **fields: Any) -> CachePutReply:
@@ -301,18 +300,18 @@ class AsyncClient:
 
     async def begin(self, *, timeout: float | None = None, **fields: Any) -> BeginReply:
         """As ``Client.begin``: an exact hit comes from the shared-memory segment."""
-        req = Begin(**fields)
-        hit = await self._fast_lookup(req, timeout)
-        return hit or await self.call(req, timeout=timeout)  # type: ignore
+        hit = await self._fast_lookup(fields, True, timeout)
+        return hit or await self.call(Begin(**fields), timeout=timeout)  # type: ignore
 
-    async def _fast_lookup(self, req: Begin | CacheGet, timeout: float | None) -> Any:
+    async def _fast_lookup(self, fields: dict[str, Any], begin: bool,
+                           timeout: float | None) -> Any:
         if self.fast is False:
             return None
         if self.fast is None:
             await self._connection(self.timeout if timeout is None else timeout)
         fast: FastPath = self.fast  # type: ignore[assignment]
-        hit = fast.lookup(req)  # no I/O: nothing here waits
-        if hit is not None and fast.due():
+        hit = fast.lookup(fields, begin)  # no I/O: nothing here waits
+        if hit is not None and fast.due:
             await self._report_hits()
         return hit
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
@@ -37,34 +37,61 @@ _ENCODER = msgspec.msgpack.Encoder()
 REPORT_EVERY = 256
 REPORT_AFTER = 1.0
 MAX_HITS = 1024  # in one report (``Hits``' bound); more wait for the next
+#: answers kept decoded, by count and by body bytes (a hit on one copies nothing)
+KEEP_ANSWERS = 1024
+KEEP_BYTES = 8 << 20
 
 
-def _count(v: object) -> bool:
+def _name(v: object) -> bool:
+    return type(v) is str and len(v) <= MAX_NAME  # type: ignore[arg-type]
+
+
+def _text(v: object) -> bool:
+    return type(v) is str
+
+
+def _flag(v: object) -> bool:
+    return type(v) is bool
+
+
+def _tokens(v: object) -> bool:
     return v is None or (type(v) is int and 0 <= v <= MAX_TOKENS)  # type: ignore[operator]
 
 
-def _plain(req: Begin | CacheGet, begin: bool) -> bool:
-    """Whether ``req`` is one user turn of text with no params, tools, response format or
-    vector, and every field as the daemon's decoder would accept it (types, bounds)."""
-    t, threshold = req.temperature, req.threshold
-    if not (type(req.text) is str and req.messages is None and not req.params
-            and req.tools is None and req.response_format is None and req.vector is None
-            and type(req.namespace) is str and type(req.model) is str
-            and len(req.namespace) <= MAX_NAME and len(req.model) <= MAX_NAME
-            and (t is None or (type(t) is float and 0.0 <= t <= 100.0))
-            and (threshold is None or (type(threshold) is float and 0.0 < threshold <= 1.0))
-            and type(req.allow_stale) is bool and type(req.no_cache) is bool):
-        return False
-    if not begin:
-        return True
-    names = (req.user, req.key, req.route, req.task, req.kind)  # type: ignore[union-attr]
-    return (all(type(n) is str and len(n) <= MAX_NAME for n in names)
-            and type(req.request_id) is str and len(req.request_id) <= 128  # type: ignore
-            and type(req.template) is str and len(req.template) <= 128  # type: ignore
-            and type(req.template_version) is str  # type: ignore[union-attr]
-            and len(req.template_version) <= 64  # type: ignore[union-attr]
-            and type(req.no_store) is bool  # type: ignore[union-attr]
-            and _count(req.input_tokens) and _count(req.max_tokens))  # type: ignore
+def _temperature(v: object) -> bool:
+    return v is None or (type(v) is float and 0.0 <= v <= 100.0)  # type: ignore[operator]
+
+
+def _threshold(v: object) -> bool:
+    return v is None or (type(v) is float and 0.0 < v <= 1.0)  # type: ignore[operator]
+
+
+def _at_most(n: int) -> Callable[[object], bool]:
+    return lambda v: type(v) is str and len(v) <= n  # type: ignore[arg-type]
+
+
+#: The fields of a plain one-turn request, each with the check the daemon's decoder
+#: makes of it (``sidecar.wire.requests``): a request with only these, all passing, is
+#: keyed natively; any other field (messages, params, tools, ...) takes the generic path.
+_PLAIN_GET: dict[str, Callable[[object], bool]] = {
+    "namespace": _name, "model": _name, "text": _text, "temperature": _temperature,
+    "threshold": _threshold, "allow_stale": _flag, "no_cache": _flag,
+}
+_PLAIN_BEGIN = {
+    **_PLAIN_GET, "user": _name, "key": _name, "route": _name, "task": _name, "kind": _name,
+    "input_tokens": _tokens, "max_tokens": _tokens, "no_store": _flag,
+    "request_id": _at_most(128), "template": _at_most(128), "template_version": _at_most(64),
+}
+
+
+def _plain(fields: dict[str, Any], checks: dict[str, Callable[[object], bool]]) -> bool:
+    try:
+        for name, value in fields.items():
+            if not checks[name](value):
+                return False
+    except KeyError:
+        return False  # a field the plain path does not know
+    return "text" in fields
 
 
 class FastPath:
@@ -79,11 +106,19 @@ class FastPath:
         self.kinds: frozenset[str] = frozenset()
         self.hits = 0
         self.fallbacks = 0  # lookups the segment could not answer (a miss, or off)
-        #: hits the daemon has not been told of yet: (request, key, when, stale); a deque
-        #: so that threads sharing a client append and drain it without a lock
-        self.pending: deque[tuple[Begin | CacheGet, bytes, float, bool]] = deque()
+        #: hits the daemon has not been told of yet: (fields, begin, key, when, stale); a
+        #: deque so that threads sharing a client append and drain it without a lock
+        self.pending: deque[tuple[dict[str, Any], bool, bytes, float, bool]] = deque()
         self.told_fallbacks = 0
         self.told_at = time.monotonic()
+        #: the hits waiting should be told now (with no round trip to ride on): there
+        #: are REPORT_EVERY, or the oldest is REPORT_AFTER seconds old (at ``report_by``)
+        self.due = False
+        self.report_by = 0.0
+        #: answers read before, by arena position (unique in a generation, and still
+        #: theirs while ``find`` says so): [key, begin reply, cache_get reply, size]
+        self.answers: dict[int, list] = {}
+        self.answer_bytes = 0
 
     def _ready(self) -> bool:
         """Map the current segment and load its meta, if anything changed."""
@@ -95,6 +130,8 @@ class FastPath:
         if seg is not None:
             seg.close()
             self.segment = None
+        self.answers.clear()
+        self.answer_bytes = 0
         try:
             seg = Segment(self.path)
         except (OSError, ValueError):
@@ -125,14 +162,24 @@ class FastPath:
         self._text_key = normalizer.text_key
         return True
 
-    def _key(self, req: Begin | CacheGet, begin: bool) -> bytes | None:
-        """The exact key the daemon would compute for ``req`` (None: it would refuse it)."""
-        if _plain(req, begin):
-            model = req.model
+    def _key(self, fields: dict[str, Any], begin: bool) -> bytes | None:
+        """The exact key the daemon would compute for the request (None: it would refuse
+        it, or the segment may not answer it: no_cache, or a kind the daemon does not know,
+        which it refuses, saying why)."""
+        if fields.get("no_cache"):
+            return None
+        if begin:
+            kind = fields.get("kind")
+            if kind and (type(kind) is not str or kind not in self.kinds):
+                return None
+        if _plain(fields, _PLAIN_BEGIN if begin else _PLAIN_GET):
+            model = fields.get("model")
             if begin and not model:
-                model = f"route:{req.route or req.task or '-'}"  # type: ignore[union-attr]
-            return self._text_key(req.namespace, model, req.temperature, req.text)
+                model = f"route:{fields.get('route') or fields.get('task') or '-'}"
+            return self._text_key(fields.get("namespace", ""), model or "",
+                                  fields.get("temperature"), fields["text"])
         try:
+            req = (Begin if begin else CacheGet)(**fields)
             view: Any = REQUEST_DECODER.decode(_ENCODER.encode(req))
             if begin and not view.model:
                 view = msgspec.structs.replace(
@@ -141,44 +188,74 @@ class FastPath:
         except Exception:  # a request the daemon would refuse: let it say so
             return None
 
-    def lookup(self, req: Begin | CacheGet) -> BeginReply | CacheGetReply | None:
-        """The reply of an exact hit for ``req``, or None (ask the daemon)."""
-        begin = type(req) is Begin
+    def lookup(self, fields: dict[str, Any], begin: bool) -> BeginReply | CacheGetReply | None:
+        """The reply of an exact hit for the begin (or cache get) ``fields`` describe, or
+        None (ask the daemon). ``due`` turns true when the hits waiting should be told."""
         now = time.time()
-        found = None
+        stale_ok = fields.get("allow_stale") is True
         for _ in range(2):  # the second time with a fresh map or meta
-            if req.no_cache or (self.normalizer is None and not self._ready()):
+            if self.normalizer is None and not self._ready():
                 break
-            if begin and req.kind and req.kind not in self.kinds:  # type: ignore[union-attr]
-                break  # a kind the daemon does not know: it refuses the begin, and says why
-            key = self._key(req, begin)
+            key = self._key(fields, begin)
             if key is None:
                 break
-            found = self.segment.get(key, now, req.allow_stale, self.epoch)  # type: ignore
-            seg = self.segment
-            if found is not None or seg is None or (not seg.closed and seg.epoch == self.epoch):
-                break  # an answer, or a plain miss
+            seg: Segment = self.segment  # type: ignore[assignment]
+            if not stale_ok:  # the hot path: a body read before is not copied again
+                pos = seg.find(key, now, False, self.epoch)
+                if pos >= 0:
+                    known = self.answers.get(pos)
+                    if known is None or known[0] != key:
+                        found = seg.get(key, now, False, self.epoch)
+                        if found is None:
+                            break  # overwritten since: a miss
+                        known = self._answer(key, found[0], seg.pos, False)
+                    pending = self.pending  # (``_told_later``, inline: the hottest path)
+                    if not pending:
+                        self.report_by = now + REPORT_AFTER
+                    pending.append((fields, begin, key, now, False))
+                    self.hits += 1
+                    self.due = len(pending) >= REPORT_EVERY or now >= self.report_by
+                    return known[1] if begin else known[2]
+            else:
+                found = seg.get(key, now, True, self.epoch)
+                if found is not None:
+                    known = self._answer(key, found[0], seg.pos, found[1])
+                    self._told_later(fields, begin, key, now, found[1])
+                    return known[1] if begin else known[2]
+            if not seg.closed and seg.epoch == self.epoch:
+                break  # a plain miss
             self.normalizer = None  # closed, or the meta changed: map or load it again
-        if found is None:
-            self.fallbacks += 1
-            return None
-        body, stale = found
-        answer = ANSWER_DECODER.decode(body)
-        self.hits += 1
-        self.pending.append((req, key, now, stale))
-        if begin:
-            return BeginReply(id=req.id, outcome="hit", key=key, response=answer.response,
-                              tier="exact", similarity=1.0, stale=stale)
-        return CacheGetReply(id=req.id, hit=True, key=key, tier="exact",
-                             response=answer.response, similarity=1.0, query=answer.query,
-                             cached_at=answer.cached_at, stale=stale,
-                             input_tokens=answer.input_tokens,
-                             output_tokens=answer.output_tokens)
+        self.fallbacks += 1
+        return None
 
-    def due(self) -> bool:
-        """Whether the hits waiting should be told now, with no round trip to ride."""
-        return len(self.pending) >= REPORT_EVERY or bool(
-            self.pending and time.time() - self.pending[0][2] >= REPORT_AFTER)
+    def _told_later(self, fields: dict[str, Any], begin: bool, key: bytes, now: float,
+                    stale: bool) -> None:
+        pending = self.pending
+        if not pending:
+            self.report_by = now + REPORT_AFTER
+        pending.append((fields, begin, key, now, stale))
+        self.hits += 1
+        self.due = len(pending) >= REPORT_EVERY or now >= self.report_by
+
+    def _answer(self, key: bytes, body: bytes, pos: int, stale: bool) -> list:
+        """The replies a hit on this body gives (replies are immutable: one serves every
+        hit on it), kept by position unless stale or past the bounds."""
+        answer = ANSWER_DECODER.decode(body)
+        known = [key, BeginReply(outcome="hit", key=key, response=answer.response,
+                                 tier="exact", similarity=1.0, stale=stale),
+                 CacheGetReply(hit=True, key=key, tier="exact", response=answer.response,
+                               similarity=1.0, query=answer.query,
+                               cached_at=answer.cached_at, stale=stale,
+                               input_tokens=answer.input_tokens,
+                               output_tokens=answer.output_tokens), len(body)]
+        if not stale and len(body) <= KEEP_BYTES // 16:
+            answers = self.answers
+            while answers and (len(answers) >= KEEP_ANSWERS
+                               or self.answer_bytes + len(body) > KEEP_BYTES):
+                self.answer_bytes -= answers.pop(next(iter(answers)))[3]  # the oldest
+            answers[pos] = known
+            self.answer_bytes += len(body)
+        return known
 
     def report(self, force: bool = False) -> Hits | None:
         """What the daemon should be told before the client's next request: every hit
@@ -190,6 +267,7 @@ class FastPath:
         told = []
         while self.pending and len(told) < MAX_HITS:
             told.append(_told(*self.pending.popleft()))
+        self.due = False
         self.told_fallbacks, self.told_at = self.fallbacks, time.monotonic()
         return Hits(hits=told, fallbacks=fallbacks)
 
@@ -198,13 +276,16 @@ class FastPath:
             self.segment.close()
             self.segment = None
         self.normalizer = None
+        self.answers.clear()
+        self.answer_bytes = 0
 
 
-def _told(req: Begin | CacheGet, key: bytes, at: float, stale: bool) -> ShmHit:
-    if type(req) is Begin:
-        return ShmHit(op="begin", key=key, at=at, stale=stale, who=req.user or req.key,
-                      model=req.model, route=req.route, task=req.task,
-                      request_id=req.request_id, template=req.template,
-                      template_version=req.template_version)
-    return ShmHit(op="cache_get", key=key, at=at, stale=stale, model=req.model)
-
+def _told(fields: dict[str, Any], begin: bool, key: bytes, at: float, stale: bool) -> ShmHit:
+    get = fields.get
+    if begin:
+        return ShmHit(op="begin", key=key, at=at, stale=stale,
+                      who=get("user") or get("key") or "", model=get("model") or "",
+                      route=get("route") or "", task=get("task") or "",
+                      request_id=get("request_id") or "", template=get("template") or "",
+                      template_version=get("template_version") or "")
+    return ShmHit(op="cache_get", key=key, at=at, stale=stale, model=get("model") or "")

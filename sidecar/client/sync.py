@@ -347,9 +347,8 @@ class Client:
         """Look up a cached answer; fields as ``protocol.CacheGet`` (namespace, model,
         messages or text, temperature, params, tools, response_format, allow_stale,
         no_cache). ``reply.value()`` is the stored response on a hit."""
-        req = CacheGet(**fields)
-        hit = self._fast_lookup(req)
-        return hit or self.call(req, timeout=timeout)  # type: ignore[return-value]
+        hit = self._fast_lookup(fields, False) if self.fast is not False else None
+        return hit or self.call(CacheGet(**fields), timeout=timeout)  # type: ignore
 
     def cache_put(self, response: Any, *, timeout: float | None = None,
                   **fields: Any) -> CachePutReply:
@@ -368,14 +367,12 @@ class Client:
         """Before an LLM call: cache, count, route, admit in one round trip; fields as
         ``protocol.Begin``. An exact hit comes from the shared-memory segment, with no
         round trip, when the daemon publishes one."""
-        req = Begin(**fields)
-        hit = self._fast_lookup(req)
-        return hit or self.call(req, timeout=timeout)  # type: ignore[return-value]
+        hit = self._fast_lookup(fields, True) if self.fast is not False else None
+        return hit or self.call(Begin(**fields), timeout=timeout)  # type: ignore
 
-    def _fast_lookup(self, req: Begin | CacheGet) -> Any:
+    def _fast_lookup(self, fields: dict[str, Any], begin: bool) -> Any:
+        """The segment's reply, or None (the socket must answer)."""
         fast = self.fast
-        if fast is False:
-            return None
         if fast is None:
             conn = self._acquire(self.timeout)  # the daemon's uid, as the kernel vouches
             try:
@@ -383,8 +380,8 @@ class Client:
             finally:
                 self._release(conn)
             fast = self.fast = FastPath(self.path, uid)
-        hit = fast.lookup(req)  # type: ignore[union-attr]
-        if hit is not None and fast.due():  # type: ignore[union-attr]
+        hit = fast.lookup(fields, begin)  # type: ignore[union-attr]
+        if hit is not None and fast.due:  # type: ignore[union-attr]
             self._report_hits()
         return hit
 

@@ -165,6 +165,10 @@ class Segment:
         #: answer under the exact ``key``, or None (also when the segment is closed, or
         #: its config epoch is not ``epoch`` when one is given); the native call itself
         self.get = self._reader.get
+        #: ``find(key, now, allow_stale=False, epoch=-1)``: the arena position of that
+        #: answer without copying it, or -1; a body ``get`` returned at the same position
+        #: of this segment is still the answer's (the arena never reuses a position)
+        self.find = self._reader.find
 
     def current(self) -> bool:
         """Whether the file at the path is still this segment (the daemon may have
@@ -173,6 +177,16 @@ class Segment:
             return os.stat(self.path).st_ino == self.inode
         except OSError:
             return False
+
+    @property
+    def pos(self) -> int:
+        """The position of what the last ``find`` or ``get`` found."""
+        return self._reader.pos
+
+    @property
+    def stale(self) -> bool:
+        """Whether what the last ``find`` or ``get`` found was past its expiry."""
+        return self._reader.stale
 
     @property
     def closed(self) -> bool:
@@ -195,6 +209,6 @@ class Segment:
         return self._reader.torn
 
     def close(self) -> None:
-        self._reader = self.get = None  # type: ignore[assignment]
+        self._reader = self.get = self.find = None  # type: ignore[assignment]
         self._view.release()
         self._map.close()
