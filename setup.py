@@ -24,7 +24,7 @@ from setuptools import Extension
 
 HERE = Path(__file__).parent
 NATIVE = "native"
-NATIVE_MODULES = ["normalize", "tokens", "window", "lexical", "vectors"]
+NATIVE_MODULES = ["normalize", "tokens", "window", "lexical", "vectors", "shm"]
 INCLUDE_DIRS = [NATIVE + "/includes"]
 XXHASH_HEADER_DIRS = ["/usr/include", "/usr/local/include"]
 

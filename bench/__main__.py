@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                         "a Redis Lua round trip per admit; 1 and 3 daemons; over-admission")
     sp.add_argument("--quick", action="store_true", help="short run")
     sp.add_argument("--json", action="store_true", help="print all rows as JSON")
+    sp = sub.add_parser("shm", help="shared-memory fast path against the socket: exact hits, "
+                        "admits, contention on one limit, the OpenAI SDK direct and guarded")
+    sp.add_argument("--quick", action="store_true", help="short run")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -84,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import cache
 
             return cache.run(args)
+        if args.command == "shm":
+            from . import shm
+
+            return shm.run(args)
     except KeyboardInterrupt:
         print("interrupted (servers stopped, temporary files removed)", file=sys.stderr)
         return 130

@@ -362,7 +362,7 @@ def section_exact(report: Report) -> None:
                                           sock], sock, workdir, placements[0].server_cpu)
         try:
             server.wait_ready()
-            with sidecar.Client(sock) as c:
+            with sidecar.Client(sock, shared_memory=False) as c:  # over the socket
                 for i in range(EXACT_ENTRIES):
                     c.cache_put(BODY, text=_question(i), model="gpt-4o", kind="factual_qa")
                 deadline = time.monotonic() + 300

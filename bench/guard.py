@@ -177,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             for server in servers:
                 server.wait_ready()
-            with sidecar.Client(plain.path) as c, sidecar.Client(semantic.path) as s, \
-                    sidecar.Client(unlogged.path) as u:
+            # over the socket, all of it (``python -m bench shm`` measures the segment)
+            with sidecar.Client(plain.path, shared_memory=False) as c, \
+                    sidecar.Client(semantic.path) as s, sidecar.Client(unlogged.path) as u:
                 c.cache_put("stored answer", model="gpt-4o", text=_question(-1))
                 s.cache_put("stored answer", model="gpt-4o", text=_question(-1),
                             kind="factual_qa")

@@ -26,6 +26,7 @@ import unicodedata
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 from includes.pyunicode cimport (
     PyUnicode_KIND, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_IS_ASCII,
@@ -275,3 +276,126 @@ cdef class Normalizer:
             h = XXH3_128bits_withSeed(p, size, self.seed)
         XXH128_canonicalFromHash(&canon, h)
         return (<char*>canon.digest)[:16]
+
+    def text_key(self, str namespace not None, str model not None, object temperature,
+                 str text not None):
+        """The exact key of a one-turn request with no params, tools or response format:
+        ``key_of`` of the canonical msgpack ``["exact", namespace, model, temperature,
+        {}, None, None, [["user", normalize(text), None, None, None]]]`` (what
+        ``sidecar.cache.keys.request_key`` hashes for it), built here in one pass.
+        ``temperature``: a float or None."""
+        cdef Py_ssize_t ns_len, model_len, text_len, size, i, n
+        cdef const char* ns_p = PyUnicode_AsUTF8AndSize(namespace, &ns_len)
+        cdef const char* model_p = PyUnicode_AsUTF8AndSize(model, &model_len)
+        cdef double t = 0.0
+        if temperature is not None:
+            if type(temperature) is not float:
+                raise TypeError("temperature must be a float or None")
+            t = temperature
+        cdef str norm
+        cdef const char* text_p
+        cdef const uint8_t* src
+        cdef uint8_t small[2048]
+        cdef uint8_t* work = small
+        cdef uint8_t c
+        if not PyUnicode_IS_ASCII(text):
+            norm = self.normalize(text)
+            text_p = PyUnicode_AsUTF8AndSize(norm, &text_len)
+            return self._text_key(ns_p, ns_len, model_p, model_len, temperature is not None,
+                                  t, text_p, text_len)
+        # ASCII (the common case): lower-cased and folded here, no str made; the folded
+        # bytes are their own UTF-8 (what ``normalize`` then encoding would give)
+        n = PyUnicode_GET_LENGTH(text)
+        src = <const uint8_t*>PyUnicode_DATA(text)
+        if 2 * n > 2048:
+            work = <uint8_t*>PyMem_Malloc(2 * n)
+            if work == NULL:
+                raise MemoryError()
+        try:
+            for i in range(n):
+                c = src[i]
+                work[i] = c + 32 if 65 <= c <= 90 else c
+            text_len = _fold(<const uint8_t*>work, n, work + n, self._fillers, self._nfillers)
+            return self._text_key(ns_p, ns_len, model_p, model_len, temperature is not None,
+                                  t, <const char*>(work + n), text_len)
+        finally:
+            if work != small:
+                PyMem_Free(work)
+
+    cdef bytes _text_key(self, const char* ns_p, Py_ssize_t ns_len, const char* model_p,
+                         Py_ssize_t model_len, bint has_t, double t, const char* text_p,
+                         Py_ssize_t text_len):
+        cdef Py_ssize_t size
+        # array(8) "exact" ns model temp {} nil nil array(1) array(5) "user" text nil x3
+        size = 1 + 6 + (5 + ns_len) + (5 + model_len) + 9 + 3 + 2 + 5 + (5 + text_len) + 3
+        cdef unsigned char stack[1024]
+        cdef unsigned char* buf = stack
+        if size > 1024:
+            buf = <unsigned char*>PyMem_Malloc(size)
+            if buf == NULL:
+                raise MemoryError()
+        cdef unsigned char* p = buf
+        cdef bytes key
+        try:
+            p[0] = 0x98
+            p[1] = 0xa5
+            memcpy(p + 2, b"exact", 5)
+            p = _pack_str(p + 7, ns_p, ns_len)
+            p = _pack_str(p, model_p, model_len)
+            if not has_t:
+                p[0] = 0xc0
+                p += 1
+            else:
+                p = _pack_double(p, t)
+            p[0] = 0x80
+            p[1] = 0xc0
+            p[2] = 0xc0
+            p[3] = 0x91
+            p[4] = 0x95
+            p[5] = 0xa4
+            memcpy(p + 6, b"user", 4)
+            p = _pack_str(p + 10, text_p, text_len)
+            p[0] = 0xc0
+            p[1] = 0xc0
+            p[2] = 0xc0
+            p += 3
+            key = self._key(<const char*>buf, p - buf)
+        finally:
+            if buf != stack:
+                PyMem_Free(buf)
+        return key
+
+
+cdef inline unsigned char* _pack_str(unsigned char* p, const char* s, Py_ssize_t n) noexcept:
+    """msgpack's shortest str header for ``n`` bytes (as msgspec writes it), then the bytes."""
+    if n < 32:
+        p[0] = 0xa0 | n
+        p += 1
+    elif n < 256:
+        p[0] = 0xd9
+        p[1] = <unsigned char>n
+        p += 2
+    elif n < 65536:
+        p[0] = 0xda
+        p[1] = <unsigned char>(n >> 8)
+        p[2] = <unsigned char>n
+        p += 3
+    else:
+        p[0] = 0xdb
+        p[1] = <unsigned char>(n >> 24)
+        p[2] = <unsigned char>(n >> 16)
+        p[3] = <unsigned char>(n >> 8)
+        p[4] = <unsigned char>n
+        p += 5
+    memcpy(p, s, n)
+    return p + n
+
+
+cdef inline unsigned char* _pack_double(unsigned char* p, double v) noexcept:
+    cdef uint64_t bits
+    memcpy(&bits, &v, 8)
+    p[0] = 0xcb
+    cdef int i
+    for i in range(8):
+        p[1 + i] = <unsigned char>(bits >> (56 - 8 * i))
+    return p + 9

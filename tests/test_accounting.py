@@ -223,7 +223,9 @@ def test_prometheus_exposition_parses_back(start_daemon, tmp_path):
                  gen_ai_token_type="input") == 1200 + 333 + 10 + 0
     ops = families["llm_sidecar_op_duration_seconds"]
     assert ops.type == "histogram"
-    assert value(ops.name, "llm_sidecar_op_duration_seconds_count", op="begin") == 8
+    # the exact hit came from the shared-memory segment: 7 begins, and one hits op told it
+    assert value(ops.name, "llm_sidecar_op_duration_seconds_count", op="begin") == 7
+    assert value(ops.name, "llm_sidecar_op_duration_seconds_count", op="hits") == 1
     assert value(ops.name, "llm_sidecar_op_duration_seconds_bucket", op="ping",
                  le="+Inf") == 1
     assert value("llm_sidecar_circuit_state", "llm_sidecar_circuit_state", model="acct-a",

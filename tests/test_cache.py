@@ -252,3 +252,49 @@ def test_bad_cache_requests_get_typed_errors(start_daemon):
             c.cache_invalidate()
         assert c.ping() > 0  # and the daemon goes on serving
     assert d.stop() == 0
+
+
+_SORTED = msgspec.msgpack.Encoder(order="sorted")
+
+
+def _generic_text_key(n: Normalizer, namespace: str, model: str, temperature, text: str):
+    return n.key_of(_SORTED.encode(["exact", namespace, model, temperature, {}, None, None,
+                                    [("user", n.normalize(text), None, None, None)]]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(namespace=st.text(max_size=40), model=st.text(max_size=300),
+       temperature=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+       text=st.text(max_size=400))
+def test_the_native_text_key_hashes_what_msgspec_encodes(namespace, model, temperature, text):
+    """The one-pass native key of a one-turn request (the segment's lookups, the daemon's
+    common case) is the XXH3 of the very bytes the generic path encodes."""
+    n = Normalizer()
+    try:
+        expected = _generic_text_key(n, namespace, model, temperature, text)
+    except UnicodeEncodeError:  # a lone surrogate: neither may key it
+        with pytest.raises(UnicodeEncodeError):
+            n.text_key(namespace, model, temperature, text)
+        return
+    assert n.text_key(namespace, model, temperature, text) == expected
+
+
+@pytest.mark.parametrize("size", [31, 32, 255, 256, 1023, 1024, 65535, 65536, 300_000])
+def test_the_native_text_key_at_every_string_header_size(size):
+    n = Normalizer()
+    for text in ("a" * size, "é" * (size // 2), "x" * (size - 3) + " 漢"):
+        assert n.text_key("ns" * (size // 200), "m" * min(size, 600), 0.5, text) == \
+            _generic_text_key(n, "ns" * (size // 200), "m" * min(size, 600), 0.5, text)
+    with pytest.raises(TypeError):
+        n.text_key("", "m", 1, "text")  # an int temperature: the caller converts it first
+
+
+def test_request_key_takes_the_native_path_only_when_nothing_else_shapes_the_answer():
+    """A request with params takes the generic path; with the same params empty, the
+    native one: both agree when there is nothing to tell them apart."""
+    n = Normalizer()
+    plain = CacheGet(model="m", text="Please, what is 2+2?", temperature=0.2)
+    assert request_key(n, plain).key == _generic_text_key(n, "", "m", 0.2, plain.text)
+    with_params = CacheGet(model="m", text="Please, what is 2+2?", temperature=0.2,
+                           params={"top_p": 0.5})
+    assert request_key(n, with_params).key != request_key(n, plain).key

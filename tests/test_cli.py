@@ -83,12 +83,23 @@ def test_stats_dashboard_shows_every_section_and_the_numbers(start_daemon):
     r = cli("stats", "--socket", str(d.path))
     assert r.returncode == 0, r.stderr
     got = sections(r.stdout)
-    assert list(got) == ["daemon", "ops", "limits", "cluster", "caches",
+    assert list(got) == ["daemon", "ops", "limits", "cluster", "caches", "shared memory",
                          "routes and circuits", "spend today", "latency", "alerts", "build"]
     assert got["cluster"].strip() == "standalone (no cluster.redis_url)"
     assert re.search(rf"^  pid +{d.pid}$", got["daemon"], re.M)
     assert re.search(rf"^  socket +{re.escape(str(d.path))}$", got["daemon"], re.M)
-    assert re.search(r"^  begin +8 +0 +[\d,.]+ +[\d,.]+ +[\d,.]+$", got["ops"], re.M)
+    # alice's exact hit was read from the shared-memory segment, and told in a hits op
+    assert re.search(r"^  begin +7 +0 +[\d,.]+ +[\d,.]+ +[\d,.]+$", got["ops"], re.M)
+    # (two hits ops: the hit rode ahead of carol's first begin; at close, the lookups
+    # that went to the socket since were told)
+    assert re.search(r"^  hits +2 +0 +[\d,.]+ +[\d,.]+ +[\d,.]+$", got["ops"], re.M)
+    shm = got["shared memory"]
+    assert re.search(rf"^  segment +{re.escape(str(d.path))}\.shm \(generation [0-9a-f]+\)$",
+                     shm, re.M)
+    assert re.search(r"^  answers +3 published, 0 too large", shm, re.M)
+    # this test's process: one hit from the segment; 7 begins the segment could not answer
+    # (3 first questions, carol's 3, dave's 1) went to the socket
+    assert re.search(rf"^ +{os.getpid()} +{os.getuid()} +1 +7 +0 +[\d:]+$", shm, re.M)
     assert re.search(r"^  open leases: 0$", got["limits"], re.M)
     assert re.search(r"^  per-user +1 +\d+ +0", got["limits"], re.M)
     assert re.search(r"^  exact +3 +\d+ +1 +", got["caches"], re.M)  # q1, q2, q3

@@ -4,6 +4,8 @@ section draws (no circle between packages, none upward)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +16,15 @@ PACKAGE = ROOT / "sidecar"
 #: Each part of sidecar (a package or a module directly in it) and its layer, bottom (0)
 #: to top, as the README's Layout section draws them: a part imports only lower layers.
 LAYERS = {
-    "_native": 0, "wire": 0, "settings": 0,
-    "errors": 1, "failures": 1, "version": 0,
-    "text": 2,
-    "limits": 3, "cache": 3, "routing": 3, "cluster": 3, "ledger": 3,
-    "config": 4,
-    "client": 5, "daemon": 5,
-    "integrations": 6, "cli": 6, "protocol": 6, "tokens": 6, "normalize": 6, "__init__": 7,
-    "__main__": 7,
+    "_native": 0, "settings": 0, "version": 0,
+    "wire": 1,
+    "errors": 2, "failures": 2,
+    "text": 3,
+    "limits": 4, "cache": 4, "routing": 4, "cluster": 4, "ledger": 4,
+    "config": 5,
+    "client": 6, "daemon": 6,
+    "integrations": 7, "cli": 7, "protocol": 7, "tokens": 7, "normalize": 7, "__init__": 8,
+    "__main__": 8,
 }
 
 
@@ -74,9 +77,15 @@ def test_imports_go_down_the_layers(path):
 
 
 def test_the_client_side_loads_no_engine():
-    """An application importing sidecar pays for the wire and the client only."""
+    """An application importing sidecar pays for the wire and the client only; the
+    shared-memory fast path loads the cache's key function (and the normaliser) on its
+    first lookup, and nothing else of the engines."""
     for path in (PACKAGE / "client").rglob("*.py"):
-        assert _imports(path) <= {"wire", "errors", "client", "version"}, path
+        assert _imports(path) <= {"wire", "errors", "client", "version", "cache", "text"}, path
+    code = ("import sys, sidecar; loaded = sorted(m for m in sys.modules if m.startswith("
+            "'sidecar.') and m.split('.')[1] not in ('client', 'wire', 'errors', 'version', "
+            "'_native')); assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
 @pytest.mark.parametrize("folder", ["sidecar", "native", "bench"])

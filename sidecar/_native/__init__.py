@@ -8,7 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 #: Every compiled module the build produces (kept in step with setup.py).
-MODULES = ("normalize", "tokens", "window", "lexical", "vectors")
+MODULES = ("normalize", "tokens", "window", "lexical", "vectors", "shm")
 
 
 def load(name: str) -> ModuleType:

@@ -73,6 +73,9 @@ class ExactTier:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
     def get(self, key: bytes, now: float, allow_stale: bool) -> tuple[Entry | None, bool]:
         """``(entry, stale)``: a fresh entry, an expired one when ``allow_stale`` (and
         still within ``stale_for``), else ``(None, False)``. Hits count as recent use."""

@@ -60,10 +60,14 @@ def request_key(normalizer: Normalizer, req: CacheRequest) -> RequestKey:
     shape = [req.namespace, req.model, req.temperature, req.params, req.tools,
              req.response_format]
     if req.messages is None:  # one user turn (or none): the common case, kept short
-        turns = [] if req.text is None else [("user", norm(req.text), None, None, None)]
-        key = normalizer.key_of(_CANONICAL.encode(["exact", *shape, turns]))
-        return RequestKey(key, req.text or "", len(turns), False, lambda: normalizer.key_of(
-            _CANONICAL.encode(["scope", *shape, []])))
+        if (req.text is not None and not req.params and req.tools is None
+                and req.response_format is None):  # the same bytes hashed, natively
+            key = normalizer.text_key(req.namespace, req.model, req.temperature, req.text)
+        else:
+            turns = [] if req.text is None else [("user", norm(req.text), None, None, None)]
+            key = normalizer.key_of(_CANONICAL.encode(["exact", *shape, turns]))
+        return RequestKey(key, req.text or "", int(req.text is not None), False,
+                          lambda: normalizer.key_of(_CANONICAL.encode(["scope", *shape, []])))
     messages = req.messages
     turns = []
     context = []  # every turn but the last user turn: what a paraphrase must share

@@ -24,6 +24,7 @@ from .semantic import SemanticTier
 from .snapshot import decode_snapshot, encode_snapshot
 from ..text.normalize import Normalizer
 from .verify import Mode
+from ..wire.shm import ANSWER_ENCODER, Answer, Publishing
 from ..wire import (
     CacheGet, CacheGetReply, CacheInvalidate, CachePut, CachePutReply, CacheStats,
 )
@@ -45,7 +46,11 @@ class Cache:
         self.config = config
         self.exact = ExactTier(config.max_entries, config.max_bytes, config.stale_for)
         self.semantic = SemanticTier(config.semantic, normalizer)
-        self.exact.on_drop = self.semantic.forget
+        self.exact.on_drop = self._dropped
+        #: the shared-memory segment clients read exact answers from (None: none)
+        self.publisher: Publishing | None = None
+        self.published = 0  # answers put in the segment
+        self.not_published = 0  # answers it could not hold (the socket serves them)
         self.stores = 0
         self.bypassed = 0
         self.removed = 0
@@ -63,7 +68,6 @@ class Cache:
         if respec or config.semantic != self.config.semantic:
             self.semantic.close()
             self.semantic = SemanticTier(config.semantic, normalizer)
-            self.exact.on_drop = self.semantic.forget
             for entry in list(self.exact.entries()):
                 if entry.tier == Tier.SEMANTIC.value:
                     self.semantic.add(entry)
@@ -73,6 +77,8 @@ class Cache:
         self.exact.max_bytes = config.max_bytes
         self.exact.stale_for = config.stale_for
         self.exact.trim()  # smaller bounds apply now
+        if self.publisher is not None and (not config.enabled or respec):
+            self.publish_to(self.publisher)  # emptied, or refilled under the new bounds
 
     def get(self, req: CacheGet, now: float, rk: RequestKey | None = None
             ) -> CacheGetReply | Coroutine[None, None, CacheGetReply]:
@@ -158,6 +164,35 @@ class Cache:
         self.exact.put(entry)
         if entry.tier == Tier.SEMANTIC.value:
             self.semantic.add(entry)
+        self._publish(entry)
+
+    def _publish(self, entry: Entry) -> None:
+        """Put ``entry`` in the shared-memory segment, where clients find it without
+        asking; one the segment cannot hold stays an answer of the socket only."""
+        if self.publisher is None or not self.config.enabled or entry.key not in self.exact:
+            return  # (a disabled cache answers nothing, from the socket or the segment)
+        body = ANSWER_ENCODER.encode(Answer(msgspec.Raw(entry.response), entry.query,
+                                            entry.created, entry.input_tokens,
+                                            entry.output_tokens))
+        if self.publisher.put(entry.key, body, entry.expires,
+                              entry.expires + self.config.stale_for):
+            self.published += 1
+        else:
+            self.not_published += 1
+
+    def publish_to(self, publisher: Publishing | None) -> None:
+        """Keep ``publisher``'s segment true from now on, starting with every entry."""
+        self.publisher = publisher
+        if publisher is not None:
+            publisher.clear()
+            for entry in list(self.exact.entries()):
+                self._publish(entry)
+
+    def _dropped(self, entry: Entry) -> None:
+        """An entry left the exact tier (evicted, expired, removed, replaced)."""
+        self.semantic.forget(entry)
+        if self.publisher is not None:
+            self.publisher.remove(entry.key)
 
     def _refusal(self, req: CachePut, rk: RequestKey, tier: str) -> str:
         """Why ``req`` must not be stored ("" when it may)."""

@@ -141,6 +141,7 @@ def render_stats(stats: StatsReply) -> str:
         _section("daemon", daemon), _section("ops", ops), _section("limits", limits),
         _section("cluster", _render_cluster(stats)),
         _section("caches", _render_cache(stats)),
+        _section("shared memory", _render_shm(stats)),
         _section("routes and circuits",
                  _table(sorted(stats.circuits.items()), ("model", "circuit"))),
         _section("spend today", _INDENT + "none" if stats.spend_today is None
@@ -179,6 +180,23 @@ def _render_cache(stats: StatsReply) -> str:
         ("tier", "entries", "bytes", "hits", "misses", "hit rate", "stale", "evicted",
          "expired", "refused"))
     return f"{summary}\n\n{tiers}"
+
+
+def _render_shm(stats: StatsReply) -> str:
+    shm = stats.shm
+    if shm is None:
+        return _INDENT + "off (every cache hit goes through the socket)"
+    summary = _table([
+        ("segment", f"{shm.path} (generation {shm.generation:x})"),
+        ("size", f"{shm.slots:,} slots, {shm.arena_bytes:,} bytes of answers"),
+        ("answers", f"{shm.published:,} published, {shm.not_published:,} too large or "
+                    "crowded (socket only)"),
+    ])
+    clients = _table(
+        [(str(c.pid), str(c.uid), c.hits, c.fallbacks, c.unknown, utc(c.told_at, "%H:%M:%S"))
+         for c in shm.clients],
+        ("client pid", "uid", "shm hits", "fallbacks", "gone", "told (UTC)"))
+    return f"{summary}\n\n{clients}"
 
 
 def _render_alerts(stats: StatsReply) -> str:

@@ -22,13 +22,15 @@ from ._common import (
     CLIENT_NAME, DEFAULT_TIMEOUT, Dead, cache_put_request, count_request, encode_requests,
     end_request, keep_for, unwrap,
 )
+from .fast import FastPath
 from .guard import CallResult, Guarded
 from ..wire.address import client_socket_path
 from ..errors import (
-    ProtocolError, SidecarTimeout, SidecarUnavailable, UntrustedSocket, error_from_reply,
+    ProtocolError, SidecarError, SidecarTimeout, SidecarUnavailable, UntrustedSocket,
+    error_from_reply,
 )
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame
-from ..wire.peer import daemon_problem
+from ..wire.peer import daemon_problem, peer_of
 from ..wire import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePutReply, ChainModel, Costs, CostsReply, CountReply,
@@ -111,10 +113,14 @@ class AsyncClient:
     """
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT, expected_uid: int | None = None) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, expected_uid: int | None = None,
+                 shared_memory: bool = True) -> None:
         self.path = str(client_socket_path(socket))
         self.expected_uid = expected_uid  # as ``Client``'s
         self.timeout = timeout
+        #: exact hits read from the daemon's segment, as ``Client``'s: None until the
+        #: first connection (which tells the daemon's uid), False when off
+        self.fast: FastPath | None | bool = None if shared_memory else False
         self._proto: _AsyncProtocol | None = None
         self._connecting: asyncio.Lock | None = None
 
@@ -126,6 +132,10 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        if isinstance(self.fast, FastPath):
+            if self._proto is not None:
+                await self._report_hits()
+            self.fast.close()
         proto, self._proto = self._proto, None
         if proto is not None and proto.transport is not None:
             proto.transport.close()
@@ -157,6 +167,9 @@ class AsyncClient:
             if problem is not None:
                 proto.transport.close()
                 raise UntrustedSocket(self.path, problem)
+            if self.fast is None:  # the daemon's uid, as the kernel vouches
+                self.fast = FastPath(self.path,
+                                     peer_of(proto.transport.get_extra_info("socket")).uid)
             (fut,) = proto.send([Hello(client=CLIENT_NAME)])
             try:
                 hello = await asyncio.wait_for(fut, timeout)
@@ -180,6 +193,10 @@ class AsyncClient:
 
     async def _exchange(self, requests: Sequence[Request], timeout: float | None,
                         return_exceptions: bool) -> list:
+        told = self.fast.report() if isinstance(self.fast, FastPath) else None
+        if told is not None:  # the segment's hits ride ahead, as ``Client``'s do
+            replies = await self._exchange([told, *requests], timeout, True)
+            return unwrap(replies[1:], return_exceptions)
         timeout = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -266,7 +283,8 @@ class AsyncClient:
 
     async def cache_get(self, *, timeout: float | None = None,
                         **fields: Any) -> CacheGetReply:
-        return await self.call(CacheGet(**fields), timeout=timeout)  # type: ignore
+        hit = await self._fast_lookup(fields, False, timeout)
+        return hit or await self.call(CacheGet(**fields), timeout=timeout)  # type: ignore
 
     async def cache_put(self, response: Any, *, timeout: float | None = None,
                         **fields: Any) -> CachePutReply:
@@ -281,7 +299,31 @@ class AsyncClient:
         return reply.removed  # type: ignore[attr-defined]
 
     async def begin(self, *, timeout: float | None = None, **fields: Any) -> BeginReply:
-        return await self.call(Begin(**fields), timeout=timeout)  # type: ignore
+        """As ``Client.begin``: an exact hit comes from the shared-memory segment."""
+        hit = await self._fast_lookup(fields, True, timeout)
+        return hit or await self.call(Begin(**fields), timeout=timeout)  # type: ignore
+
+    async def _fast_lookup(self, fields: dict[str, Any], begin: bool,
+                           timeout: float | None) -> Any:
+        if self.fast is False:
+            return None
+        if self.fast is None:
+            await self._connection(self.timeout if timeout is None else timeout)
+        fast: FastPath = self.fast  # type: ignore[assignment]
+        hit = fast.lookup(fields, begin)  # no I/O: nothing here waits
+        if hit is not None and fast.due:
+            await self._report_hits()
+        return hit
+
+    async def _report_hits(self) -> None:
+        """Tell the daemon the hits read from the segment now (lost if it cannot be told:
+        they were answered all the same)."""
+        told = self.fast.report(force=True) if isinstance(self.fast, FastPath) else None
+        if told is not None:
+            try:
+                await self._exchange((told,), None, True)
+            except SidecarError:
+                pass
 
     async def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
         return await self.call(end_request(lease, fields), timeout=timeout)  # type: ignore

@@ -28,12 +28,13 @@ from ._common import (
 from .guard import CallResult, Guarded
 from ..wire.address import client_socket_path
 from ..errors import (
-    FrameTooLarge, ProtocolError, RequestError, SidecarTimeout, SidecarUnavailable,
+    FrameTooLarge, ProtocolError, RequestError, SidecarError, SidecarTimeout, SidecarUnavailable,
     UntrustedSocket,
     error_from_reply,
 )
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame
-from ..wire.peer import daemon_problem
+from ..wire.peer import daemon_problem, peer_of
+from .fast import FastPath
 from ..wire import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePutReply, ChainModel, Costs, CostsReply, CountReply,
@@ -202,9 +203,12 @@ class Client:
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, max_idle: int = 8,
-                 expected_uid: int | None = None) -> None:
+                 expected_uid: int | None = None, shared_memory: bool = True) -> None:
         self.path = str(client_socket_path(socket))
         self.expected_uid = expected_uid
+        #: exact hits read from the daemon's segment (``sidecar.client.fast``); None
+        #: until the first lookup, False when off
+        self.fast: FastPath | None | bool = None if shared_memory else False
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: list[_SyncConnection] = []
@@ -218,6 +222,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if isinstance(self.fast, FastPath):
+            if not self._closed:
+                self._report_hits()
+            self.fast.close()
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -246,6 +254,12 @@ class Client:
 
     def _exchange(self, requests: Sequence[Request], timeout: float | None,
                   return_exceptions: bool) -> list[Reply | BaseException]:
+        told = self.fast.report() if isinstance(self.fast, FastPath) else None
+        if told is not None:
+            # the segment's hits ride ahead of the next round trip, so the daemon's stats
+            # and request log see them before anything this client does after them
+            replies = self._exchange([told, *requests], timeout, True)
+            return unwrap(replies[1:], return_exceptions)  # (hits it refused: answered anyway)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         retried = False
@@ -333,7 +347,8 @@ class Client:
         """Look up a cached answer; fields as ``protocol.CacheGet`` (namespace, model,
         messages or text, temperature, params, tools, response_format, allow_stale,
         no_cache). ``reply.value()`` is the stored response on a hit."""
-        return self.call(CacheGet(**fields), timeout=timeout)  # type: ignore[return-value]
+        hit = self._fast_lookup(fields, False) if self.fast is not False else None
+        return hit or self.call(CacheGet(**fields), timeout=timeout)  # type: ignore
 
     def cache_put(self, response: Any, *, timeout: float | None = None,
                   **fields: Any) -> CachePutReply:
@@ -350,8 +365,35 @@ class Client:
 
     def begin(self, *, timeout: float | None = None, **fields: Any) -> BeginReply:
         """Before an LLM call: cache, count, route, admit in one round trip; fields as
-        ``protocol.Begin``."""
-        return self.call(Begin(**fields), timeout=timeout)  # type: ignore[return-value]
+        ``protocol.Begin``. An exact hit comes from the shared-memory segment, with no
+        round trip, when the daemon publishes one."""
+        hit = self._fast_lookup(fields, True) if self.fast is not False else None
+        return hit or self.call(Begin(**fields), timeout=timeout)  # type: ignore
+
+    def _fast_lookup(self, fields: dict[str, Any], begin: bool) -> Any:
+        """The segment's reply, or None (the socket must answer)."""
+        fast = self.fast
+        if fast is None:
+            conn = self._acquire(self.timeout)  # the daemon's uid, as the kernel vouches
+            try:
+                uid = peer_of(conn.sock).uid
+            finally:
+                self._release(conn)
+            fast = self.fast = FastPath(self.path, uid)
+        hit = fast.lookup(fields, begin)  # type: ignore[union-attr]
+        if hit is not None and fast.due:  # type: ignore[union-attr]
+            self._report_hits()
+        return hit
+
+    def _report_hits(self) -> None:
+        """Tell the daemon the hits read from the segment now (lost if it cannot be told:
+        they were answered all the same)."""
+        told = self.fast.report(force=True) if isinstance(self.fast, FastPath) else None
+        if told is not None:
+            try:
+                self._exchange((told,), None, True)
+            except SidecarError:
+                pass
 
     def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
         """After it: attempts, usage, and the ``response`` to cache (any msgpack-encodable

@@ -38,7 +38,7 @@ from .paths import (
     SOCKET_HINT, cache_snapshot_path, inherited_listen_fd, journal_path, notify_socket,
     request_log_path, require_absolute, server_socket_path, state_dir,
 )
-from .root import Config, LogConfig, MetricsConfig, ServerConfig
+from .root import Config, LogConfig, MetricsConfig, ServerConfig, ShmConfig
 
 __all__ = [
     "Config", "ENV_CONFIG", "ENV_SOCKET", "HINTS", "RESTART_ONLY", "SYSTEM_SOCKET",
@@ -77,18 +77,21 @@ HINTS: dict[str, str] = {
     "ledger.request_log": 'a file path, "" for the state directory, or "off"',
     "metrics.http_address": "a loopback address (127.0.0.1 or ::1): metrics carry spend",
     "cluster.redis_url": 'redis://host:6379/0 (or rediss:// for TLS); "" runs standalone',
+    "shm.slots": "a power of two, e.g. 65536; the index (64 bytes a slot) must leave room "
+                 "in shm.size for answers",
 }
 
 # Settings that a SIGHUP reload cannot change (the socket is bound once).
 RESTART_ONLY = ("server.socket", "server.socket_mode", "ledger.request_log",
                 "metrics.http_port", "metrics.http_address", "cluster.redis_url",
-                "cluster.redis_cluster", "cluster.name")
+                "cluster.redis_cluster", "cluster.name", "shm.enabled", "shm.size",
+                "shm.slots")
 
 _SECTIONS: dict[str, type[Section]] = {
     "server": ServerConfig, "normalize": NormalizeConfig, "tokens": TokensConfig,
     "limits": LimitsConfig, "pricing": PricingConfig, "log": LogConfig,
     "ledger": LedgerConfig, "alerts": AlertsConfig, "metrics": MetricsConfig,
-    "cluster": ClusterConfig,
+    "cluster": ClusterConfig, "shm": ShmConfig,
 }
 _MODE_RE = re.compile(r"0?[0-7]{3}")
 _PATH_RE = re.compile(r"`\$((?:\.[A-Za-z_]\w*)+)")
@@ -232,6 +235,11 @@ def _check(config: Config, origin: dict[str, str]) -> Config:
         key = "metrics.http_address"
         raise ConfigError(f"{config.metrics.http_address!r} is not a loopback address",
                           source=origin.get(key, where), key=key, hint=HINTS[key])
+    shm = config.shm
+    if shm.slots & (shm.slots - 1) or shm.slots * 64 + (1 << 20) > shm.size:
+        key = "shm.slots"
+        raise ConfigError(f"{shm.slots} slots in {shm.size} bytes", source=origin.get(key, where),
+                          key=key, hint=HINTS[key])
     if "default" not in config.tokens.estimate_ratios:
         key = "tokens.estimate_ratios"
         raise ConfigError("needs a \"default\" ratio for models matching no prefix",

@@ -61,6 +61,16 @@ class MetricsConfig(Section):
     http_address: str = "127.0.0.1"
 
 
+class ShmConfig(Section):
+    """The shared-memory segment beside the socket (``<socket>.shm``): clients read
+    exact-cache answers from it without a round trip."""
+
+    enabled: bool = True
+    size: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 34)] = 64 << 20  # bytes
+    #: index slots, a power of two; 64 bytes each, out of ``size``
+    slots: Annotated[int, msgspec.Meta(ge=64, le=1 << 24)] = 65536
+
+
 class Config(Section):
     server: ServerConfig = ServerConfig()
     normalize: NormalizeConfig = NormalizeConfig()
@@ -76,6 +86,7 @@ class Config(Section):
     alerts: AlertsConfig = AlertsConfig()
     metrics: MetricsConfig = MetricsConfig()
     cluster: ClusterConfig = ClusterConfig()
+    shm: ShmConfig = ShmConfig()
     #: Where the settings came from (file path or "defaults"); not a setting itself.
     source: str = "defaults"
 

@@ -199,7 +199,7 @@ class Connection(asyncio.Protocol):
     def _run(self, frames: list[memoryview], first: int) -> None:
         out = bytearray()
         handlers = self.server.handlers  # ops act for this peer (leases, operator ops)
-        handlers.owner = self.peer.uid
+        handlers.owner, handlers.owner_pid = self.peer.uid, self.peer.pid
         handlers.operator = self.operator
         try:
             pending = self.server.process(frames, out, first)

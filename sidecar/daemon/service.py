@@ -20,6 +20,7 @@ import stat
 import time
 from pathlib import Path
 
+import orjson
 import uvloop
 
 from .. import config as config_mod
@@ -35,6 +36,7 @@ from ..ledger.requestlog import RequestLog
 from ..ledger.metrics import Exposition, Metrics
 from ..wire.peer import PRIVATE_DIR_PREFIX, private_dir_problem
 from ..wire import OPS
+from ..wire.shm import Publisher, segment_path
 from .server import MetricsListener, Server
 
 log = logging.getLogger("sidecar.daemon")
@@ -169,6 +171,7 @@ class Daemon:
         self.journal = None if where is None else Journal(where)
         #: fixed at start, like the socket: a changed cache.snapshot needs a restart
         self.cache_path = config_mod.cache_snapshot_path(config, path)
+        self.segment: Publisher | None = None
         ledger = config.ledger
         where = config_mod.request_log_path(config, path)
         #: fixed at start, like the socket: a changed path or listener needs a restart
@@ -242,6 +245,7 @@ class Daemon:
         else:
             self.config = new
             self.server.apply(new)
+            self._sync_segment()
             logging.getLogger().setLevel(new.log.level.upper())
             log.info("reloaded config from %s (epoch %d)", new.source, self.handlers.epoch)
         finally:
@@ -259,6 +263,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+            self._open_segment()  # before the socket listens: a client may look at once
             sock = self.inherited or _bind(self.path, self.config.socket_mode)
             await self._listen_metrics()  # first: a socket that answers means all is up
             await self.server.start(sock)
@@ -273,6 +278,7 @@ class Daemon:
                      self.config.server.drain_timeout)
             self.server.stop_accepting()
             self._unlink()
+            self._close_segment()
             busy = await self.server.drain(self.config.server.drain_timeout)
             housekeeping.cancel()
             if syncing is not None:
@@ -294,6 +300,7 @@ class Daemon:
             log.info("stopped")
         finally:
             self._unlink()
+            self._close_segment()
             if lock_fd is not None:
                 _unclaim(self.path, lock_fd)
 
@@ -394,6 +401,52 @@ class Daemon:
                 next_snapshot = loop.time() + self.config.cache.snapshot_interval
                 with guard("cache.snapshot"):  # an exception here used to end the loop
                     await self._snapshot_cache()
+
+    def _open_segment(self) -> None:
+        """The shared-memory segment beside the socket, readable by whoever may read
+        the socket (its group; write bits dropped: only this daemon writes answers). A
+        segment that cannot be made leaves clients on the socket, which answers the same."""
+        cfg = self.config.shm
+        if not cfg.enabled:
+            return
+        mode, gid = self.config.socket_mode, None  # the group the socket will get
+        try:
+            if self.inherited:  # systemd made the socket: its mode and group decide
+                st = os.stat(self.path)
+                mode, gid = stat.S_IMODE(st.st_mode), st.st_gid
+            self.segment = Publisher(segment_path(self.path), size=cfg.size, slots=cfg.slots,
+                                     mode=mode, gid=gid)
+        except (OSError, ValueError) as exc:
+            log.warning("no shared-memory segment beside %s (%s): clients use the socket "
+                        "for every cache hit", self.path, exc)
+            return
+        self.handlers.segment = self.segment
+        self._sync_segment()
+
+    def _sync_segment(self) -> None:
+        """Publish what a client needs to compute exact keys as this daemon does, and
+        the answers unless ``isolate_cache`` is on: then each uid's answers are its own,
+        and a segment every reader of the socket may map holds none of them."""
+        if self.segment is None:
+            return
+        cache, isolate = self.handlers.cache, self.config.server.access.isolate_cache
+        if isolate:
+            cache.publish_to(None)
+            self.segment.clear()
+        normalizer = self.handlers.normalizer
+        self.segment.set_meta(orjson.dumps({
+            "spec": normalizer.spec, "filler_words": list(normalizer.filler_words),
+            "isolate_cache": isolate, "kinds": sorted(self.config.cache.policy)}))
+        self.segment.set_epoch(self.handlers.epoch)
+        if not isolate and cache.publisher is None:
+            cache.publish_to(self.segment)
+
+    def _close_segment(self) -> None:
+        if self.segment is not None:
+            self.handlers.cache.publish_to(None)
+            self.handlers.segment = None
+            self.segment.close()
+            self.segment = None
 
     def _unlink(self) -> None:
         if self.inherited:

@@ -83,6 +83,13 @@ class Normalizer:
         normalized, key = self._core.fingerprint(text)
         return Fingerprint(normalized, key, self._core.spec)
 
+    def text_key(self, namespace: str, model: str, temperature: float | None,
+                 text: str) -> bytes:
+        """The exact cache key of a request that is ``text`` as one user turn, with no
+        params, tools or response format (``sidecar.cache.keys.request_key``'s common
+        case), computed natively in one pass."""
+        return self._core.text_key(namespace, model, temperature, text)
+
     def key_of(self, data: bytes) -> bytes:
         """16-byte XXH3-128 of ``data`` under this spec's seed, for keys of structures
         (a whole chat request) whose texts went through ``normalize`` first."""

@@ -21,14 +21,14 @@ from .replies import (
     AdmitReply, AlertInfo, BeginReply, BuildInfo, CacheGetReply, CacheInvalidateReply,
     CachePutReply, CacheStats, ChainModel, ClusterStats, CostGroup, CostPeriod, CostsReply,
     CostTotals, CountReply, EndReply, Error, ExtendReply, FingerprintReply, HelloReply,
-    LatencyStats, LimitsReply, LimitUse, LogStats, MetricsReply, OpStats, Pong,
-    ReleaseReply, Reply, REPLY_TYPES, ReportReply, RouteReply, SettleReply, StatsReply,
-    TierStats,
+    HitsReply, LatencyStats, LimitsReply, LimitUse, LogStats, MetricsReply, OpStats, Pong,
+    ReleaseReply, Reply, REPLY_TYPES, ReportReply, RouteReply, SettleReply, ShmClientStats,
+    ShmStats, StatsReply, TierStats,
 )
 from .requests import (
     Admit, Attempt, Begin, CacheGet, CacheInvalidate, CachePut, CacheRequest, Costs, Count,
-    End, Extend, Fingerprint, Hello, Limits, Message, MetricsText, OPS, Ping, Release,
-    Report, Request, REQUEST_TYPES, Route, Settle, Stats,
+    End, Extend, Fingerprint, Hello, Hits, Limits, Message, MetricsText, OPS, Ping, Release,
+    Report, Request, REQUEST_TYPES, Route, Settle, ShmHit, Stats,
 )
 from .values import (
     Epoch, ErrorCode, HttpStatus, LeaseId, MAX_EPOCH, MAX_NAME, MAX_SECONDS, MAX_TOKENS,
@@ -49,6 +49,7 @@ class Envelope(msgspec.Struct):
 ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
 
 __all__ = [
+    "Hits", "HitsReply", "ShmClientStats", "ShmHit", "ShmStats",
     "Admit", "AdmitReply", "AlertInfo", "Attempt", "Begin", "BeginReply", "BuildInfo",
     "CacheGet", "CacheGetReply", "CacheInvalidate", "CacheInvalidateReply", "CachePut",
     "CachePutReply", "CacheRequest", "CacheStats", "ChainModel", "ClusterStats",

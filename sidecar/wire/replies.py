@@ -163,6 +163,28 @@ class StatsReply(Reply, tag="stats"):
     #: reason -> connections the daemon closed: "idle", or refused at a bound named by
     #: its config key ("max_connections", "max_connections_per_uid", ..._per_pid")
     connections_closed: dict[str, int] = {}
+    shm: ShmStats | None = None  # None: no shared-memory segment
+
+
+class ShmClientStats(msgspec.Struct, frozen=True):
+    """One client process's use of the segment, as it told the daemon (``hits`` ops)."""
+
+    pid: int
+    uid: int
+    hits: int  # exact hits it read from the segment, the daemon still held the answer
+    unknown: int  # hits told after their answer had left the cache (counted nowhere)
+    fallbacks: int  # lookups the segment could not answer: they went to the socket
+    told_at: float  # epoch seconds of its latest report
+
+
+class ShmStats(msgspec.Struct, frozen=True):
+    path: str
+    generation: int
+    slots: int
+    arena_bytes: int
+    published: int  # answers put in the segment since the daemon started
+    not_published: int  # answers it could not hold: served by the socket only
+    clients: list[ShmClientStats]  # the latest reporting processes, most recent first
 
 
 class CountReply(Reply, tag="count"):
@@ -367,6 +389,11 @@ class MetricsReply(Reply, tag="metrics"):
     content_type: str
 
 
+class HitsReply(Reply, tag="hits"):
+    accounted: int  # hits whose answer the daemon still holds: counted as served
+    unknown: int  # answers gone since (evicted, invalidated): counted nowhere
+
+
 class Error(Reply, tag="error", kw_only=True):
     id: RequestId | None = None
     code: ErrorCode
@@ -376,5 +403,5 @@ class Error(Reply, tag="error", kw_only=True):
 REPLY_TYPES: tuple[type[Reply], ...] = (
     HelloReply, Pong, FingerprintReply, StatsReply, CountReply, AdmitReply, SettleReply,
     ReleaseReply, LimitsReply, CacheGetReply, CachePutReply, CacheInvalidateReply, BeginReply,
-    EndReply, ExtendReply, RouteReply, ReportReply, CostsReply, MetricsReply, Error,
+    EndReply, ExtendReply, RouteReply, ReportReply, CostsReply, MetricsReply, HitsReply, Error,
 )

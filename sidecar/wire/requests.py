@@ -273,8 +273,34 @@ class MetricsText(Request, tag="metrics"):
     """The Prometheus text exposition of every metric."""
 
 
+class ShmHit(msgspec.Struct, frozen=True, kw_only=True):
+    """One exact hit a client read from the shared-memory segment, told afterwards so
+    the daemon accounts it as a hit through the socket (stats, savings, request log)."""
+
+    op: Literal["begin", "cache_get"] = "begin"
+    key: Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+    at: Epoch  # when it was read (the daemon keeps it within the last minute)
+    stale: bool = False
+    who: Name = ""  # the begin's user, else its key
+    model: Name = ""
+    route: Name = ""
+    task: Name = ""
+    request_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    template: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    template_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+class Hits(Request, tag="hits"):
+    """Exact hits served from the segment since the last report (at most 1024)."""
+
+    idempotent: ClassVar[bool] = False  # a resend would count them twice
+    hits: Annotated[list[ShmHit], msgspec.Meta(max_length=1024)] = []
+    #: lookups the segment could not answer since the last report (they used the socket)
+    fallbacks: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)] = 0
+
+
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello, Ping, Fingerprint, Stats, Count, Admit, Settle, Release, Limits, CacheGet,
-    CachePut, CacheInvalidate, Begin, End, Extend, Route, Report, Costs, MetricsText,
+    CachePut, CacheInvalidate, Begin, End, Extend, Route, Report, Costs, MetricsText, Hits,
 )
 OPS: tuple[str, ...] = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Awaitable, NamedTuple
+
 import msgspec
 
 from ...ledger.accounting import Begun
@@ -22,11 +23,15 @@ from ...limits.engine import MICRO, Decision, Denial, Estimate, Subject, Usage
 from ...limits.pricing import Usage as PricedUsage
 from ...wire import (
     NIL, Begin, BeginReply, CacheGetReply, CachePut, ChainModel, End, EndReply, Extend,
-    ExtendReply, Report, ReportReply, Route, RouteReply,
+    ExtendReply, Hits, HitsReply, Report, ReportReply, Route, RouteReply, ShmClientStats,
 )
 from ...routing.settings import RouteConfig
 from ...routing.router import Chain, backoff_schedule, budget_fraction
 from ._common import CACHE_FIELDS, Deferred, bounded_micro, wire_seconds
+
+#: client processes whose use of the segment ``stats`` shows (the latest to report)
+SHM_CLIENTS = 64
+
 
 class _Admitted(NamedTuple):
     """A begin past its admit, while the cluster (maybe) has its say."""
@@ -191,6 +196,48 @@ class CallOps:
                             semantic=found.tier == "semantic", similarity=found.similarity,
                             saved_micro=saved, request_id=req.request_id,
                             template=req.template, template_version=req.template_version)
+
+    def hits(self, req: Hits) -> HitsReply:
+        """Exact hits a client read from the shared-memory segment: each accounted as a
+        hit through the socket would have been, if the answer is still held; its time
+        kept within the last minute (a report cannot rewrite older hours)."""
+        now = time.time()
+        accounted = unknown = 0
+        exact = self.cache.exact
+        for h in req.hits:
+            entry, stale = exact.peek(h.key, now, True)
+            if entry is None:
+                unknown += 1
+                continue
+            accounted += 1
+            if stale:
+                exact.counts.stale_serves += 1
+            else:
+                exact.counts.hits += 1
+            if h.op == "begin":
+                view = Begin(user=h.who, model=h.model, route=h.route, task=h.task,
+                             request_id=h.request_id, template=h.template,
+                             template_version=h.template_version)
+                found = CacheGetReply(hit=True, key=h.key, tier="exact", similarity=1.0,
+                                      input_tokens=entry.input_tokens,
+                                      output_tokens=entry.output_tokens)
+                self._account_hit(view, found, h.who, min(max(h.at, now - 60.0), now))
+        self._tell_shm_use(accounted, unknown, req.fallbacks, now)
+        return HitsReply(id=req.id, accounted=accounted, unknown=unknown)
+
+    def _tell_shm_use(self, hits: int, unknown: int, fallbacks: int, now: float) -> None:
+        """Add a report to its process's line of ``stats().shm.clients`` (the latest
+        SHM_CLIENTS processes are kept)."""
+        clients = self.shm_clients
+        old = clients.pop(self.owner_pid, None)
+        if old is not None and old.uid == self.owner:
+            hits, unknown, fallbacks = (old.hits + hits, old.unknown + unknown,
+                                        old.fallbacks + fallbacks)
+        clients[self.owner_pid] = ShmClientStats(
+            pid=self.owner_pid, uid=self.owner, hits=hits, unknown=unknown,
+            fallbacks=fallbacks, told_at=now)
+        while len(clients) > SHM_CLIENTS:
+            del clients[next(iter(clients))]
 
     def end(self, req: End) -> EndReply | Deferred:
         now = time.time()

@@ -40,10 +40,11 @@ from ...limits.pricing import Price, PricingRegistry
 from ...wire import (
     OPS, PROTOCOL_VERSION, Admit, Begin, BuildInfo, CacheGet, CacheGetReply, CacheInvalidate,
     CacheInvalidateReply, CachePut, CachePutReply, Costs, CostsReply, Count, CountReply, End,
-    Extend, Fingerprint, FingerprintReply, Hello, HelloReply, Limits, MetricsReply,
-    MetricsText, Ping, Pong, Release, Reply, Report, Request, Route, Settle, Stats,
-    StatsReply,
+    Extend, Fingerprint, FingerprintReply, Hello, HelloReply, Hits, Limits, MetricsReply,
+    MetricsText, Ping, Pong, Release, Reply, Report, Request, Route, Settle, ShmClientStats,
+    ShmStats, Stats, StatsReply,
 )
+from ...wire.shm import Publisher
 from ...routing.router import Router
 from ...text.tokens import ESTIMATE_ENCODING, Tokenizer, get_encoding
 from ._common import Deferred
@@ -119,6 +120,11 @@ class Handlers(CallOps, LimitOps, ClusterOps):
         #: the uid of the peer whose request runs now (set by the server before each
         #: op; -1: no peer, e.g. in-process use): leases are bound to it
         self.owner = -1
+        self.owner_pid = 0  # and its pid (0: none)
+        #: the shared-memory segment the service made (None: none), and what the latest
+        #: SHM_CLIENTS client processes told of their use of it, by pid (oldest first)
+        self.segment: Publisher | None = None
+        self.shm_clients: dict[int, ShmClientStats] = {}
         #: whether that peer may use the operator ops (``[server.access]``)
         self.operator = True
         self.cache_snapshot = cache_snapshot
@@ -175,6 +181,7 @@ class Handlers(CallOps, LimitOps, ClusterOps):
             Report: self.report,
             Costs: self.cost_summary,
             MetricsText: self.metrics_text,
+            Hits: self.hits,
         }
         assert tuple(t.__struct_config__.tag for t in self.table) == OPS
 
@@ -370,7 +377,17 @@ class Handlers(CallOps, LimitOps, ClusterOps):
             cluster=self.cluster.stats(_without_password(self.config.cluster.redis_url))
             if self.cluster is not None else None,
             connections_closed=dict(self.metrics.connections_closed),
+            shm=self._shm_stats(),
         )
+
+    def _shm_stats(self) -> ShmStats | None:
+        seg = self.segment
+        if seg is None:
+            return None
+        return ShmStats(path=str(seg.path), generation=seg.generation, slots=seg.slots,
+                        arena_bytes=seg.arena_bytes, published=self.cache.published,
+                        not_published=self.cache.not_published,
+                        clients=list(reversed(self.shm_clients.values())))
 
     def cost_summary(self, req: Costs) -> CostsReply:
         if req.by == "user":

@@ -1,0 +1,23 @@
+/* C11 atomics for the shared-memory segment (native/shm.pyx). The segment's words are
+ * plain uint64_t in a file mapping; these helpers access them as _Atomic, which has the
+ * same size and alignment for uint64_t on every platform this builds on. */
+#ifndef LLM_SIDECAR_SHM_ATOMIC_H
+#define LLM_SIDECAR_SHM_ATOMIC_H
+#include <stdatomic.h>
+#include <stdint.h>
+
+static inline uint64_t shm_load_acquire(const uint64_t *p) {
+    return atomic_load_explicit((const _Atomic uint64_t *)p, memory_order_acquire);
+}
+static inline uint64_t shm_load_relaxed(const uint64_t *p) {
+    return atomic_load_explicit((const _Atomic uint64_t *)p, memory_order_relaxed);
+}
+static inline void shm_store_release(uint64_t *p, uint64_t v) {
+    atomic_store_explicit((_Atomic uint64_t *)p, v, memory_order_release);
+}
+static inline void shm_store_relaxed(uint64_t *p, uint64_t v) {
+    atomic_store_explicit((_Atomic uint64_t *)p, v, memory_order_relaxed);
+}
+static inline void shm_fence_acquire(void) { atomic_thread_fence(memory_order_acquire); }
+static inline void shm_fence_release(void) { atomic_thread_fence(memory_order_release); }
+#endif
