@@ -191,7 +191,7 @@ class Slices:
                     try:
                         self.conn.exchange([SliceEnd(grant=s.grant)
                                             for s in self.local.values()], self.timeout)
-                    except (SidecarError, OSError, TimeoutError):
+                    except (SidecarError, Dead, OSError, TimeoutError):
                         pass  # closing the connection ends them all the same
                 self.conn.close()
                 self.conn = None

@@ -21,7 +21,7 @@ import time
 from typing import NamedTuple
 
 from ...errors import InvalidValue
-from ...limits.engine import MICRO, Subject
+from ...limits.engine import MICRO, Metric, Subject
 from ...wire import Admit, Slice, SliceEnd, SliceEndReply, SliceReply
 from ...wire.shm import DaemonSlab, open_slab
 from ._common import wire_seconds
@@ -73,7 +73,10 @@ class SliceOps:
         estimate, known, _ = self._estimate(admit, req.model, req.input_tokens, b"")
         leases: list[str] = []
         decision = None
-        for _ in range(req.count):
+        # a concurrency limit's slots must not wait in a client's slice: one call each
+        count = 1 if any(r.metric is Metric.CONCURRENT for r in self.engine.rules) \
+            else req.count
+        for _ in range(count):
             decision = self.engine.admit(subject, estimate, now, b"", self.owner)
             if decision.denial is not None:
                 if not leases:
@@ -115,8 +118,9 @@ class SliceOps:
         taken = len(g.leases)  # no slab to read: count every call taken (never too few)
         if slab is not None:
             grant, _, used, *_ = slab.state(g.slot)
-            if grant == gid:
-                taken = min(used, len(g.leases))
+            # another grant in the slot: the client never installed this one (it reuses
+            # a slot only after the daemon ended the slice in it), so it took none
+            taken = min(used, len(g.leases)) if grant == gid else 0
         now = time.time()
         released = 0
         for lease in g.leases[taken:]:
