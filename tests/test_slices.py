@@ -31,33 +31,37 @@ def used(path, user: str) -> float:
 
 
 def test_admits_come_from_slices_and_settle_over_the_socket(start_daemon):
+    """A shape's slices hold one call until it is admitted often: then its calls come
+    from the slab, with no round trip, and settle over the socket as any lease."""
     d = start_daemon(LIMIT.format(amount=1000))
     with Client(d.path) as c:
-        a = c.admit(user="ann", model="gpt-4o", input_tokens=100, max_tokens=50)
-        assert a.allowed and a.lease and a.input_tokens == 100 and a.output_tokens == 50
-        assert c.slices.admits == 1 and c.slices.asked == 1
-        requests = c.stats().ops["admit"].requests if "admit" in c.stats().ops else 0
-        leases = [c.admit(user="ann", model="gpt-4o", input_tokens=100, max_tokens=50).lease
-                  for _ in range(3)]
-        assert c.slices.admits == 4 and c.slices.asked == 1  # the first slice had 4 calls
-        assert (c.stats().ops["admit"].requests if "admit" in c.stats().ops else 0) == requests
-        s = c.settle(a.lease, input_tokens=90, output_tokens=10)
+        shape = dict(user="ann", model="gpt-4o", input_tokens=100, max_tokens=50)
+        first = c.admit(**shape)
+        assert first.allowed and first.input_tokens == 100 and first.output_tokens == 50
+        assert used(d.path, "ann") == 1  # nothing held in advance for a cold shape
+        leases = [c.admit(**shape).lease for _ in range(4)]
+        # 4 one-call slices in a row spent within their TTL: the 5th holds 2 calls
+        assert (c.slices.asked, c.slices.admits) == (5, 5)
+        assert used(d.path, "ann") == 6
+        leases.append(c.admit(**shape).lease)  # the spare: no round trip
+        slices = c.stats().ops["slice"].requests
+        assert (c.slices.asked, c.slices.admits, slices) == (5, 6, 5)
+        assert "admit" not in c.stats().ops or c.stats().ops["admit"].requests == 0
+        s = c.settle(first.lease, input_tokens=90, output_tokens=10)
         assert s.found and not s.duplicate and s.usd > 0
         assert all(c.release(lease).released for lease in leases)
         assert used(d.path, "ann") == 1
-        # another shape is another slice; a text to count asks the daemon
-        assert c.admit(user="ann", model="gpt-4o", input_tokens=7).allowed
-        assert c.slices.asked == 2
-        assert c.admit(user="ann", model="gpt-4o", text="count me").allowed
-        assert c.slices.admits == 5
-    # at close the calls not taken went back: ann used 1 (settled) + 1 (taken, open)
-    # + 1 (the counted admit, open)
-    assert wait_for(lambda: used(d.path, "ann") == 3)
+        assert c.admit(user="ann", model="gpt-4o", text="count me").allowed  # a socket admit
+        assert c.slices.admits == 6
+        for _ in range(7):  # a hot shape's slice: its spares go back at close
+            c.admit(user="bob", input_tokens=1)
+        assert used(d.path, "bob") == 10  # 7 taken, 3 spare (4 single calls, then 2 and 4)
+    assert wait_for(lambda: used(d.path, "bob") == 7)
     with Client(d.path, shared_memory=False) as c:
         shm = c.stats().shm
         assert (shm.slice_calls, shm.slice_taken, shm.slice_released, shm.slices_open) == (
-            8, 5, 3, 0)
-        assert [x.admits for x in shm.clients if x.pid == os.getpid()] == [5]
+            6 + 10, 6 + 7, 3, 0)
+        assert [x.admits for x in shm.clients if x.pid == os.getpid()] == [13]
     assert d.stop() == 0
 
 
@@ -106,25 +110,27 @@ def test_a_killed_client_gives_its_slice_back(start_daemon):
     d = start_daemon(LIMIT.format(amount=1000))
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
-    p = ctx.Process(target=_holder, args=(str(d.path), 6, ready))
+    p = ctx.Process(target=_holder, args=(str(d.path), 7, ready), daemon=True)
     p.start()
-    assert ready.wait(30)
-    assert used(d.path, "holder") > 6  # 6 taken, the rest of its slices held
-    os.kill(p.pid, signal.SIGKILL)
+    try:
+        assert ready.wait(30)
+        assert used(d.path, "holder") == 10  # 7 taken (4 single calls, 2, 1 of 4)
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
     p.join(10)
-    assert wait_for(lambda: used(d.path, "holder") == 6)
+    assert wait_for(lambda: used(d.path, "holder") == 7)
     assert d.stop() == 0
 
 
 def test_a_slice_past_its_ttl_is_given_back(start_daemon):
-    d = start_daemon(LIMIT.format(amount=1000) + "[shm]\nslice_ttl = 0.2\n")
+    d = start_daemon(LIMIT.format(amount=1000) + "[shm]\nslice_ttl = 2\n")
     with Client(d.path) as c:
-        assert c.admit(user="slow", input_tokens=1).allowed
-        assert used(d.path, "slow") == 4  # its first slice: 4 calls
-        assert wait_for(lambda: used(d.path, "slow") == 1)  # TTL + grace: 3 went back
-        time.sleep(0.2)
-        assert c.admit(user="slow", input_tokens=1).allowed  # a new slice
-        assert c.slices.asked == 2
+        for _ in range(5):
+            assert c.admit(user="slow", input_tokens=1).allowed
+        assert used(d.path, "slow") == 6  # 4 single calls, then a slice of 2
+        assert wait_for(lambda: used(d.path, "slow") == 5)  # TTL + grace: 1 went back
+        assert c.admit(user="slow", input_tokens=1).allowed  # a new, cold slice
+        assert c.slices.asked == 6 and used(d.path, "slow") == 6
     assert d.stop() == 0
 
 

@@ -32,7 +32,9 @@ _PLAIN = frozenset(_NAMES + ("input_tokens", "max_tokens"))
 #: a client stops taking from a slice this many seconds before its TTL ends (the daemon
 #: ends it half a second after): a take and the daemon's count never race
 MARGIN = 0.1
-FIRST_SIZE = 4  # calls asked for in a shape's first slice; doubled while they run out
+#: a shape's slices hold one call (an admit as the socket's, nothing held in advance)
+#: until HOT_AFTER of them in a row were spent within their TTL; then 2, 4, ... 64
+HOT_AFTER = 4
 MAX_SIZE = 64
 
 
@@ -47,7 +49,7 @@ class _Local(NamedTuple):
     slot: int
     replies: list[AdmitReply]  # each call's admit reply, by the index its take gives
     until: float  # monotonic: take no call after
-    size: int  # calls asked for
+    streak: int  # slices of this shape before it spent within their TTL, in a row
 
 
 def _shape(fields: dict[str, Any]) -> tuple | None:
@@ -129,17 +131,26 @@ class Slices:
             requests.append(SliceEnd(grant=old.grant))
             self.free.append(old.slot)
         slot = self.free.pop()
-        # a shape that spent its slice within its TTL gets twice as many calls next time
-        size = FIRST_SIZE if s is None else min(
-            MAX_SIZE, s.size * 2 if time.monotonic() < s.until else s.size)
+        streak = s.streak + 1 if s is not None and time.monotonic() < s.until else 0
+        size = 1 if streak < HOT_AFTER else min(MAX_SIZE, 2 << (streak - HOT_AFTER))
         user, key, model, route, input_tokens, max_tokens = shape
+        ask = Slice(user=user, key=key, model=model, route=route, input_tokens=input_tokens,
+                    max_tokens=max_tokens, count=size, slot=slot)
         try:
-            reply = self._exchange(requests, Slice(
-                user=user, key=key, model=model, route=route, input_tokens=input_tokens,
-                max_tokens=max_tokens, count=size, slot=slot))
+            reply = self._exchange(requests, ask)
         except (SidecarError, Dead, TimeoutError, OSError):
             self.free.append(slot)
             return None  # the socket admit says what is wrong
+        if not reply.leases and reply.reason != "cluster" and self.local:
+            # denied while this client's other slices hold calls: give those back, ask again
+            ends: list[Request] = [SliceEnd(grant=x.grant) for x in self.local.values()]
+            self.free.extend(x.slot for x in self.local.values())
+            self.local.clear()
+            try:
+                reply = self._exchange(ends, ask)
+            except (SidecarError, Dead, TimeoutError, OSError):
+                self.free.append(slot)
+                return None
         if not reply.leases:
             self.free.append(slot)
             if reply.reason == "cluster":
@@ -158,7 +169,7 @@ class Slices:
             retry_after=0.0, input_tokens=reply.input_tokens,
             output_tokens=reply.output_tokens, usd=reply.usd, usd_known=reply.usd_known,
             near=reply.near, shadow=reply.shadow, ttl=reply.lease_ttl)
-            for lease in reply.leases], time.monotonic() + reply.ttl - MARGIN, size)
+            for lease in reply.leases], time.monotonic() + reply.ttl - MARGIN, streak)
         self.local[shape] = s
         i = self.slab.slab.take(slot, s.grant)  # type: ignore[union-attr]
         self.admits += 1

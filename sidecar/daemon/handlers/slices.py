@@ -79,8 +79,10 @@ class SliceOps:
         for _ in range(count):
             decision = self.engine.admit(subject, estimate, now, b"", self.owner)
             if decision.denial is not None:
-                if not leases:
-                    self._observe(subject, decision, now)  # the call asked for is denied
+                if not leases and not any(g.conn is self.conn for g in self._grants.values()):
+                    # the call asked for is denied (a client holding other slices gives
+                    # them back and asks again: only that answer counts)
+                    self._observe(subject, decision, now)
                 break
             self._observe(subject, decision, now)
             leases.append(decision.lease)
