@@ -115,11 +115,12 @@ def _sdk(path: str, calls: int, rounds: int) -> dict:
     with StubLLM(reply="stub answer") as stub, \
             openai.OpenAI(base_url=stub.openai_base_url, api_key="sk-bench",
                           max_retries=0) as sdk, sidecar.Client(path) as side:
-        guarded = guard_openai(sdk, side, user="bench", model="gpt-4o")
+        guarded = guard_openai(sdk, side, user="bench-warm", model="gpt-4o")
         ask(sdk, True)(0)
         ask(guarded, True)(0)  # warm both paths
         series: dict[str, list[int]] = {"direct": [], "miss": [], "hit": []}
-        for _ in range(rounds):
+        for r in range(rounds):  # a user per round: each stays under the per-user limit
+            guarded = guard_openai(sdk, side, user=f"bench{r}", model="gpt-4o")
             series["direct"] += _timed(ask(sdk, True), calls // rounds)
             series["miss"] += _timed(ask(guarded, True), calls // rounds)
         ask(guarded, True)(0)  # a question the guard has stored the answer of
