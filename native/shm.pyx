@@ -30,8 +30,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-from includes.shm_atomic cimport (shm_fence_acquire, shm_fence_release, shm_load_acquire,
-                                  shm_load_relaxed, shm_store_release, shm_store_relaxed)
+from includes.shm_atomic cimport (shm_cas, shm_fence_acquire, shm_fence_release,
+                                  shm_fetch_add, shm_load_acquire, shm_load_relaxed,
+                                  shm_store_release, shm_store_relaxed)
 
 cdef const char* C_MAGIC = b"LLMSHM\x01\x00"
 
@@ -445,3 +446,106 @@ def mark_closed(unsigned char[::1] buffer not None) -> None:
     cdef _Segment seg = _Segment.__new__(_Segment)
     seg._attach(<unsigned char*>&buffer[0], buffer.shape[0])
     shm_store_release(_word(seg.base, H_CLOSED), 1)
+
+
+# --- admission slices: the client's counters ------------------------------------------
+#
+# A client process owns one slab file (it created it, only it may write it); the daemon
+# maps it read-only. Slot i (64 bytes at 64 + 64 i) holds one slice the daemon granted:
+#   grant (the daemon's id of it, 0: the slot is free) | granted | used | settled |
+#   input tokens | output tokens | spare x2
+# The client installs a grant (counters zeroed, then ``grant`` stored with release),
+# takes a call from it with a compare-and-swap that keeps ``used <= granted``, and adds
+# each call's usage (atomic adds, ``settled`` last). The daemon loads them (acquire) when
+# the slice ends, is returned or its owner is gone: what the file says is the client's
+# own account, bounded by the daemon to what it granted.
+
+cdef const char* C_SLAB_MAGIC = b"LLMSLAB\x01"
+
+cdef enum:
+    SLAB_SLOTS = 64
+    SLAB_SIZE = 64 + 64 * 64
+    W_GRANT = 0
+    W_GRANTED = 8
+    W_USED = 16
+    W_SETTLED = 24
+    W_INPUT = 32
+    W_OUTPUT = 40
+
+SLAB_BYTES = SLAB_SIZE
+SLAB_SLOT_COUNT = SLAB_SLOTS
+
+
+cdef class Slab:
+    """A slab mapping (``writable``: the client's own; else the daemon's read-only view)."""
+
+    cdef object _buffer
+    cdef unsigned char* base
+    cdef readonly bint writable
+
+    def __init__(self, buffer not None, bint writable=False, uint64_t pid=0):
+        cdef const unsigned char[::1] view = buffer
+        if view.shape[0] < SLAB_SIZE:
+            raise ValueError(f"a slab is {SLAB_SIZE} bytes")
+        self._buffer = buffer
+        self.base = <unsigned char*>&view[0]
+        self.writable = writable
+        if writable:
+            memset(self.base, 0, SLAB_SIZE)
+            _word(self.base, 8)[0] = pid
+            shm_fence_release()
+            memcpy(self.base, C_SLAB_MAGIC, 8)
+        elif memcmp(self.base, C_SLAB_MAGIC, 8) != 0:
+            raise ValueError("not a slab")
+
+    @property
+    def pid(self) -> int:
+        return _word(self.base, 8)[0]
+
+    cdef inline unsigned char* _slot(self, int slot) except NULL:
+        if not 0 <= slot < SLAB_SLOTS:
+            raise ValueError(f"slot {slot} out of range")
+        return self.base + 64 + 64 * slot
+
+    def install(self, int slot, uint64_t grant, uint64_t granted) -> None:
+        """Make ``slot`` hold the slice ``grant`` of ``granted`` calls, none used yet."""
+        if not self.writable:
+            raise ValueError("a read-only slab")
+        cdef unsigned char* s = self._slot(slot)
+        shm_store_release(_word(s, W_GRANT), 0)
+        shm_store_relaxed(_word(s, W_GRANTED), granted)
+        shm_store_relaxed(_word(s, W_USED), 0)
+        shm_store_relaxed(_word(s, W_SETTLED), 0)
+        shm_store_relaxed(_word(s, W_INPUT), 0)
+        shm_store_relaxed(_word(s, W_OUTPUT), 0)
+        shm_store_release(_word(s, W_GRANT), grant)
+
+    def take(self, int slot, uint64_t grant) -> int:
+        """One call from the slice ``grant`` in ``slot``: its index (0, 1, ...), or -1
+        when the slice is spent or the slot holds another one. Lock-free: any number of
+        threads may take at once, and no more than ``granted`` succeed."""
+        cdef unsigned char* s = self._slot(slot)
+        cdef uint64_t used, granted
+        if shm_load_acquire(_word(s, W_GRANT)) != grant:
+            return -1
+        granted = shm_load_relaxed(_word(s, W_GRANTED))
+        used = shm_load_relaxed(_word(s, W_USED))
+        while used < granted:
+            if shm_cas(_word(s, W_USED), &used, used + 1):
+                return used
+        return -1
+
+    def settle(self, int slot, uint64_t input_tokens, uint64_t output_tokens) -> int:
+        """Add one call's usage; returns the calls settled so far, this one included."""
+        cdef unsigned char* s = self._slot(slot)
+        shm_fetch_add(_word(s, W_INPUT), input_tokens)
+        shm_fetch_add(_word(s, W_OUTPUT), output_tokens)
+        return shm_fetch_add(_word(s, W_SETTLED), 1) + 1
+
+    def state(self, int slot) -> tuple:
+        """``(grant, granted, used, settled, input_tokens, output_tokens)`` as loaded."""
+        cdef unsigned char* s = self._slot(slot)
+        cdef uint64_t grant = shm_load_acquire(_word(s, W_GRANT))
+        return (grant, shm_load_acquire(_word(s, W_GRANTED)),
+                shm_load_acquire(_word(s, W_USED)), shm_load_acquire(_word(s, W_SETTLED)),
+                shm_load_acquire(_word(s, W_INPUT)), shm_load_acquire(_word(s, W_OUTPUT)))

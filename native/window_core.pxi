@@ -291,7 +291,8 @@ cdef class Core:
         cdef CRule* r
         cdef Keyed k
         cdef int64_t amount
-        _load_amounts(usage_, actual)  # before the lease is touched: all or nothing
+        # before the lease is touched: all or nothing; requests given: what a slice used
+        cdef bint counted = _load_amounts(usage_, actual)
         cdef Lease lease = _find(self, lease_id, owner)
         if lease is None:
             return self.settle_type(False, False, False)
@@ -316,7 +317,7 @@ cdef class Core:
                 if not expired:
                     _gauge_down(&k.c[r.pos], res.amount)
                 continue
-            amount = res.amount if r.need_at == 0 else actual[r.need_at]
+            amount = res.amount if r.need_at == 0 and not counted else actual[r.need_at]
             if expired:  # its records may have been evicted (and made again) since
                 k = _current(self, res.space, k)
             if k is not None:

@@ -70,22 +70,24 @@ cdef Decision _decision(bint allowed, str lease, object denial, object estimate,
 
 
 cdef int _load_amounts(object amounts_, int64_t* out) except -1:
-    """``(input, output, micro_usd)`` into ``out``: requests, input, output, total and
-    micro-dollars, each checked before anything is changed with them."""
+    """``(input, output, micro_usd[, requests])`` into ``out``: requests, input, output,
+    total and micro-dollars, each checked before anything is changed with them. Returns
+    1 when ``requests`` was given (a slice of several calls, or what a slice used), else
+    0 (one call: 1 request)."""
     if not isinstance(amounts_, tuple) or len(<tuple>amounts_) < 3:
         raise TypeError("amounts must be an (input, output, micro_usd) (named) tuple")
     cdef tuple amounts = <tuple>amounts_
-    cdef int i
-    for i in range(3):
+    cdef int i, n = 4 if len(amounts) > 3 else 3
+    for i in range(n):
         v = amounts[i]
         if not isinstance(v, int) or not 0 <= v <= MAX_NEED:
             raise ValueError(f"amount {v!r} out of range: 0 to {MAX_NEED}")
-    out[0] = 1
+    out[0] = amounts[3] if n == 4 else 1
     out[1] = amounts[0]
     out[2] = amounts[1]
     out[3] = out[1] + out[2]
     out[4] = amounts[2]
-    return 0
+    return n == 4
 
 
 @cython.no_gc  # holds tuples, strings and Keyed records only: never part of a cycle

@@ -99,7 +99,7 @@ def test_stats_dashboard_shows_every_section_and_the_numbers(start_daemon):
     assert re.search(r"^  answers +3 published, 0 too large", shm, re.M)
     # this test's process: one hit from the segment; 7 begins the segment could not answer
     # (3 first questions, carol's 3, dave's 1) went to the socket
-    assert re.search(rf"^ +{os.getpid()} +{os.getuid()} +1 +7 +0 +[\d:]+$", shm, re.M)
+    assert re.search(rf"^ +{os.getpid()} +{os.getuid()} +1 +7 +0 +0 +[\d:]+$", shm, re.M)
     assert re.search(r"^  open leases: 0$", got["limits"], re.M)
     assert re.search(r"^  per-user +1 +\d+ +0", got["limits"], re.M)
     assert re.search(r"^  exact +3 +\d+ +1 +", got["caches"], re.M)  # q1, q2, q3

@@ -18,6 +18,15 @@ static inline void shm_store_release(uint64_t *p, uint64_t v) {
 static inline void shm_store_relaxed(uint64_t *p, uint64_t v) {
     atomic_store_explicit((_Atomic uint64_t *)p, v, memory_order_relaxed);
 }
+/* The client's counters of its admission slices (native/shm.pyx, Slab): one process
+ * debits them from several threads, the daemon reads them. */
+static inline int shm_cas(uint64_t *p, uint64_t *expected, uint64_t desired) {
+    return atomic_compare_exchange_weak_explicit((_Atomic uint64_t *)p, expected, desired,
+                                                 memory_order_acq_rel, memory_order_acquire);
+}
+static inline uint64_t shm_fetch_add(uint64_t *p, uint64_t v) {
+    return atomic_fetch_add_explicit((_Atomic uint64_t *)p, v, memory_order_acq_rel);
+}
 static inline void shm_fence_acquire(void) { atomic_thread_fence(memory_order_acquire); }
 static inline void shm_fence_release(void) { atomic_thread_fence(memory_order_release); }
 #endif

@@ -8,3 +8,5 @@ cdef extern from "shm_atomic.h" nogil:
     void shm_store_relaxed(uint64_t* p, uint64_t v)
     void shm_fence_acquire()
     void shm_fence_release()
+    bint shm_cas(uint64_t* p, uint64_t* expected, uint64_t desired)
+    uint64_t shm_fetch_add(uint64_t* p, uint64_t v)

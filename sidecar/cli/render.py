@@ -191,11 +191,13 @@ def _render_shm(stats: StatsReply) -> str:
         ("size", f"{shm.slots:,} slots, {shm.arena_bytes:,} bytes of answers"),
         ("answers", f"{shm.published:,} published, {shm.not_published:,} too large or "
                     "crowded (socket only)"),
+        ("admission", f"{shm.slice_calls:,} calls in slices: {shm.slice_taken:,} taken, "
+                      f"{shm.slice_released:,} given back; {shm.slices_open:,} slices open"),
     ])
     clients = _table(
-        [(str(c.pid), str(c.uid), c.hits, c.fallbacks, c.unknown, utc(c.told_at, "%H:%M:%S"))
-         for c in shm.clients],
-        ("client pid", "uid", "shm hits", "fallbacks", "gone", "told (UTC)"))
+        [(str(c.pid), str(c.uid), c.hits, c.fallbacks, c.unknown, c.admits,
+          utc(c.told_at, "%H:%M:%S")) for c in shm.clients],
+        ("client pid", "uid", "shm hits", "fallbacks", "gone", "shm admits", "told (UTC)"))
     return f"{summary}\n\n{clients}"
 
 

@@ -35,6 +35,7 @@ from ..errors import (
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame
 from ..wire.peer import daemon_problem, peer_of
 from .fast import FastPath
+from .slices import Slices
 from ..wire import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePutReply, ChainModel, Costs, CostsReply, CountReply,
@@ -209,6 +210,10 @@ class Client:
         #: exact hits read from the daemon's segment (``sidecar.client.fast``); None
         #: until the first lookup, False when off
         self.fast: FastPath | None | bool = None if shared_memory else False
+        #: plain admits taken from slices the daemon granted (``sidecar.client.slices``)
+        self.slices = Slices(lambda: _SyncConnection(self.path, self.timeout,
+                                                     self.expected_uid),
+                             timeout) if shared_memory else None
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: list[_SyncConnection] = []
@@ -222,6 +227,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self.slices is not None:
+            self.slices.close()
         if isinstance(self.fast, FastPath):
             if not self._closed:
                 self._report_hits()
@@ -319,6 +326,11 @@ class Client:
         """Reserve before a call; fields as ``protocol.Admit`` (user, model, text or
         messages or input_tokens, max_tokens, wait, ...). A ``wait`` longer than the
         client's timeout extends this call's timeout to match."""
+        slices = self.slices
+        if slices is not None and not self._closed:  # a plain admit: from a slice
+            reply = slices.admit(fields)
+            if reply is not None:
+                return reply
         request = Admit(**fields)
         budget = max(timeout or self.timeout, request.wait + self.timeout)
         return self.call(request, timeout=budget)  # type: ignore[return-value]

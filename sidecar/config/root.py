@@ -69,6 +69,9 @@ class ShmConfig(Section):
     size: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 34)] = 64 << 20  # bytes
     #: index slots, a power of two; 64 bytes each, out of ``size``
     slots: Annotated[int, msgspec.Meta(ge=64, le=1 << 24)] = 65536
+    #: seconds a client may take calls from an admission slice before it asks again
+    #: (short: a slice's calls are counted when it is granted)
+    slice_ttl: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 1.0
 
 
 class Config(Section):

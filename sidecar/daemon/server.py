@@ -165,6 +165,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.forget(self)
         self.closing = True
+        self.server.handlers.connection_closed(self)  # its admission slices end
 
     def pause_writing(self) -> None:
         # The peer is not reading its replies: stop reading its requests.
@@ -200,6 +201,7 @@ class Connection(asyncio.Protocol):
         out = bytearray()
         handlers = self.server.handlers  # ops act for this peer (leases, operator ops)
         handlers.owner, handlers.owner_pid = self.peer.uid, self.peer.pid
+        handlers.conn = self
         handlers.operator = self.operator
         try:
             pending = self.server.process(frames, out, first)

@@ -23,12 +23,12 @@ from .replies import (
     CostTotals, CountReply, EndReply, Error, ExtendReply, FingerprintReply, HelloReply,
     HitsReply, LatencyStats, LimitsReply, LimitUse, LogStats, MetricsReply, OpStats, Pong,
     ReleaseReply, Reply, REPLY_TYPES, ReportReply, RouteReply, SettleReply, ShmClientStats,
-    ShmStats, StatsReply, TierStats,
+    ShmStats, SliceEndReply, SliceReply, StatsReply, TierStats,
 )
 from .requests import (
     Admit, Attempt, Begin, CacheGet, CacheInvalidate, CachePut, CacheRequest, Costs, Count,
     End, Extend, Fingerprint, Hello, Hits, Limits, Message, MetricsText, OPS, Ping, Release,
-    Report, Request, REQUEST_TYPES, Route, Settle, ShmHit, Stats,
+    Report, Request, REQUEST_TYPES, Route, Settle, ShmHit, Slice, SliceEnd, Stats,
 )
 from .values import (
     Epoch, ErrorCode, HttpStatus, LeaseId, MAX_EPOCH, MAX_NAME, MAX_SECONDS, MAX_TOKENS,
@@ -49,7 +49,8 @@ class Envelope(msgspec.Struct):
 ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
 
 __all__ = [
-    "Hits", "HitsReply", "ShmClientStats", "ShmHit", "ShmStats",
+    "Hits", "HitsReply", "ShmClientStats", "ShmHit", "ShmStats", "Slice", "SliceEnd",
+    "SliceEndReply", "SliceReply",
     "Admit", "AdmitReply", "AlertInfo", "Attempt", "Begin", "BeginReply", "BuildInfo",
     "CacheGet", "CacheGetReply", "CacheInvalidate", "CacheInvalidateReply", "CachePut",
     "CachePutReply", "CacheRequest", "CacheStats", "ChainModel", "ClusterStats",

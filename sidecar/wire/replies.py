@@ -175,6 +175,7 @@ class ShmClientStats(msgspec.Struct, frozen=True):
     unknown: int  # hits told after their answer had left the cache (counted nowhere)
     fallbacks: int  # lookups the segment could not answer: they went to the socket
     told_at: float  # epoch seconds of its latest report
+    admits: int = 0  # calls it took from admission slices (counted as each slice ends)
 
 
 class ShmStats(msgspec.Struct, frozen=True):
@@ -185,6 +186,10 @@ class ShmStats(msgspec.Struct, frozen=True):
     published: int  # answers put in the segment since the daemon started
     not_published: int  # answers it could not hold: served by the socket only
     clients: list[ShmClientStats]  # the latest reporting processes, most recent first
+    slice_calls: int = 0  # calls admitted in advance in admission slices
+    slice_taken: int = 0  # of the slices ended, calls their clients took
+    slice_released: int = 0  # and calls given back untaken
+    slices_open: int = 0  # slices not ended yet
 
 
 class CountReply(Reply, tag="count"):
@@ -394,6 +399,34 @@ class HitsReply(Reply, tag="hits"):
     unknown: int  # answers gone since (evicted, invalidated): counted nowhere
 
 
+class SliceReply(Reply, tag="slice", kw_only=True):
+    """``leases``: the calls admitted, in the order the client takes them (none: denied,
+    as ``AdmitReply`` says why with ``reason``, ``limit``, ``used``, ``amount``,
+    ``retry_after``). Each call's estimate is ``input_tokens``, ``output_tokens``,
+    ``usd``; ``near`` and ``shadow`` are as the slice's last admit left them."""
+
+    grant: int = 0  # the slice's id (0: none granted)
+    leases: list[str] = []
+    ttl: float = 0.0  # seconds the client may take calls from it
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd: float = 0.0
+    usd_known: bool = True
+    near: list[str] = []
+    shadow: list[str] = []
+    reason: str = ""
+    limit: str = ""
+    used: float = 0.0
+    amount: float = 0.0
+    retry_after: float | None = None
+    lease_ttl: float = 0.0  # seconds each call's lease lives without a settle
+
+
+class SliceEndReply(Reply, tag="slice_end"):
+    taken: int  # calls the client took (as its slab says, at most the slice's)
+    released: int  # calls given back
+
+
 class Error(Reply, tag="error", kw_only=True):
     id: RequestId | None = None
     code: ErrorCode
@@ -403,5 +436,6 @@ class Error(Reply, tag="error", kw_only=True):
 REPLY_TYPES: tuple[type[Reply], ...] = (
     HelloReply, Pong, FingerprintReply, StatsReply, CountReply, AdmitReply, SettleReply,
     ReleaseReply, LimitsReply, CacheGetReply, CachePutReply, CacheInvalidateReply, BeginReply,
-    EndReply, ExtendReply, RouteReply, ReportReply, CostsReply, MetricsReply, HitsReply, Error,
+    EndReply, ExtendReply, RouteReply, ReportReply, CostsReply, MetricsReply, HitsReply,
+    SliceReply, SliceEndReply, Error,
 )

@@ -299,8 +299,35 @@ class Hits(Request, tag="hits"):
     fallbacks: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)] = 0
 
 
+class Slice(Request, tag="slice", kw_only=True):
+    """Admit up to ``count`` calls at once, each as ``Admit`` would with ``input_tokens``
+    and ``max_tokens``: a slice the client process takes calls from without a round
+    trip, counting them in slot ``slot`` of its slab (a file it owns, named by ``slab``
+    on the connection's first slice). The daemon releases the calls not taken when the
+    slice ends (``SliceEnd``), its TTL passes, or the connection closes."""
+
+    idempotent: ClassVar[bool] = False
+    user: Name = ""
+    key: Name = ""
+    model: Name = ""
+    route: Name = ""
+    input_tokens: Tokens
+    max_tokens: Tokens = 0
+    count: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16
+    slab: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    slot: Annotated[int, msgspec.Meta(ge=0, le=63)] = 0
+
+
+class SliceEnd(Request, tag="slice_end"):
+    """The client is done with slice ``grant``: the calls it did not take are released."""
+
+    idempotent: ClassVar[bool] = False
+    grant: Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]
+
+
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello, Ping, Fingerprint, Stats, Count, Admit, Settle, Release, Limits, CacheGet,
     CachePut, CacheInvalidate, Begin, End, Extend, Route, Report, Costs, MetricsText, Hits,
+    Slice, SliceEnd,
 )
 OPS: tuple[str, ...] = tuple(t.__struct_config__.tag for t in REQUEST_TYPES)

@@ -12,9 +12,12 @@ client that sees another generation at the path maps the new file.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import secrets
+import stat
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -212,3 +215,87 @@ class Segment:
         self._reader = self.get = self.find = None  # type: ignore[assignment]
         self._view.release()
         self._map.close()
+
+
+# --- admission slices: the client's slab ----------------------------------------------
+
+SLAB_BYTES: int = _native.SLAB_BYTES
+SLAB_SLOTS: int = _native.SLAB_SLOT_COUNT
+
+
+def _slab_dir() -> str:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else \
+        tempfile.gettempdir()
+
+
+class ClientSlab:
+    """A client process's slab: the counters of its admission slices, in a file it
+    creates (mode 0644: the daemon reads it whatever its uid; only this uid writes) and
+    maps read-write. ``slab`` is the native view (``install``, ``take``, ``state``)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.path = os.path.join(_slab_dir(), f"llm-sidecar-slab.{os.getuid()}.{self.pid}."
+                                 f"{secrets.token_hex(8)}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644)
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask
+            os.ftruncate(fd, SLAB_BYTES)
+            self._map = mmap.mmap(fd, SLAB_BYTES, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
+        self.slab = _native.Slab(self._map, True, self.pid)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self.slab = None
+        self._map.close()
+
+
+class DaemonSlab:
+    """The daemon's read-only map of a client's slab."""
+
+    def __init__(self, m: mmap.mmap) -> None:
+        self._map = m
+        self._slab = _native.Slab(m)
+        self.state = self._slab.state  # (grant, granted, used, settled, input, output)
+
+    def close(self) -> None:
+        self._slab = self.state = None  # type: ignore[assignment]
+        self._map.close()
+
+
+def open_slab(path: str, uid: int) -> DaemonSlab:
+    """Map the slab at ``path`` read-only, if it is a regular file of the slab's size
+    owned by ``uid`` (the peer, as SO_PEERCRED says): ``OSError`` or ``ValueError``
+    otherwise. Anything else at the path (a device, a FIFO, a link) is refused before it
+    is opened, and the file opened must be the one checked."""
+    first = os.lstat(path)  # never open a device, FIFO or someone else's file at all
+    if not stat.S_ISREG(first.st_mode) or first.st_uid != uid:
+        raise ValueError("not a regular file of the peer's")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (first.st_dev, first.st_ino):
+            raise ValueError("replaced while opened")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_uid != uid:
+            raise ValueError(f"owned by uid {st.st_uid}, not by the peer (uid {uid})")
+        if st.st_size != SLAB_BYTES:
+            raise ValueError(f"{st.st_size} bytes, not {SLAB_BYTES}")
+        m = mmap.mmap(fd, SLAB_BYTES, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    try:
+        return DaemonSlab(m)
+    except ValueError:
+        m.close()
+        raise

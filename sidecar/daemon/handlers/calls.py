@@ -222,20 +222,21 @@ class CallOps:
                                       input_tokens=entry.input_tokens,
                                       output_tokens=entry.output_tokens)
                 self._account_hit(view, found, h.who, min(max(h.at, now - 60.0), now))
-        self._tell_shm_use(accounted, unknown, req.fallbacks, now)
+        self._tell_shm_use(self.owner_pid, self.owner, now, hits=accounted, unknown=unknown,
+                           fallbacks=req.fallbacks)
         return HitsReply(id=req.id, accounted=accounted, unknown=unknown)
 
-    def _tell_shm_use(self, hits: int, unknown: int, fallbacks: int, now: float) -> None:
-        """Add a report to its process's line of ``stats().shm.clients`` (the latest
-        SHM_CLIENTS processes are kept)."""
+    def _tell_shm_use(self, pid: int, uid: int, now: float, hits: int = 0, unknown: int = 0,
+                      fallbacks: int = 0, admits: int = 0) -> None:
+        """Add to a process's line of ``stats().shm.clients`` (the latest SHM_CLIENTS
+        processes are kept)."""
         clients = self.shm_clients
-        old = clients.pop(self.owner_pid, None)
-        if old is not None and old.uid == self.owner:
-            hits, unknown, fallbacks = (old.hits + hits, old.unknown + unknown,
-                                        old.fallbacks + fallbacks)
-        clients[self.owner_pid] = ShmClientStats(
-            pid=self.owner_pid, uid=self.owner, hits=hits, unknown=unknown,
-            fallbacks=fallbacks, told_at=now)
+        old = clients.pop(pid, None)
+        if old is not None and old.uid == uid:
+            hits, unknown, fallbacks, admits = (old.hits + hits, old.unknown + unknown,
+                                                old.fallbacks + fallbacks, old.admits + admits)
+        clients[pid] = ShmClientStats(pid=pid, uid=uid, hits=hits, unknown=unknown,
+                                      fallbacks=fallbacks, told_at=now, admits=admits)
         while len(clients) > SHM_CLIENTS:
             del clients[next(iter(clients))]
 

@@ -42,7 +42,7 @@ from ...wire import (
     CacheInvalidateReply, CachePut, CachePutReply, Costs, CostsReply, Count, CountReply, End,
     Extend, Fingerprint, FingerprintReply, Hello, HelloReply, Hits, Limits, MetricsReply,
     MetricsText, Ping, Pong, Release, Reply, Report, Request, Route, Settle, ShmClientStats,
-    ShmStats, Stats, StatsReply,
+    ShmStats, Slice, SliceEnd, Stats, StatsReply,
 )
 from ...wire.shm import Publisher
 from ...routing.router import Router
@@ -51,6 +51,7 @@ from ._common import Deferred
 from .calls import CallOps
 from .cluster import ClusterOps
 from .limits import LimitOps
+from .slices import SliceOps
 
 
 Handler = Callable[[Request], "Reply | Deferred"]
@@ -107,7 +108,7 @@ def build_info() -> BuildInfo:
     )
 
 
-class Handlers(CallOps, LimitOps, ClusterOps):
+class Handlers(CallOps, LimitOps, ClusterOps, SliceOps):
     """Every op of the daemon over its components (normaliser, tokenizer, pricing, limits
     engine, journal). Runs on the event loop; ops that must wait (a long count, a queued
     admit, a settle being synced) return a ``Deferred``."""
@@ -125,6 +126,7 @@ class Handlers(CallOps, LimitOps, ClusterOps):
         #: SHM_CLIENTS client processes told of their use of it, by pid (oldest first)
         self.segment: Publisher | None = None
         self.shm_clients: dict[int, ShmClientStats] = {}
+        self._init_slices()
         #: whether that peer may use the operator ops (``[server.access]``)
         self.operator = True
         self.cache_snapshot = cache_snapshot
@@ -182,6 +184,8 @@ class Handlers(CallOps, LimitOps, ClusterOps):
             Costs: self.cost_summary,
             MetricsText: self.metrics_text,
             Hits: self.hits,
+            Slice: self.slice,
+            SliceEnd: self.slice_end,
         }
         assert tuple(t.__struct_config__.tag for t in self.table) == OPS
 
@@ -234,6 +238,8 @@ class Handlers(CallOps, LimitOps, ClusterOps):
         entries past their stale window. Each step is guarded on its own, so one that
         fails (counted in ``stats`` ``task_failures``) never skips the others."""
         guard = self.metrics.task_failures.guard
+        with guard("housekeeping.slices"):
+            self.expire_slices(now)
         with guard("housekeeping.leases"):
             expired, spent = self.engine.expire(now)
             if expired:
@@ -387,7 +393,10 @@ class Handlers(CallOps, LimitOps, ClusterOps):
         return ShmStats(path=str(seg.path), generation=seg.generation, slots=seg.slots,
                         arena_bytes=seg.arena_bytes, published=self.cache.published,
                         not_published=self.cache.not_published,
-                        clients=list(reversed(self.shm_clients.values())))
+                        clients=list(reversed(self.shm_clients.values())),
+                        slice_calls=self.slices_granted, slice_taken=self.slices_taken,
+                        slice_released=self.slices_released,
+                        slices_open=len(self._grants))
 
     def cost_summary(self, req: Costs) -> CostsReply:
         if req.by == "user":
