@@ -119,6 +119,9 @@ def test_a_killed_client_gives_its_slice_back(start_daemon):
         os.kill(p.pid, signal.SIGKILL)
     p.join(10)
     assert wait_for(lambda: used(d.path, "holder") == 7)
+    # its slab file was removed as soon as the daemon had mapped it: nothing left behind
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(
+        f"llm-sidecar-slab.{os.getuid()}.{p.pid}.")]
     assert d.stop() == 0
 
 

@@ -178,9 +178,11 @@ class Slices:
     def _exchange(self, requests: list[Request], ask: Slice) -> Any:
         """Send ``requests`` then ``ask`` on the slices' connection (a new one, naming the
         slab, if there is none); the reply to ``ask``."""
-        if self.slab is None:
+        fresh = self.conn is None
+        if fresh:  # a slab per connection: its file is gone once the daemon mapped it
+            if self.slab is not None:
+                self.slab.close()
             self.slab = ClientSlab()
-        if self.conn is None:
             self.conn = self.connect()
             ask = msgspec.structs.replace(ask, slab=self.slab.path)
         try:
@@ -189,8 +191,14 @@ class Slices:
             self.conn.close()  # type: ignore[union-attr]
             self.conn = None
             raise
+        finally:
+            if fresh:
+                self.slab.unlink()  # mapped by the daemon (or refused): no file left behind
         last = replies[-1]
         if isinstance(last, BaseException):
+            if fresh:  # (the slab refused: the next ask starts on a new connection)
+                self.conn.close()  # type: ignore[union-attr]
+                self.conn = None
             raise last
         return last
 

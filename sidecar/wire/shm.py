@@ -252,9 +252,14 @@ class ClientSlab:
             os.close(fd)
         self.slab = _native.Slab(self._map, True, self.pid)
 
-    def close(self) -> None:
+    def unlink(self) -> None:
+        """Remove the file (the maps stay): once the daemon has mapped it, nothing needs
+        the path, and a process that never closes its client leaves nothing behind."""
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+    def close(self) -> None:
+        self.unlink()
         self.slab = None
         self._map.close()
 
