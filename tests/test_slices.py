@@ -166,3 +166,33 @@ def test_a_slab_must_be_the_peers_own_regular_file(start_daemon, tmp_path):
         assert c.ping() > 0
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert d.stop() == 0
+
+
+def test_the_async_client_admits_from_slices(start_daemon, run_async):
+    """AsyncClient as Client: slices renewed over its own connection; concurrent admits
+    take from the same slice; at close the calls not taken go back."""
+    import asyncio
+
+    from sidecar import AsyncClient
+
+    d = start_daemon(LIMIT.format(amount=1000))
+
+    async def main():
+        async with AsyncClient(d.path) as c:
+            for _ in range(7):
+                assert (await c.admit(user="amy", input_tokens=3)).allowed
+            assert (c.slices.asked, c.slices.admits) == (6, 7)  # 4 singles, 2, then 4
+            more = await asyncio.gather(*(c.admit(user="amy", input_tokens=3)
+                                          for _ in range(3)))
+            assert all(a.allowed for a in more) and c.slices.admits == 10
+            assert c.slices.asked == 6  # the 3 spares of the slice of 4
+            s = await c.settle(more[0].lease, input_tokens=3)
+            assert s.found and not s.duplicate
+            assert (await c.admit(user="amy", text="count me")).allowed  # over the socket
+        async with AsyncClient(d.path, shared_memory=False) as plain:
+            assert plain.slices is None
+            assert (await plain.admit(user="amy", input_tokens=3)).allowed
+
+    run_async(main())
+    assert used(d.path, "amy") == 12  # 10 from slices, 1 counted, 1 plain: none held
+    assert d.stop() == 0

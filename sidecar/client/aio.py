@@ -23,6 +23,7 @@ from ._common import (
     end_request, keep_for, unwrap,
 )
 from .fast import FastPath
+from .slices import FAILURES, Slices, with_slab
 from .guard import CallResult, Guarded
 from ..wire.address import client_socket_path
 from ..errors import (
@@ -36,7 +37,8 @@ from ..wire import (
     CacheGetReply, CacheInvalidate, CachePutReply, ChainModel, Costs, CostsReply, CountReply,
     EndReply, Error, Extend, ExtendReply, Fingerprint, FingerprintReply, Hello, HelloReply,
     Limits, LimitsReply, Message, MetricsText, Ping, Pong, Release, ReleaseReply, Reply,
-    Report, ReportReply, Request, Route, RouteReply, Settle, SettleReply, Stats, StatsReply,
+    Report, ReportReply, Request, Route, RouteReply, Settle, SettleReply, SliceReply, Stats,
+    StatsReply,
 )
 
 
@@ -121,6 +123,10 @@ class AsyncClient:
         #: exact hits read from the daemon's segment, as ``Client``'s: None until the
         #: first connection (which tells the daemon's uid), False when off
         self.fast: FastPath | None | bool = None if shared_memory else False
+        #: plain admits taken from slices, renewed over this client's connection
+        self.slices = Slices() if shared_memory else None
+        self._slices_lock: asyncio.Lock | None = None
+        self._slices_proto: _AsyncProtocol | None = None
         self._proto: _AsyncProtocol | None = None
         self._connecting: asyncio.Lock | None = None
 
@@ -132,6 +138,14 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        if self.slices is not None:
+            ends = self.slices.ends()
+            if ends and self._proto is not None and self._proto is self._slices_proto:
+                try:  # the calls not taken go back (closing the connection does it too)
+                    await self._exchange(ends, None, True)
+                except FAILURES:
+                    pass
+            self.slices.release_slab()
         if isinstance(self.fast, FastPath):
             if self._proto is not None:
                 await self._report_hits()
@@ -253,9 +267,15 @@ class AsyncClient:
         return await self.call(Stats(), timeout=timeout)  # type: ignore
 
     async def admit(self, *, timeout: float | None = None, **fields: Any) -> AdmitReply:
-        """As ``Client.admit``. An admit that may wait goes over a connection of its own:
-        replies come back in order, so on the shared connection it would hold up every
-        other call until it is let in."""
+        """As ``Client.admit`` (a plain admit from a slice, with no round trip). An admit
+        that may wait goes over a connection of its own: replies come back in order, so
+        on the shared connection it would hold up every other call until it is let in."""
+        if self.slices is not None:
+            got = self.slices.take(fields)
+            if type(got) is tuple:
+                got = await self._renew_slice(got)
+            if got is not None:
+                return got  # type: ignore[return-value]
         request = Admit(**fields)
         budget = max(timeout or self.timeout, request.wait + self.timeout)
         if request.wait > 0:
@@ -263,6 +283,52 @@ class AsyncClient:
                                    expected_uid=self.expected_uid) as own:
                 return await own.call(request, timeout=budget)  # type: ignore[return-value]
         return await self.call(request, timeout=budget)  # type: ignore[return-value]
+
+    async def _renew_slice(self, shape: tuple) -> AdmitReply | None:
+        """Ask for the shape's next slice over this client's connection, which the
+        daemon binds its slices to (a new connection: a new slab, no slices yet)."""
+        slices: Slices = self.slices  # type: ignore[assignment]
+        if self._slices_lock is None:
+            self._slices_lock = asyncio.Lock()
+        async with self._slices_lock:
+            again = slices.retake(shape)
+            if again is not None:
+                return again
+            try:
+                proto = await self._connection(self.timeout)
+            except FAILURES:
+                return None
+            fresh = proto is not self._slices_proto
+            if fresh:
+                slices.reset()
+                self._slices_proto = proto
+            plan = slices.renew(shape)
+            requests = next(plan)
+            if fresh:
+                requests = with_slab(requests, slices.slab)  # type: ignore[arg-type]
+            while True:
+                reply = await self._slice_exchange(requests, proto)
+                if fresh:
+                    slices.slab.unlink()  # type: ignore[union-attr]  # mapped, or refused
+                    fresh = False
+                try:
+                    requests = plan.send(reply)
+                except StopIteration as done:
+                    return done.value
+
+    async def _slice_exchange(self, requests: list[Request],
+                              proto: _AsyncProtocol) -> SliceReply | None:
+        if self._proto is not proto:  # reconnected: the old connection's slices are gone
+            self._slices_proto = None
+            return None
+        try:
+            last = (await self._exchange(requests, None, True))[-1]
+        except FAILURES:
+            last = None
+        if last is None or isinstance(last, BaseException):
+            self._slices_proto = None  # (a refused slab: the next ask starts afresh)
+            return None
+        return last
 
     async def settle(self, lease: str, *, timeout: float | None = None,
                      **usage: Any) -> SettleReply:

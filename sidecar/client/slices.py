@@ -8,21 +8,26 @@ it owns, the daemon reads it) gives the index of a lease the daemon already admi
 the app settles or releases it over the socket as any admit's lease. When the slice is
 spent or its TTL is near, the next admit asks the daemon for another (ending the old one
 in the same round trip, which gives back what was not taken); a slice the daemon denies
-is the denial the socket admit would have given. Slices live on one connection of their
-own: if it closes (the daemon restarted, or this process died), the daemon gives back
-every call not taken.
+is the denial the socket admit would have given. The daemon binds slices to the
+connection they were asked on (``Client``'s slices have one of their own, ``AsyncClient``
+uses its connection): when it closes (the daemon restarted, or this process died), the
+daemon gives back every call not taken, and the next slice starts on a new connection
+with a new slab. ``Slices`` holds the state and plans a renewal (a generator of the
+requests to send); ``SyncSlices`` and ``AsyncClient`` run it over their connection.
 """
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Generator, NamedTuple, Protocol, Sequence
 
 import msgspec
 
 from ._common import Dead
 from ..errors import SidecarError
-from ..wire import MAX_NAME, MAX_TOKENS, AdmitReply, Reply, Request, Slice, SliceEnd
+from ..wire import (
+    MAX_NAME, MAX_TOKENS, AdmitReply, Reply, Request, Slice, SliceEnd, SliceReply,
+)
 from ..wire.shm import SLAB_SLOTS, ClientSlab
 
 #: the plain admit's fields: a request with only these (``input_tokens`` given) may be
@@ -71,22 +76,21 @@ def _shape(fields: dict[str, Any]) -> tuple | None:
 
 
 class Slices:
-    """One client's admission slices (``connect`` opens its connection of their own)."""
+    """One client's admission slices: the takes, and the plan of a renewal
+    (``renew``), which a driver runs over its connection (``SyncSlices`` here, and
+    ``AsyncClient`` over its own)."""
 
-    def __init__(self, connect: Callable[[], _Connection], timeout: float) -> None:
-        self.connect = connect
-        self.timeout = timeout
+    def __init__(self) -> None:
         self.slab: ClientSlab | None = None
-        self.conn: _Connection | None = None
         self.local: dict[tuple, _Local] = {}
         self.free = list(range(SLAB_SLOTS - 1, -1, -1))
-        self.lock = threading.Lock()  # asking for slices only: takes are lock-free
         self.off = False  # the daemon grants none (cluster mode): every admit asks it
         self.admits = 0  # calls admitted from slices
         self.asked = 0  # slices asked for
 
-    def admit(self, fields: dict[str, Any]) -> AdmitReply | None:
-        """A call admitted from a slice, a denial, or None (ask the daemon)."""
+    def take(self, fields: dict[str, Any]) -> AdmitReply | tuple | None:
+        """A call admitted from a slice; else the shape to ask a slice for (a tuple);
+        None: not a plain admit (ask the daemon)."""
         if self.off or not fields.keys() <= _PLAIN:
             return None
         get = fields.get
@@ -104,30 +108,40 @@ class Slices:
             if i >= 0:
                 self.admits += 1
                 return s.replies[i]
-        if _shape(fields) is None:
-            return None
-        with self.lock:
-            return self._renew(shape)
+        return shape if _shape(fields) is not None else None
 
-    def _renew(self, shape: tuple) -> AdmitReply | None:
+    def retake(self, shape: tuple) -> AdmitReply | None:
+        """A call from the shape's slice if another caller renewed it meanwhile."""
         s = self.local.get(shape)
-        if s is not None and time.monotonic() < s.until:  # another thread renewed it
+        if s is not None and time.monotonic() < s.until:
             i = self.slab.slab.take(s.slot, s.grant)  # type: ignore[union-attr]
             if i >= 0:
                 self.admits += 1
                 return s.replies[i]
-        if self.conn is None:  # a new connection: the old one's slices ended with it
-            self.local.clear()
-            self.free = list(range(SLAB_SLOTS - 1, -1, -1))
-            s = None
+        return None
+
+    def reset(self) -> ClientSlab:
+        """A new connection: the old one's slices ended with it; a new slab for it."""
+        if self.slab is not None:
+            self.slab.close()
+        self.slab = ClientSlab()
+        self.local.clear()
+        self.free = list(range(SLAB_SLOTS - 1, -1, -1))
+        return self.slab
+
+    def renew(self, shape: tuple) -> Generator[list[Request], SliceReply | None,
+                                               AdmitReply | None]:
+        """Ask for the shape's next slice: yields the requests to send (a ``Slice``
+        last) and is sent the reply to it (None: the exchange failed); returns the call
+        taken from it, a denial, or None (ask the daemon)."""
+        s = self.local.get(shape)
         requests: list[Request] = []
         if s is not None:
             requests.append(SliceEnd(grant=s.grant))
             del self.local[shape]
             self.free.append(s.slot)
         if not self.free:  # every slot holds a live slice: end the oldest
-            oldest = next(iter(self.local))
-            old = self.local.pop(oldest)
+            old = self.local.pop(next(iter(self.local)))
             requests.append(SliceEnd(grant=old.grant))
             self.free.append(old.slot)
         slot = self.free.pop()
@@ -136,23 +150,17 @@ class Slices:
         user, key, model, route, input_tokens, max_tokens = shape
         ask = Slice(user=user, key=key, model=model, route=route, input_tokens=input_tokens,
                     max_tokens=max_tokens, count=size, slot=slot)
-        try:
-            reply = self._exchange(requests, ask)
-        except (SidecarError, Dead, TimeoutError, OSError):
-            self.free.append(slot)
-            return None  # the socket admit says what is wrong
-        if not reply.leases and reply.reason != "cluster" and self.local:
+        reply = yield [*requests, ask]
+        if reply is not None and not reply.leases and reply.reason != "cluster" and self.local:
             # denied while this client's other slices hold calls: give those back, ask again
             ends: list[Request] = [SliceEnd(grant=x.grant) for x in self.local.values()]
             self.free.extend(x.slot for x in self.local.values())
             self.local.clear()
-            try:
-                reply = self._exchange(ends, ask)
-            except (SidecarError, Dead, TimeoutError, OSError):
-                self.free.append(slot)
-                return None
-        if not reply.leases:
+            reply = yield [*ends, ask]
+        if reply is None or not reply.leases:
             self.free.append(slot)
+            if reply is None:
+                return None  # the socket admit says what is wrong
             if reply.reason == "cluster":
                 self.off = True
                 return None
@@ -175,47 +183,94 @@ class Slices:
         self.admits += 1
         return s.replies[i]
 
-    def _exchange(self, requests: list[Request], ask: Slice) -> Any:
-        """Send ``requests`` then ``ask`` on the slices' connection (a new one, naming the
-        slab, if there is none); the reply to ``ask``."""
-        fresh = self.conn is None
-        if fresh:  # a slab per connection: its file is gone once the daemon mapped it
-            if self.slab is not None:
-                self.slab.close()
-            self.slab = ClientSlab()
-            self.conn = self.connect()
-            ask = msgspec.structs.replace(ask, slab=self.slab.path)
-        try:
-            replies = self.conn.exchange([*requests, ask], self.timeout)  # type: ignore
-        except BaseException:
-            self.conn.close()  # type: ignore[union-attr]
-            self.conn = None
-            raise
-        finally:
+    def ends(self) -> list[Request]:
+        """The requests that end every slice (at close), forgetting them."""
+        ends: list[Request] = [SliceEnd(grant=s.grant) for s in self.local.values()]
+        self.local.clear()
+        return ends
+
+    def release_slab(self) -> None:
+        if self.slab is not None:
+            self.slab.close()
+            self.slab = None
+
+
+def with_slab(requests: list[Request], slab: ClientSlab) -> list[Request]:
+    """``requests`` with the ``Slice`` (last) naming ``slab``: a connection's first."""
+    return [*requests[:-1], msgspec.structs.replace(requests[-1], slab=slab.path)]
+
+
+#: what an exchange of the slices may fail with: the admit then asks over the socket
+FAILURES = (SidecarError, Dead, TimeoutError, OSError)
+
+
+class SyncSlices(Slices):
+    """``Client``'s slices, on a connection of their own (``connect`` opens it)."""
+
+    def __init__(self, connect: Callable[[], _Connection], timeout: float) -> None:
+        super().__init__()
+        self.connect = connect
+        self.timeout = timeout
+        self.conn: _Connection | None = None
+        self.lock = threading.Lock()  # asking for slices only: takes are lock-free
+
+    def admit(self, fields: dict[str, Any]) -> AdmitReply | None:
+        """A call admitted from a slice, a denial, or None (ask the daemon)."""
+        got = self.take(fields)
+        if type(got) is not tuple:
+            return got  # type: ignore[return-value]
+        with self.lock:
+            again = self.retake(got)
+            if again is not None:
+                return again
+            fresh = self.conn is None
+            if fresh:  # a new connection: a new slab, and no slices yet
+                try:
+                    self.conn = self.connect()
+                except FAILURES:
+                    return None
+                self.reset()
+            plan = self.renew(got)
+            requests = next(plan)
             if fresh:
-                self.slab.unlink()  # mapped by the daemon (or refused): no file left behind
+                requests = with_slab(requests, self.slab)  # type: ignore[arg-type]
+            while True:
+                reply = self._exchange(requests)
+                if fresh:
+                    self.slab.unlink()  # type: ignore[union-attr]  # mapped, or refused
+                    fresh = False
+                try:
+                    requests = plan.send(reply)
+                except StopIteration as done:
+                    return done.value
+
+    def _exchange(self, requests: list[Request]) -> SliceReply | None:
+        if self.conn is None:
+            return None
+        try:
+            replies = self.conn.exchange(requests, self.timeout)
+        except FAILURES:
+            self._drop()
+            return None
         last = replies[-1]
         if isinstance(last, BaseException):
-            if fresh:  # (the slab refused: the next ask starts on a new connection)
-                self.conn.close()  # type: ignore[union-attr]
-                self.conn = None
-            raise last
-        return last
+            self._drop()  # (a refused slab: the next ask starts on a new connection)
+            return None
+        return last  # type: ignore[return-value]
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     def close(self) -> None:
         """End every slice (the calls not taken go back) and let the slab go."""
         with self.lock:
-            if self.conn is not None:
-                if self.local:
-                    try:
-                        self.conn.exchange([SliceEnd(grant=s.grant)
-                                            for s in self.local.values()], self.timeout)
-                    except (SidecarError, Dead, OSError, TimeoutError):
-                        pass  # closing the connection ends them all the same
-                self.conn.close()
-                self.conn = None
-            self.local.clear()
-            if self.slab is not None:
-                self.slab.close()
-                self.slab = None
-
+            ends = self.ends()
+            if self.conn is not None and ends:
+                try:
+                    self.conn.exchange(ends, self.timeout)
+                except FAILURES:
+                    pass  # closing the connection ends them all the same
+            self._drop()
+            self.release_slab()

@@ -35,7 +35,7 @@ from ..errors import (
 from ..wire.framing import DEFAULT_MAX_FRAME, FrameReader, OversizeFrame
 from ..wire.peer import daemon_problem, peer_of
 from .fast import FastPath
-from .slices import Slices
+from .slices import SyncSlices
 from ..wire import (
     PROTOCOL_VERSION, REPLY_DECODER, Admit, AdmitReply, Begin, BeginReply, CacheGet,
     CacheGetReply, CacheInvalidate, CachePutReply, ChainModel, Costs, CostsReply, CountReply,
@@ -211,9 +211,9 @@ class Client:
         #: until the first lookup, False when off
         self.fast: FastPath | None | bool = None if shared_memory else False
         #: plain admits taken from slices the daemon granted (``sidecar.client.slices``)
-        self.slices = Slices(lambda: _SyncConnection(self.path, self.timeout,
-                                                     self.expected_uid),
-                             timeout) if shared_memory else None
+        self.slices = SyncSlices(lambda: _SyncConnection(self.path, self.timeout,
+                                                         self.expected_uid),
+                                 timeout) if shared_memory else None
         self.timeout = timeout
         self.max_idle = max_idle
         self._idle: list[_SyncConnection] = []
