@@ -280,7 +280,8 @@ class AsyncClient:
         budget = max(timeout or self.timeout, request.wait + self.timeout)
         if request.wait > 0:
             async with AsyncClient(self.path, timeout=self.timeout,
-                                   expected_uid=self.expected_uid) as own:
+                                   expected_uid=self.expected_uid,
+                                   shared_memory=False) as own:  # one admit, no hits
                 return await own.call(request, timeout=budget)  # type: ignore[return-value]
         return await self.call(request, timeout=budget)  # type: ignore[return-value]
 
