@@ -16,7 +16,6 @@ cannot give back more than it was granted, nor touch another connection's slices
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import NamedTuple
 
@@ -25,8 +24,6 @@ from ...limits.engine import MICRO, Metric, Subject
 from ...wire import Admit, Slice, SliceEnd, SliceEndReply, SliceReply
 from ...wire.shm import DaemonSlab, open_slab
 from ._common import wire_seconds
-
-log = logging.getLogger("sidecar.daemon")
 
 
 class _Grant(NamedTuple):
