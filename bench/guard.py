@@ -84,13 +84,7 @@ def _sdk_overhead(rows: list, sock: str, pl, calls: int, rounds: int) -> str:
     from sidecar.integrations import guard_openai
 
     counter = [0]
-
-    def ask(client) -> callable:
-        def go(i: int) -> None:
-            counter[0] += 1
-            client.chat.completions.create(model="gpt-4o", max_tokens=20, messages=[
-                {"role": "user", "content": f"Bench question number {counter[0]}?"}])
-        return go
+    ask = lambda client: sdk_asker(client, counter)  # noqa: E731
 
     with StubLLM(reply="stub answer") as stub, \
             openai.OpenAI(base_url=stub.openai_base_url, api_key="sk-bench",
@@ -113,6 +107,17 @@ def _sdk_overhead(rows: list, sock: str, pl, calls: int, rounds: int) -> str:
         rows.append({"placement": pl.name, "workload": name, "calls": len(xs),
                      "p50_us": percentile(xs, 0.5), "p99_us": percentile(xs, 0.99)})
     return ""
+
+
+def sdk_asker(client, counter: list[int], fresh: bool = True) -> callable:
+    """A timed call of the OpenAI SDK's chat completion: a new question each time
+    (``counter``), or the last one again (``fresh=False``)."""
+    def go(i: int) -> None:
+        if fresh:
+            counter[0] += 1
+        client.chat.completions.create(model="gpt-4o", max_tokens=20, messages=[
+            {"role": "user", "content": f"Bench question number {counter[0]}?"}])
+    return go
 
 
 def _accounting_cost(calls: int) -> float:

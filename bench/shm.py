@@ -37,15 +37,13 @@ import time
 import sidecar
 from sidecar.wire import Release
 
-from .guard import _daemon, _timed
+from .guard import _daemon, _timed, sdk_asker
 from .roundtrip import REPO_ROOT, _placements, host_meta, percentile, pin_process
 
 LIMIT = 1_000
 PROCESSES = 4
 ATTEMPTS = 40_000
 CONFIG = f"""
-[limits]
-retry_loop_max = 0
 [[limits.rules]]
 name = "bench-per-user"
 scope = "user"
@@ -103,14 +101,7 @@ def _sdk(path: str, calls: int, rounds: int) -> dict:
     from sidecar.integrations import guard_openai
 
     counter = [0]
-
-    def ask(client, fresh: bool):
-        def go(i: int) -> None:
-            if fresh:
-                counter[0] += 1
-            client.chat.completions.create(model="gpt-4o", max_tokens=20, messages=[
-                {"role": "user", "content": f"Bench question number {counter[0]}?"}])
-        return go
+    ask = lambda client, fresh: sdk_asker(client, counter, fresh)  # noqa: E731
 
     with StubLLM(reply="stub answer") as stub, \
             openai.OpenAI(base_url=stub.openai_base_url, api_key="sk-bench",

@@ -14,8 +14,6 @@ from sidecar import Client
 from sidecar.wire import Slice
 
 LIMIT = """
-[limits]
-retry_loop_max = 0
 [[limits.rules]]
 name = "per-user"
 scope = "user"
@@ -195,4 +193,19 @@ def test_the_async_client_admits_from_slices(start_daemon, run_async):
 
     run_async(main())
     assert used(d.path, "amy") == 12  # 10 from slices, 1 counted, 1 plain: none held
+    assert d.stop() == 0
+
+
+def test_on_the_shipped_defaults_slices_answer_as_the_socket_does(start_daemon):
+    """The default rules (a per-user rate with a burst pace, token budgets, the
+    retry-loop guard): the same quick admits get the same answers from slices as over
+    the socket."""
+    d = start_daemon()
+    with Client(d.path) as c, Client(d.path, shared_memory=False) as plain:
+        fast = [c.admit(user="dee", model="gpt-4o", input_tokens=20).allowed
+                for _ in range(8)]
+        slow = [plain.admit(user="eve", model="gpt-4o", input_tokens=20).allowed
+                for _ in range(8)]
+        assert fast == slow and fast[0]
+        assert c.slices.admits == sum(fast) and c.slices.asked >= 1
     assert d.stop() == 0

@@ -9,6 +9,7 @@ socket (``UntrustedSocket``) before it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import time
@@ -23,7 +24,7 @@ from ._common import (
     end_request, keep_for, unwrap,
 )
 from .fast import FastPath
-from .slices import FAILURES, Slices, with_slab
+from .slices import FAILURES, Slices
 from .guard import CallResult, Guarded
 from ..wire.address import client_socket_path
 from ..errors import (
@@ -141,10 +142,8 @@ class AsyncClient:
         if self.slices is not None:
             ends = self.slices.ends()
             if ends and self._proto is not None and self._proto is self._slices_proto:
-                try:  # the calls not taken go back (closing the connection does it too)
-                    await self._exchange(ends, None, True)
-                except FAILURES:
-                    pass
+                with contextlib.suppress(*FAILURES):  # (closing the connection ends them too)
+                    await self._exchange(ends, None, True)  # the calls not taken go back
             self.slices.release_slab()
         if isinstance(self.fast, FastPath):
             if self._proto is not None:
@@ -300,20 +299,12 @@ class AsyncClient:
             except FAILURES:
                 return None
             fresh = proto is not self._slices_proto
-            if fresh:
-                slices.reset()
-                self._slices_proto = proto
-            plan = slices.renew(shape)
+            self._slices_proto = proto
+            plan = slices.renew(shape, fresh)
             requests = next(plan)
-            if fresh:
-                requests = with_slab(requests, slices.slab)  # type: ignore[arg-type]
             while True:
-                reply = await self._slice_exchange(requests, proto)
-                if fresh:
-                    slices.slab.unlink()  # type: ignore[union-attr]  # mapped, or refused
-                    fresh = False
                 try:
-                    requests = plan.send(reply)
+                    requests = plan.send(await self._slice_exchange(requests, proto))
                 except StopIteration as done:
                     return done.value
 
@@ -390,7 +381,7 @@ class AsyncClient:
             try:
                 await self._exchange((told,), None, True)
             except SidecarError:
-                pass
+                self.fast.untold += len(told.hits)  # type: ignore[union-attr]
 
     async def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
         return await self.call(end_request(lease, fields), timeout=timeout)  # type: ignore

@@ -28,6 +28,7 @@ from ..wire import (
     MAX_NAME, MAX_TOKENS, REQUEST_DECODER, Begin, BeginReply, CacheGet, CacheGetReply, Hits,
     ShmHit,
 )
+from ..errors import SidecarError
 from ..wire.shm import ANSWER_DECODER, Segment, segment_path
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -111,6 +112,7 @@ class FastPath:
         self.pending: deque[tuple[dict[str, Any], bool, bytes, float, bool]] = deque()
         self.told_fallbacks = 0
         self.told_at = time.monotonic()
+        self.untold = 0  # hits answered but never told: the daemon could not be reached
         #: the hits waiting should be told now (with no round trip to ride on): there
         #: are REPORT_EVERY, or the oldest is REPORT_AFTER seconds old (at ``report_by``)
         self.due = False
@@ -185,8 +187,8 @@ class FastPath:
                 view = msgspec.structs.replace(
                     view, model=f"route:{view.route or view.task or '-'}")
             return self._request_key(self.normalizer, view).key
-        except Exception:  # a request the daemon would refuse: let it say so
-            return None
+        except (msgspec.MsgspecError, TypeError, ValueError, SidecarError):
+            return None  # a request the daemon would refuse: let it say so
 
     def lookup(self, fields: dict[str, Any], begin: bool) -> BeginReply | CacheGetReply | None:
         """The reply of an exact hit for the begin (or cache get) ``fields`` describe, or

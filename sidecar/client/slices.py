@@ -17,6 +17,7 @@ requests to send); ``SyncSlices`` and ``AsyncClient`` run it over their connecti
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any, Callable, Generator, NamedTuple, Protocol, Sequence
@@ -129,11 +130,15 @@ class Slices:
         self.free = list(range(SLAB_SLOTS - 1, -1, -1))
         return self.slab
 
-    def renew(self, shape: tuple) -> Generator[list[Request], SliceReply | None,
-                                               AdmitReply | None]:
+    def renew(self, shape: tuple, fresh: bool) -> Generator[list[Request], SliceReply | None,
+                                                            AdmitReply | None]:
         """Ask for the shape's next slice: yields the requests to send (a ``Slice``
         last) and is sent the reply to it (None: the exchange failed); returns the call
-        taken from it, a denial, or None (ask the daemon)."""
+        taken from it, a denial, or None (ask the daemon). ``fresh``: on a new
+        connection, which starts with a new slab (named, then its file removed once the
+        daemon has mapped it) and no slices."""
+        if fresh:
+            self.reset()
         s = self.local.get(shape)
         requests: list[Request] = []
         if s is not None:
@@ -150,7 +155,10 @@ class Slices:
         user, key, model, route, input_tokens, max_tokens = shape
         ask = Slice(user=user, key=key, model=model, route=route, input_tokens=input_tokens,
                     max_tokens=max_tokens, count=size, slot=slot)
-        reply = yield [*requests, ask]
+        first = msgspec.structs.replace(ask, slab=self.slab.path) if fresh else ask  # type: ignore
+        reply = yield [*requests, first]
+        if fresh:
+            self.slab.unlink()  # type: ignore[union-attr]  # mapped, or refused
         if reply is not None and not reply.leases and reply.reason != "cluster" and self.local:
             # denied while this client's other slices hold calls: give those back, ask again
             ends: list[Request] = [SliceEnd(grant=x.grant) for x in self.local.values()]
@@ -195,11 +203,6 @@ class Slices:
             self.slab = None
 
 
-def with_slab(requests: list[Request], slab: ClientSlab) -> list[Request]:
-    """``requests`` with the ``Slice`` (last) naming ``slab``: a connection's first."""
-    return [*requests[:-1], msgspec.structs.replace(requests[-1], slab=slab.path)]
-
-
 #: what an exchange of the slices may fail with: the admit then asks over the socket
 FAILURES = (SidecarError, Dead, TimeoutError, OSError)
 
@@ -224,23 +227,16 @@ class SyncSlices(Slices):
             if again is not None:
                 return again
             fresh = self.conn is None
-            if fresh:  # a new connection: a new slab, and no slices yet
+            if fresh:
                 try:
                     self.conn = self.connect()
                 except FAILURES:
                     return None
-                self.reset()
-            plan = self.renew(got)
+            plan = self.renew(got, fresh)
             requests = next(plan)
-            if fresh:
-                requests = with_slab(requests, self.slab)  # type: ignore[arg-type]
             while True:
-                reply = self._exchange(requests)
-                if fresh:
-                    self.slab.unlink()  # type: ignore[union-attr]  # mapped, or refused
-                    fresh = False
                 try:
-                    requests = plan.send(reply)
+                    requests = plan.send(self._exchange(requests))
                 except StopIteration as done:
                     return done.value
 
@@ -268,9 +264,7 @@ class SyncSlices(Slices):
         with self.lock:
             ends = self.ends()
             if self.conn is not None and ends:
-                try:
+                with contextlib.suppress(*FAILURES):  # (closing the connection ends them too)
                     self.conn.exchange(ends, self.timeout)
-                except FAILURES:
-                    pass  # closing the connection ends them all the same
             self._drop()
             self.release_slab()

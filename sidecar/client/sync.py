@@ -405,7 +405,7 @@ class Client:
             try:
                 self._exchange((told,), None, True)
             except SidecarError:
-                pass
+                self.fast.untold += len(told.hits)  # type: ignore[union-attr]
 
     def end(self, lease: str, *, timeout: float | None = None, **fields: Any) -> EndReply:
         """After it: attempts, usage, and the ``response`` to cache (any msgpack-encodable

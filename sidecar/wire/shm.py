@@ -110,11 +110,9 @@ class Publisher:
         """Remove the file (clients holding a map keep reading the last answers until
         they see no segment, or another generation, at the path)."""
         self._writer.mark_closed()  # before the unlink: a reader may have it mapped
-        try:
+        with contextlib.suppress(OSError):  # already gone
             if os.stat(self.path).st_ino == self._inode:  # not a newer daemon's file
                 self.path.unlink()
-        except OSError:
-            pass
         self._writer = None
         self._map.close()
 

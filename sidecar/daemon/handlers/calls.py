@@ -23,15 +23,11 @@ from ...limits.engine import MICRO, Decision, Denial, Estimate, Subject, Usage
 from ...limits.pricing import Usage as PricedUsage
 from ...wire import (
     NIL, Begin, BeginReply, CacheGetReply, CachePut, ChainModel, End, EndReply, Extend,
-    ExtendReply, Hits, HitsReply, Report, ReportReply, Route, RouteReply, ShmClientStats,
+    ExtendReply, Hits, HitsReply, Report, ReportReply, Route, RouteReply,
 )
 from ...routing.settings import RouteConfig
 from ...routing.router import Chain, backoff_schedule, budget_fraction
 from ._common import CACHE_FIELDS, Deferred, bounded_micro, wire_seconds
-
-#: client processes whose use of the segment ``stats`` shows (the latest to report)
-SHM_CLIENTS = 64
-
 
 class _Admitted(NamedTuple):
     """A begin past its admit, while the cluster (maybe) has its say."""
@@ -225,20 +221,6 @@ class CallOps:
         self._tell_shm_use(self.owner_pid, self.owner, now, hits=accounted, unknown=unknown,
                            fallbacks=req.fallbacks)
         return HitsReply(id=req.id, accounted=accounted, unknown=unknown)
-
-    def _tell_shm_use(self, pid: int, uid: int, now: float, hits: int = 0, unknown: int = 0,
-                      fallbacks: int = 0, admits: int = 0) -> None:
-        """Add to a process's line of ``stats().shm.clients`` (the latest SHM_CLIENTS
-        processes are kept)."""
-        clients = self.shm_clients
-        old = clients.pop(pid, None)
-        if old is not None and old.uid == uid:
-            hits, unknown, fallbacks, admits = (old.hits + hits, old.unknown + unknown,
-                                                old.fallbacks + fallbacks, old.admits + admits)
-        clients[pid] = ShmClientStats(pid=pid, uid=uid, hits=hits, unknown=unknown,
-                                      fallbacks=fallbacks, told_at=now, admits=admits)
-        while len(clients) > SHM_CLIENTS:
-            del clients[next(iter(clients))]
 
     def end(self, req: End) -> EndReply | Deferred:
         now = time.time()

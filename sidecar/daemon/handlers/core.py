@@ -108,6 +108,10 @@ def build_info() -> BuildInfo:
     )
 
 
+#: client processes whose use of the segment ``stats`` shows (the latest to report)
+SHM_CLIENTS = 64
+
+
 class Handlers(CallOps, LimitOps, ClusterOps, SliceOps):
     """Every op of the daemon over its components (normaliser, tokenizer, pricing, limits
     engine, journal). Runs on the event loop; ops that must wait (a long count, a queued
@@ -385,6 +389,20 @@ class Handlers(CallOps, LimitOps, ClusterOps, SliceOps):
             connections_closed=dict(self.metrics.connections_closed),
             shm=self._shm_stats(),
         )
+
+    def _tell_shm_use(self, pid: int, uid: int, now: float, hits: int = 0, unknown: int = 0,
+                      fallbacks: int = 0, admits: int = 0) -> None:
+        """Add to a process's line of ``stats().shm.clients`` (the latest SHM_CLIENTS
+        processes are kept)."""
+        clients = self.shm_clients
+        old = clients.pop(pid, None)
+        if old is not None and old.uid == uid:
+            hits, unknown, fallbacks, admits = (old.hits + hits, old.unknown + unknown,
+                                                old.fallbacks + fallbacks, old.admits + admits)
+        clients[pid] = ShmClientStats(pid=pid, uid=uid, hits=hits, unknown=unknown,
+                                      fallbacks=fallbacks, told_at=now, admits=admits)
+        while len(clients) > SHM_CLIENTS:
+            del clients[next(iter(clients))]
 
     def _shm_stats(self) -> ShmStats | None:
         seg = self.segment
